@@ -1,0 +1,110 @@
+"""Settings, read once: command-line flags > environment `FACT_RAY_*` > `fact-ray.toml` > defaults.
+
+Defaults are the embedded, single-machine ones of the architecture: a local Ray, sqlite MLflow, a local
+pattern table and build cache under `.fact-ray/`, the LLM off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from fact_ray.errors import ConfigError, UnknownArch, UnknownPolicy
+from fact_ray.types import Arch, Precision
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str = ".fact-ray"  # working folder for the embedded defaults
+    tracking_uri: str = ""  # "" -> sqlite:///<home>/mlflow.db
+    table_uri: str = ""  # "" -> <home>/pattern_table
+    cache_dir: str = ""  # "" -> <home>/build-cache
+    ray_address: str = ""  # "" -> local ray.init()
+    policy: Precision = Precision.FP32
+    arch: Arch | None = None  # None -> the local GPU's, else sm90
+    budget: int = 16  # candidates per pattern
+    jobs: int = 0  # parallel compiles; 0 -> number of CPUs
+    nvcc: str = "nvcc"
+    llm: str = "off"  # off | rank | propose
+    llm_model: str = ""
+    trial_timeout_s: float = 120.0
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return "sqlite:///" + str(Path(self.home).absolute() / "mlflow.db")
+
+    @property
+    def resolved_table_uri(self) -> str:
+        return self.table_uri or str(Path(self.home) / "pattern_table")
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        return self.cache_dir or str(Path(self.home) / "build-cache")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name == "policy":
+        try:
+            return Precision(str(value).lower())
+        except ValueError:
+            raise UnknownPolicy(
+                f"unknown precision policy {value!r}: choose one of {', '.join(p.value for p in Precision)}"
+            ) from None
+    if name == "arch":
+        return parse_arch(str(value))
+    if name in ("budget", "jobs"):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"setting {name} must be an integer, got {value!r}") from None
+    if name == "trial_timeout_s":
+        return float(value)
+    if name == "llm" and str(value) not in ("off", "rank", "propose"):
+        raise ConfigError(f"--llm must be off, rank or propose, got {value!r}")
+    return str(value)
+
+
+def parse_arch(value: str) -> Arch:
+    v = value.lower().replace("sm_", "sm").rstrip("a")
+    aliases = {"a100": "sm80", "h100": "sm90", "h200": "sm90", "80": "sm80", "90": "sm90"}
+    v = aliases.get(v, v)
+    try:
+        return Arch(v)
+    except ValueError:
+        raise UnknownArch(f"unknown architecture {value!r}: choose sm80 (A100) or sm90 (H100/H200)") from None
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         file: str | None = None) -> Settings:
+    """Merge the layers. `flags` holds only what the user passed (None means not given)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = Path(file or env.get("FACT_RAY_CONFIG", "fact-ray.toml"))
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        for k, v in data.items():
+            if k not in _FIELDS:
+                raise ConfigError(f"{path}: unknown setting {k!r}")
+            values[k] = v
+    for name in _FIELDS:
+        v = env.get("FACT_RAY_" + name.upper())
+        if v is not None and v != "":
+            values[name] = v
+    for k, v in (flags or {}).items():
+        if v is not None:
+            values[k] = v
+    return Settings(**{k: _coerce(k, v) for k, v in values.items()})

@@ -1,0 +1,87 @@
+"""Typed errors.
+
+`UserError` and its subclasses are what a user can cause (bad file, untraceable model, no GPU, unreachable
+service): the CLI prints their message as one line and exits with `exit_code`. Everything else is a bug and
+propagates with its traceback.
+
+`CandidateError` and its subclasses mark one candidate invalid (compile error, cannot implement, wrong answer):
+the narrow set a tuner catches; a trial records it and the run goes on.
+"""
+
+from __future__ import annotations
+
+
+class FactRayError(Exception):
+    """Base of all fact-ray errors."""
+
+
+class UserError(FactRayError):
+    exit_code = 2
+
+
+class ModelNotFound(UserError):
+    pass
+
+
+class ModelInvalid(UserError):
+    """The file or factory does not provide what KernelBench format needs (Model, get_inputs, ...)."""
+
+
+class ModelRaised(UserError):
+    """Building or running the user's model raised."""
+
+
+class CaptureError(UserError):
+    """Neither torch.export nor FX symbolic tracing could capture the model."""
+
+
+class UnsupportedDtype(UserError):
+    pass
+
+
+class UnknownArch(UserError):
+    pass
+
+
+class UnknownPolicy(UserError):
+    pass
+
+
+class ConfigError(UserError):
+    pass
+
+
+class NotAvailable(UserError):
+    """A command whose issue has not landed, or a step this machine cannot do (no GPU, no nvcc)."""
+
+    exit_code = 3
+
+
+class ServiceUnreachable(UserError):
+    """Ray cluster, tracking server or table storage not reachable or not writable."""
+
+
+class TableError(UserError):
+    """The pattern table cannot be read or written (schema version, permissions)."""
+
+
+class CandidateError(FactRayError):
+    """One candidate is invalid; the trial records it, the run goes on."""
+
+    status = "failed"
+
+
+class CompileError(CandidateError):
+    status = "compile_error"
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
+
+
+class CannotImplement(CandidateError):
+    status = "cannot_implement"
+
+
+class WrongAnswer(CandidateError):
+    status = "wrong"
