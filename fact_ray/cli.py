@@ -1,0 +1,364 @@
+"""`fact-ray`: the command line. Wiring only: every command reads settings, calls the stage or farm functions,
+and prints. Heavy imports (torch, ray, mlflow) happen inside the commands so `--help` stays fast.
+
+A `UserError` becomes one line on stderr and its exit code (2 by default); a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Optional
+
+import typer
+
+from fact_ray import config
+from fact_ray.errors import NotAvailable, UserError
+
+app = typer.Typer(
+    name="fact-ray",
+    help="Turn PyTorch modules into verified, faster CUTLASS kernels, tuned on a Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+table_app = typer.Typer(help="Read the shared pattern table: list keys, show entries, export rows.",
+                        no_args_is_help=True)
+app.add_typer(table_app, name="table")
+
+_state: dict[str, Any] = {"debug": False}
+
+MODEL_HELP = ("A KernelBench-format file (defines Model, get_inputs, get_init_inputs) or pkg.module:factory "
+              "returning (module, example_inputs).")
+POLICY_HELP = "Precision policy: fp32 (fp32-class accuracy), tf32, bf16 or fp16."
+ARCH_HELP = "Target architecture: sm80 (A100) or sm90 (H100/H200). Default: the local GPU's, else sm90."
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body: a user error is one line and its exit code, never a traceback unless --debug."""
+    try:
+        return fn()
+    except UserError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _settings(**flags: Any) -> config.Settings:
+    return config.load(flags)
+
+
+def _default_arch(settings: config.Settings):
+    from fact_ray.types import Arch
+
+    if settings.arch is not None:
+        return settings.arch
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return Arch.SM90 if major >= 9 else Arch.SM80
+    except Exception:  # torch missing or broken driver: doctor reports it; discovery still targets sm90
+        pass
+    return Arch.SM90
+
+
+# ---------------------------------------------------------------------------------------------- discover
+
+
+@app.command()
+def discover(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the ranked matches as JSON."),
+    profile: bool = typer.Option(False, help="On a GPU, replace estimates by a measured eager profile."),
+) -> None:
+    """Capture MODEL's graph and list the patterns worth replacing, ranked by estimated time share.
+
+    Runs on a CPU-only machine: the ranking then comes from a roofline cost model of the target arch.
+    """
+
+    def body() -> None:
+        from fact_ray import capture as cap
+        from fact_ray import discover as disc
+
+        s = _settings(arch=arch, policy=policy)
+        target = _default_arch(s)
+        loaded = cap.load_model(model)
+        captured = cap.capture(loaded)
+        matches = disc.discover(captured.graph, target, s.policy)
+        if profile:
+            matches = disc.profile(captured, matches)
+        if as_json:
+            typer.echo(json.dumps({"model": loaded.name, "arch": target.value, "policy": s.policy.value,
+                                   "capture": captured.method, "notes": list(captured.notes),
+                                   "matches": disc.matches_to_json(matches)}, indent=2))
+            return
+        con = _console()
+        for note in captured.notes:
+            con.print(f"[yellow]note:[/] {note}")
+        con.print(f"{loaded.name}: {len(captured.graph.nodes)} graph nodes captured with {captured.method}; "
+                  f"{len(matches)} matches for {target.value}, policy {s.policy.value}")
+        con.print(disc.format_matches(matches))
+
+    _guard(body)
+
+
+# ---------------------------------------------------------------------------------------------- tune
+
+
+@app.command()
+def tune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    pattern: int = typer.Option(1, "--pattern", "-p", help="Which discovered match to tune (its # in `discover`)."),
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    budget: Optional[int] = typer.Option(None, help="Candidates to compile and time (default 16)."),
+    jobs: Optional[int] = typer.Option(None, help="Parallel compiles (default: all CPUs)."),
+) -> None:
+    """Tune one discovered pattern on the local GPU (no Ray) and print the trials table."""
+
+    def body() -> None:
+        from fact_ray import capture as cap
+        from fact_ray import discover as disc
+        from fact_ray.realize import tune as tn
+
+        s = _settings(policy=policy, arch=arch, budget=budget, jobs=jobs)
+        target = _default_arch(s)
+        captured = cap.capture(cap.load_model(model))
+        matches = disc.discover(captured.graph, target, s.policy)
+        if not 1 <= pattern <= len(matches):
+            raise UserError(f"--pattern {pattern}: the model has {len(matches)} matches (see `fact-ray discover`)")
+        con = _console()
+        result = tn.tune_match(matches[pattern - 1], s, arch=target, progress=lambda msg: con.print(msg))
+        con.print(tn.format_trials(result.trials))
+        con.print(result.summary)
+
+    _guard(body)
+
+
+# ---------------------------------------------------------------------------------------------- run / retune
+
+
+def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri: Optional[str],
+         policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool) -> None:
+    def body() -> None:
+        from fact_ray import farm
+
+        s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri, policy=policy, arch=arch,
+                      budget=budget)
+        summary = farm.run(model, s, retune=retune)
+        if summary.exit_code:
+            raise typer.Exit(summary.exit_code)
+
+    _guard(body)
+
+
+_ADDRESS = typer.Option(None, "--address", help="Ray cluster: ray://host:10001 or auto. Default: a local Ray.")
+_TABLE = typer.Option(None, "--table", help="Pattern table URI (path, s3://, gs://, hdfs://).")
+_TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///.fact-ray/mlflow.db).")
+_BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    address: Optional[str] = _ADDRESS,
+    table: Optional[str] = _TABLE,
+    tracking_uri: Optional[str] = _TRACK,
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    budget: Optional[int] = _BUDGET,
+    retune: bool = typer.Option(False, "--retune", help="Ignore winners already in the table."),
+) -> None:
+    """The main job: capture, discover, compile and tune every pattern on Ray, record winners and the run.
+
+    Patterns with a valid winner in the table are served from it (no compile, no trial) unless --retune.
+    Without a GPU, every CPU step still runs and the summary says which steps need a GPU.
+    """
+    _run(model, address, table, tracking_uri, policy, arch, budget, retune)
+
+
+@app.command()
+def retune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    address: Optional[str] = _ADDRESS,
+    table: Optional[str] = _TABLE,
+    tracking_uri: Optional[str] = _TRACK,
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    budget: Optional[int] = _BUDGET,
+) -> None:
+    """Re-tune a model against the table (the nightly job): like `run --retune`, new trials for every pattern."""
+    _run(model, address, table, tracking_uri, policy, arch, budget, True)
+
+
+# ---------------------------------------------------------------------------------------------- not yet landed
+
+
+def _not_yet(what: str, issue: str) -> None:
+    def body() -> None:
+        raise NotAvailable(f"{what} is not implemented yet (it arrives with the {issue} work); nothing was done")
+
+    _guard(body)
+
+
+@app.command()
+def compose(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    load: Optional[str] = typer.Option(None, "--load", help="Restore a composed module from an artifact."),
+) -> None:
+    """Build the composed module from the table's winners and save a deployable artifact."""
+    _not_yet("fact-ray compose", "composition")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    artifact: Optional[str] = typer.Option(None, "--artifact", help="A composed artifact to compare."),
+) -> None:
+    """Compare eager, torch.compile and the composed module under one precision policy."""
+    _not_yet("fact-ray bench", "composition")
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def _store(table: Optional[str]):
+    from fact_ray.pattern_table import open_store
+
+    return open_store(_settings(table_uri=table).resolved_table_uri)
+
+
+@table_app.command("list")
+def table_list(table: Optional[str] = _TABLE) -> None:
+    """List the keys in the table with their best entry."""
+
+    def body() -> None:
+        from fact_ray.pattern_table import format_rows
+
+        store = _store(table)
+        rows = [r for r in (store.best(k) for k in store.keys()) if r is not None]
+        _console().print(format_rows(rows, title=f"{len(rows)} keys in {store.uri}"))
+
+    _guard(body)
+
+
+@table_app.command("show")
+def table_show(
+    key: str = typer.Argument(..., help="A match key, or a substring of one (e.g. the rule name)."),
+    table: Optional[str] = _TABLE,
+) -> None:
+    """Show the history of every key that contains KEY."""
+
+    def body() -> None:
+        from fact_ray.pattern_table import format_rows
+
+        store = _store(table)
+        keys = [k for k in store.keys() if key in k.match_key]
+        if not keys:
+            raise UserError(f"no key in {store.uri} contains {key!r} (see `fact-ray table list`)")
+        for k in keys:
+            _console().print(format_rows(store.history(k), title=k.match_key))
+
+    _guard(body)
+
+
+@table_app.command("export")
+def table_export(
+    out: str = typer.Argument(..., help="Destination file."),
+    fmt: str = typer.Option("parquet", "--format", help="parquet, csv or jsonl."),
+    table: Optional[str] = _TABLE,
+) -> None:
+    """Export every row of the table to one file."""
+
+    def body() -> None:
+        n = _store(table).export(out, format=fmt)
+        typer.echo(f"exported {n} rows to {out}")
+
+    _guard(body)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+@app.command()
+def compare(
+    runs: list[str] = typer.Argument(None, help="MLflow run ids to compare (default: the last --last runs)."),
+    last: int = typer.Option(2, "--last", help="How many of the latest runs to compare when no ids are given."),
+    tracking_uri: Optional[str] = _TRACK,
+) -> None:
+    """Compare tuning runs recorded in MLflow, pattern by pattern."""
+
+    def body() -> None:
+        from rich.table import Table
+
+        from fact_ray.tracking import compare_runs
+
+        s = _settings(tracking_uri=tracking_uri)
+        rows = compare_runs(s.resolved_tracking_uri, run_ids=runs or None, last=last)
+        if not rows:
+            raise UserError(f"no fact-ray runs in {s.resolved_tracking_uri}")
+        t = Table(title="fact-ray runs compared")
+        for col in rows[0]:
+            t.add_column(str(col))
+        for r in rows:
+            t.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
+        _console().print(t)
+
+    _guard(body)
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+
+
+@app.command()
+def doctor(
+    address: Optional[str] = _ADDRESS,
+    table: Optional[str] = _TABLE,
+    tracking_uri: Optional[str] = _TRACK,
+) -> None:
+    """Check this machine and the configured services: each item ok / missing, with the fix."""
+
+    def body() -> None:
+        from rich.table import Table
+
+        from fact_ray import doctor as dr
+
+        s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri)
+        checks = dr.run_checks(s)
+        t = Table(title="fact-ray doctor")
+        for col in ("item", "status", "detail", "fix"):
+            t.add_column(col)
+        for c in checks:
+            t.add_row(c.item, "[green]ok[/]" if c.ok else "[red]missing[/]", c.detail, "" if c.ok else c.fix)
+        _console().print(t)
+        if not all(c.ok or c.optional for c in checks):
+            raise typer.Exit(1)
+
+    _guard(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

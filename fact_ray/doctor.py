@@ -1,0 +1,159 @@
+"""`fact-ray doctor`: what this machine and the configured services provide, each with the fix when missing.
+
+Every check is quick (short timeouts, no cluster start) and never raises: a failure is a row.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fact_ray.config import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    item: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    optional: bool = False  # missing is allowed: the run does what it can without it
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return ""
+
+
+def check_gpu() -> list[Check]:
+    try:
+        import torch
+    except Exception as e:  # a broken torch install is reported by check_torch
+        return [Check("GPU", False, f"torch not importable ({e})", "install torch", optional=True)]
+    if not torch.cuda.is_available():
+        return [Check("GPU", False, "no CUDA GPU visible to torch: capture, discover, emit and compile still run",
+                      "run on a GPU node, or pass --address of a Ray cluster with GPU workers", optional=True)]
+    names = [f"{torch.cuda.get_device_name(i)} (sm{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+             for i in range(torch.cuda.device_count())]
+    out = [Check("GPU", True, ", ".join(names))]
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        r = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20)
+        out.append(Check("driver", r.returncode == 0, r.stdout.strip().splitlines()[0] if r.stdout else r.stderr,
+                         "install an NVIDIA driver >= 580 for CUDA 13"))
+    else:
+        out.append(Check("driver", True, f"CUDA {torch.version.cuda} runtime works (nvidia-smi not on PATH)"))
+    return out
+
+
+def check_nvcc(nvcc: str) -> Check:
+    path = shutil.which(nvcc)
+    if not path:
+        return Check("nvcc", False, f"{nvcc!r} not found", "install the CUDA toolkit (12.4+), or set FACT_RAY_NVCC")
+    r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    line = [ln for ln in r.stdout.splitlines() if "release" in ln]
+    return Check("nvcc", r.returncode == 0, f"{path}: {line[0].strip() if line else r.stdout.strip()}")
+
+
+def check_cutlass() -> list[Check]:
+    ver = _version("nvidia-cutlass")
+    try:
+        import cutlass_library
+    except Exception as e:
+        return [Check("CUTLASS package", False, f"cutlass_library not importable ({e})",
+                      "pip install nvidia-cutlass==4.2.0.0")]
+    inc = Path(cutlass_library.__file__).parent / "source" / "include"
+    return [Check("CUTLASS package", True, f"nvidia-cutlass {ver or '?'}"),
+            Check("CUTLASS headers", (inc / "cutlass" / "cutlass.h").is_file(), str(inc),
+                  "reinstall nvidia-cutlass: its wheel ships the headers under cutlass_library/source")]
+
+
+def check_torch() -> Check:
+    try:
+        import torch
+    except Exception as e:
+        return Check("torch", False, str(e), "make setup (installs torch==2.13.0 where none is importable)")
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    return Check("torch", True, f"{torch.__version__} ({build})")
+
+
+def _tcp_open(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_ray(address: str) -> Check:
+    ver = _version("ray")
+    if not ver:
+        return Check("Ray", False, "ray not installed", "make setup")
+    if not address:
+        return Check("Ray", True, f"ray {ver}; local cluster (ray.init()) when a run starts")
+    if address == "auto":
+        return Check("Ray", True, f"ray {ver}; address auto (the cluster this node belongs to)")
+    u = urllib.parse.urlparse(address if "://" in address else f"ray://{address}")
+    host, port = u.hostname or "127.0.0.1", u.port or 10001
+    ok = _tcp_open(host, port)
+    return Check("Ray", ok, f"ray {ver}; {address} {'answers' if ok else 'does not answer'}",
+                 "" if ok else "start the cluster (ray up cluster.yaml) or fix --address")
+
+
+def check_tracking(uri: str) -> Check:
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        ok = folder.exists() or os.access(folder.parent if folder.parent.exists() else ".", os.W_OK)
+        return Check("MLflow tracking", ok, uri, "" if ok else f"make {folder} writable")
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as r:
+                ok = r.status == 200
+        except OSError as e:
+            return Check("MLflow tracking", False, f"{uri}: {e}", "start `mlflow server` or fix --tracking-uri")
+        return Check("MLflow tracking", ok, uri)
+    return Check("MLflow tracking", True, f"{uri} (not probed)")
+
+
+def check_table(uri: str) -> Check:
+    try:
+        import pyarrow.fs as pafs
+
+        if "://" in uri:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        else:
+            fs, path = pafs.LocalFileSystem(), str(Path(uri).absolute())
+        info = fs.get_file_info(path)
+    except Exception as e:  # any storage error is a row here; the run itself fails with TableError
+        return Check("pattern table", False, f"{uri}: {e}", "fix --table or the storage credentials")
+    state = "exists" if info.type.name != "NotFound" else "will be created on the first run"
+    return Check("pattern table", True, f"{uri} ({state})")
+
+
+def check_llm(settings: Settings) -> Check:
+    base = os.environ.get("OPENAI_BASE_URL", "")
+    if settings.llm == "off" and not base:
+        return Check("LLM endpoint", True, "off: rules rank alone", optional=True)
+    if not base:
+        return Check("LLM endpoint", False, f"--llm {settings.llm} but OPENAI_BASE_URL is not set",
+                     "export OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server", optional=True)
+    u = urllib.parse.urlparse(base)
+    ok = _tcp_open(u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80))
+    return Check("LLM endpoint", ok, f"{base} {'answers' if ok else 'does not answer'}",
+                 "" if ok else "start the server or fix OPENAI_BASE_URL", optional=True)
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    return [*check_gpu(), check_nvcc(settings.nvcc), *check_cutlass(), check_torch(),
+            check_ray(settings.ray_address), check_tracking(settings.resolved_tracking_uri),
+            check_table(settings.resolved_table_uri), check_llm(settings)]
