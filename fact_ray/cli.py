@@ -96,10 +96,10 @@ def discover(
     """
 
     def body() -> None:
+        s = _settings(arch=arch, policy=policy)
         from fact_ray import capture as cap
         from fact_ray import discover as disc
 
-        s = _settings(arch=arch, policy=policy)
         target = _default_arch(s)
         loaded = cap.load_model(model)
         captured = cap.capture(loaded)
@@ -136,11 +136,11 @@ def tune(
     """Tune one discovered pattern on the local GPU (no Ray) and print the trials table."""
 
     def body() -> None:
+        s = _settings(policy=policy, arch=arch, budget=budget, jobs=jobs)
         from fact_ray import capture as cap
         from fact_ray import discover as disc
         from fact_ray.realize import tune as tn
 
-        s = _settings(policy=policy, arch=arch, budget=budget, jobs=jobs)
         target = _default_arch(s)
         captured = cap.capture(cap.load_model(model))
         matches = disc.discover(captured.graph, target, s.policy)
