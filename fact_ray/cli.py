@@ -40,9 +40,12 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 def _console():
+    import shutil
+
     from rich.console import Console
 
-    return Console()
+    # tables here are wide; when output is piped, rich would assume 80 columns and squash them
+    return Console(width=max(shutil.get_terminal_size((160, 40)).columns, 120))
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -242,9 +245,9 @@ def bench(
 
 
 def _store(table: Optional[str]):
-    from fact_ray.pattern_table import open_store
+    from fact_ray.pattern_table import PatternTable
 
-    return open_store(_settings(table_uri=table).resolved_table_uri)
+    return PatternTable(_settings(table_uri=table).resolved_table_uri)
 
 
 @table_app.command("list")
@@ -290,8 +293,10 @@ def table_export(
     """Export every row of the table to one file."""
 
     def body() -> None:
-        n = _store(table).export(out, format=fmt)
-        typer.echo(f"exported {n} rows to {out}")
+        store = _store(table)
+        n = len(store.all_rows())
+        dest = store.export(out, format=fmt)
+        typer.echo(f"exported {n} rows of {store.uri} to {dest}")
 
     _guard(body)
 
@@ -313,7 +318,7 @@ def compare(
         from fact_ray.tracking import compare_runs
 
         s = _settings(tracking_uri=tracking_uri)
-        rows = compare_runs(s.resolved_tracking_uri, run_ids=runs or None, last=last)
+        rows = compare_runs(s.resolved_tracking_uri, run_ids=tuple(runs or ()), last=last)
         if not rows:
             raise UserError(f"no fact-ray runs in {s.resolved_tracking_uri}")
         t = Table(title="fact-ray runs compared")

@@ -85,3 +85,14 @@ class CannotImplement(CandidateError):
 
 class WrongAnswer(CandidateError):
     status = "wrong"
+
+
+class RunNotFound(UserError):
+    """A run id given to `fact-ray compare` (or similar) is not in the tracking store."""
+
+
+class LaunchError(CandidateError, RuntimeError):
+    """A compiled kernel's run entry point returned a failure status (or the launch faulted): the trial is
+    recorded as crashed. Also a RuntimeError, since to a caller outside tuning it is a failed launch."""
+
+    status = "crashed"

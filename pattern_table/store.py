@@ -1,0 +1,276 @@
+"""The pattern table store: append-only Parquet files over any `pyarrow.fs` URI.
+
+Layout under the table's root URI::
+
+    <root>/rows/<utc-time>-<uuid>.parquet   one file per commit, never rewritten or deleted
+    <root>/libs/<sha256>.so                 compiled libraries, content-addressed
+
+Why one file per commit: several writers (Ray table-writer actors on different nodes, two CLI runs) can commit
+at once with no lock and no lost rows, on a local disk, NFS and object stores alike, and the whole history stays.
+
+Atomicity: on file systems with a rename (local, NFS, HDFS) a file is written under a hidden temporary name in
+the same folder (`.tmp-...`, which readers ignore) and then moved to its final name; on object stores (S3, GCS)
+a single PUT of the final name is atomic by itself, so no rename is needed (and theirs would be copy + delete).
+A reader therefore sees a commit whole or not at all. A file that is damaged anyway (a truncated copy, a disk
+error) is skipped with a warning and listed in `damaged`; it never stops a read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+import warnings
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fact_ray.errors import TableError
+from fact_ray.pattern_table import schema as sch
+from fact_ray.pattern_table.export import export_rows, rows_to_table
+from fact_ray.pattern_table.io import IO_ERRORS, normalise, one_line, resolve, write_atomic
+from fact_ray.pattern_table.row import TableKey, TableRow
+
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class PatternTable:
+    """The store. Cheap to construct (touches nothing); pickles as its URI, so it can be sent to Ray actors.
+
+    Reads cache what they parsed per file: files are immutable, so a later query reads only new names.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = normalise(uri)
+        self._fs: pafs.FileSystem | None = None
+        self._root = ""
+        self._files: dict[str, tuple[TableRow, ...]] = {}  # file name -> its rows
+        self._damaged: dict[str, str] = {}  # file uri -> reason
+
+    def __reduce__(self):
+        return (PatternTable, (self.uri,))
+
+    def __repr__(self) -> str:
+        return f"PatternTable({self.uri!r})"
+
+    # ------------------------------------------------------------------ file system
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            try:
+                self._fs, self._root = resolve(self.uri)
+            except (*IO_ERRORS, ValueError) as e:
+                raise TableError(f"pattern table {self.uri}: cannot open ({one_line(e)})") from None
+        return self._fs
+
+    def _path(self, *parts: str) -> str:
+        self.fs  # noqa: B018 -- resolves _root on first use
+        return "/".join([self._root.rstrip("/"), *parts])
+
+    def _uri_of(self, *parts: str) -> str:
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+    # ------------------------------------------------------------------ writing
+
+    def check_writable(self) -> None:
+        """Fail fast, before any work, when the table cannot be written: one clear TableError line."""
+        try:
+            fs = self.fs
+            for folder in ("rows", "libs"):
+                fs.create_dir(self._path(folder), recursive=True)
+                # A real write through the same path commits take; the probe's name is hidden from readers,
+                # and it is removed so probes do not pile up.
+                probe = f".probe-{uuid.uuid4().hex}"
+                write_atomic(fs, self._path(folder, probe), b"")
+                fs.delete_file(self._path(folder, probe))
+        except TableError:
+            raise
+        except IO_ERRORS as e:
+            raise TableError(f"pattern table {self.uri} is not writable: {one_line(e)}") from None
+
+    def commit(self, rows: Sequence[TableRow] | Iterable[TableRow]) -> str:
+        """Append `rows` as one new file, atomically. Returns its URI ('' when there was nothing to commit)."""
+        rows = tuple(rows)
+        if not rows:
+            return ""
+        for r in rows:
+            if not isinstance(r, TableRow):
+                raise TypeError(f"commit takes TableRow, got {type(r).__name__}")
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows_to_table(rows), sink)
+        data = sink.getvalue().to_pybytes()
+        now = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        name = f"{now}-{uuid.uuid4().hex}.parquet"
+        try:
+            self.fs.create_dir(self._path("rows"), recursive=True)
+            write_atomic(self.fs, self._path("rows", name), data)
+        except IO_ERRORS as e:
+            raise TableError(f"pattern table {self.uri} is not writable: {one_line(e)}") from None
+        self._files[name] = rows
+        return self._uri_of("rows", name)
+
+    # ------------------------------------------------------------------ libraries
+
+    def library_uri(self, digest: str) -> str:
+        return self._uri_of("libs", f"{digest}.so")
+
+    def put_library(self, data: bytes) -> str:
+        """Store compiled library bytes under their sha256 and return their URI. Idempotent and atomic."""
+        digest = hashlib.sha256(data).hexdigest()
+        name = f"{digest}.so"
+        try:
+            fs = self.fs
+            info = fs.get_file_info(self._path("libs", name))
+            if info.type == pafs.FileType.File and info.size == len(data):
+                return self.library_uri(digest)
+            fs.create_dir(self._path("libs"), recursive=True)
+            write_atomic(fs, self._path("libs", name), data)
+        except IO_ERRORS as e:
+            raise TableError(f"pattern table {self.uri}: cannot store library ({one_line(e)})") from None
+        return self.library_uri(digest)
+
+    def get_library(self, uri: str) -> bytes:
+        """The bytes of a library stored by put_library (any table's URI). Checked against the hash in its name:
+        a missing or damaged library is a TableError, never wrong bytes."""
+        digest = uri.rsplit("/", 1)[-1].removesuffix(".so")
+        if not _HASH_RE.match(digest):
+            raise TableError(f"{uri} is not a library URI of the pattern table (no content hash in its name)")
+        try:
+            fs, path = resolve(uri)
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+        except (*IO_ERRORS, ValueError) as e:
+            raise TableError(f"cannot read library {uri}: {one_line(e)}") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise TableError(f"library {uri} is damaged (its content does not match its hash)")
+        return data
+
+    def fetch_library(self, uri: str, dest_dir: str) -> str:
+        """Copy a stored library to a local folder (for ctypes on a GPU node); returns the local path.
+        Content-addressed: an existing, intact copy is reused; written with temp file + rename."""
+        digest = uri.rsplit("/", 1)[-1].removesuffix(".so")
+        path = os.path.join(dest_dir, f"{digest}.so")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() == digest:
+                    return path
+        data = self.get_library(uri)
+        try:
+            os.makedirs(dest_dir, exist_ok=True)
+            tmp = os.path.join(dest_dir, f".tmp-{uuid.uuid4().hex}.so")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise TableError(f"cannot write library to {dest_dir}: {one_line(e)}") from None
+        return path
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def damaged(self) -> dict[str, str]:
+        """Files skipped as damaged so far: URI -> reason."""
+        return dict(self._damaged)
+
+    def _refresh(self) -> None:
+        fs = self.fs
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(self._path("rows"), allow_not_found=True))
+        except IO_ERRORS as e:
+            raise TableError(f"pattern table {self.uri} cannot be read: {one_line(e)}") from None
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.File or name.startswith((".", "_")) or not name.endswith(".parquet"):
+                continue
+            where = self._uri_of("rows", name)
+            if name in self._files or where in self._damaged:
+                continue
+            self._files[name] = self._read_file(info.path, where)
+
+    def _read_file(self, path: str, where: str) -> tuple[TableRow, ...]:
+        try:
+            with self.fs.open_input_file(path) as f:
+                table = pq.read_table(f)
+            version = sch.file_version(table.schema)
+            if version is None:
+                raise pa.ArrowInvalid("no pattern table schema version in its metadata")
+            table = sch.to_current(table, version, where)  # TableError for a newer version propagates
+            rows = tuple(TableRow.from_record(rec) for rec in table.to_pylist())
+        except TableError:
+            raise
+        except (*IO_ERRORS, ValueError, KeyError) as e:
+            reason = one_line(e)
+            self._damaged[where] = reason
+            warnings.warn(f"pattern table: skipping damaged file {where}: {reason}", stacklevel=2)
+            return ()
+        return rows
+
+    def _ordered(self) -> list[TableRow]:
+        """All rows, oldest first: by creation time, then commit file name, then order within the commit."""
+        self._refresh()
+        seq = []
+        for name in sorted(self._files):
+            for i, r in enumerate(self._files[name]):
+                seq.append((r.created_at, name, i, r))
+        seq.sort(key=lambda t: t[:3])
+        return [t[3] for t in seq]
+
+    def all_rows(self) -> list[TableRow]:
+        return self._ordered()
+
+    def history(self, key: TableKey) -> list[TableRow]:
+        """Every row of `key`, any status, oldest first."""
+        return [r for r in self._ordered() if key.matches(r)]
+
+    def top_k(self, key: TableKey, k: int) -> list[TableRow]:
+        """The best `k` valid rows of `key` (see `rank`)."""
+        return rank(self.history(key))[: max(k, 0)]
+
+    def best(self, key: TableKey) -> TableRow | None:
+        """The best valid row of `key`, or None when the table has none."""
+        top = self.top_k(key, 1)
+        return top[0] if top else None
+
+    def keys(self, by_gpu: bool = False) -> list[TableKey]:
+        """The distinct reuse keys, in order of first appearance (per GPU name when `by_gpu`)."""
+        seen: dict[TableKey, None] = {}
+        for r in self._ordered():
+            k = r.key
+            if not by_gpu:
+                k = TableKey(k.match_key, k.policy, k.arch, k.toolchain, None)
+            seen.setdefault(k, None)
+        return list(seen)
+
+    def find(self, text: str) -> list[TableRow]:
+        """Rows whose match key or config name contains `text`, oldest first (for `fact-ray table show`)."""
+        return [r for r in self._ordered() if text in r.match_key or text in r.config_name]
+
+    def export(self, path_or_uri: str, format: str = "parquet") -> str:
+        return export_rows(self.all_rows(), path_or_uri, format)
+
+
+def rank(rows: Iterable[TableRow]) -> list[TableRow]:
+    """Valid rows (status ok, timed), best first.
+
+    Within one GPU: lowest median time, ties broken by the newest row. When the rows span several GPU names,
+    absolute times are not comparable (measuring.md), so the order is by speedup over the PyTorch op measured
+    side by side on each GPU (highest first), then median, then newest. A row with no GPU name (a v1 row)
+    counts as a GPU of its own: nothing says its times are comparable.
+    """
+    indexed = [(i, r) for i, r in enumerate(rows) if r.valid]
+    mixed = len({r.gpu_name for _, r in indexed}) > 1
+
+    def order(item: tuple[int, TableRow]):
+        i, r = item
+        newest = (-r.created_at.timestamp(), -i)
+        if mixed:
+            sp = r.speedup if r.speedup is not None else float("-inf")
+            return (-sp, r.median_ms, *newest)
+        return (r.median_ms, *newest)
+
+    return [r for _, r in sorted(indexed, key=order)]
