@@ -1,0 +1,326 @@
+"""How each rule reads its kernel family's parameters off a match (the conventions later stages rely on).
+
+GEMM family (gemm, gemm_bias, gemm_bias_act, gemm_bias_residual, bmm): M, N, K, L (batch count; a Linear on
+[B, T, C] is M = B*T, L = 1), layout_a, layout_b ("col" when B is stored [N, K] like an nn.Linear weight, "row"
+when stored [K, N]), activation, has_bias, residual, broadcast_b, operands (role -> node: a, b, bias, residual).
+Attention: B, H, S, D, causal, scale, spelling, operands q, k, v. Norms: rows, cols, eps, affine, operands x,
+weight, bias. SwiGLU: M, N, K, L, layout_a, layout_b, has_bias, activation, operands a, b_gate, b_up (+ biases).
+
+A reader returns None to reject a match its family cannot express (a vector product, a partly broadcast batch,
+a mask that is not causal); the nodes then stay free for smaller rules. Every reader also returns "dtype" (the
+compute dtype, taken off the operands) and "operands"; match.to_match moves them to their Match fields.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fact_ray.discover import evaluate
+from fact_ray.discover.match import Bound
+from fact_ray.discover.view import GraphView, packet
+from fact_ray.types import Node, Ref, TensorMeta
+
+
+def _prod(xs: tuple[int, ...]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _layout(m: TensorMeta) -> str:
+    """Storage of a logical [.., R, C] operand: "row" (C contiguous) or "col" (R contiguous)."""
+    if m.stride[-1] == 1 or m.shape[-1] == 1:
+        return "row"
+    if m.stride[-2] == 1:
+        return "col"
+    return "row"  # neither dimension is contiguous: the kernel side copies to row-major
+
+
+# ------------------------------------------------------------------------------------------- checks for rules
+
+
+def swaps_last_two(view: GraphView, node: Node) -> bool:
+    """t / transpose / permute that exchanges exactly the last two dimensions."""
+    if not node.args or not isinstance(node.args[0], Ref):
+        return False
+    src = view.meta(node.args[0].name)
+    if src is None:
+        return False
+    nd = len(src.shape)
+    p = packet(node.target)
+    if p in ("aten.t", "aten.numpy_T"):
+        return nd == 2
+    if p == "aten.mT":
+        return nd >= 2
+    if p == "aten.transpose" and len(node.args) >= 3 and nd >= 2:
+        dims = {d % nd for d in node.args[1:3] if isinstance(d, int)}
+        return dims == {nd - 2, nd - 1}
+    if p == "aten.permute" and len(node.args) >= 2 and isinstance(node.args[1], tuple) and nd >= 2:
+        dims = [d % nd for d in node.args[1] if isinstance(d, int)]
+        return dims == [*range(nd - 2), nd - 1, nd - 2]
+    return False
+
+
+def plain_add(view: GraphView, node: Node) -> bool:
+    """An add without a scaling alpha (x + y, not x + 2*y)."""
+    return node.kwarg("alpha", 1) == 1 and len(node.args) == 2
+
+
+def unit_addmm(view: GraphView, node: Node) -> bool:
+    return node.kwarg("beta", 1) == 1 and node.kwarg("alpha", 1) == 1 and len(node.args) == 3
+
+
+def is_vector(node: Node) -> bool:
+    """A tensor that is a row vector once leading 1s are dropped (a bias)."""
+    m = node.meta
+    return m is not None and len(m.shape) >= 1 and all(s == 1 for s in m.shape[:-1])
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_nonzero_number(v: Any) -> bool:
+    return is_number(v) and v != 0
+
+
+def is_neg_inf(v: Any) -> bool:
+    """-inf, or a number so negative that softmax makes it 0 (finfo.min, -1e9, -1e4)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= -1e4
+
+
+# ------------------------------------------------------------------------------------------- GEMM family
+
+
+def gemm_problem(b: Bound, p: str = "") -> dict[str, Any] | None:
+    """M, N, K, L, layouts and broadcast of the GEMM bound under prefix p, or None if not a GEMM we can run."""
+    g, a = b.node(p + "gemm"), b.meta("a")
+    b_src = b.meta(p + "b")
+    b_log = b.meta(p + "b_view") or b_src  # B as the op reads it: logically [.., K, N]
+    if g is None or g.meta is None or a is None or b_src is None or b_log is None:
+        return None
+    kind = packet(g.target)
+    batched, broadcast_b = False, False
+    if kind == "aten.linear":
+        if len(b_src.shape) != 2 or len(a.shape) < 2 or a.shape[-1] != b_src.shape[1]:
+            return None
+        N, K = b_src.shape
+        M, L = _prod(a.shape[:-1]), 1
+        # B is the weight transposed: a weight stored [N, K] row-major is the "col" (TN) case.
+        layout_b = "col" if (b_src.stride[-1] == 1 or K == 1) else ("row" if b_src.stride[-2] == 1 else "col")
+    elif kind in ("aten.mm", "aten.addmm"):
+        if len(a.shape) != 2 or len(b_log.shape) != 2 or a.shape[1] != b_log.shape[0]:
+            return None
+        (M, K), N, L = a.shape, b_log.shape[1], 1
+        layout_b = _layout(b_log)
+    elif kind == "aten.bmm":
+        if len(a.shape) != 3 or len(b_log.shape) != 3 or a.shape[2] != b_log.shape[1]:
+            return None
+        L, M, K = a.shape
+        N = b_log.shape[2]
+        batched, broadcast_b = True, L > 1 and b_log.stride[0] == 0
+        layout_b = _layout(b_log)
+    elif kind == "aten.matmul":
+        na, nb = len(a.shape), len(b_log.shape)
+        if na < 2 or nb < 2 or a.shape[-1] != b_log.shape[-2]:
+            return None  # a vector operand is a GEMV: not this family
+        K, N = a.shape[-1], b_log.shape[-1]
+        if nb == 2:  # [.., M, K] @ [K, N]: one GEMM over the flattened rows
+            M, L = _prod(a.shape[:-1]), 1
+        else:
+            out_batch = tuple(g.meta.shape[:-2])
+            L, M = _prod(out_batch), a.shape[-2]
+            if _prod(tuple(a.shape[:-2])) != L:
+                return None  # A broadcast over the batch: no kernel of ours takes that
+            b_batch = tuple(b_log.shape[:-2])
+            b_batch_strides = tuple(b_log.stride[:-2])
+            if _prod(b_batch) == 1 or all(s == 0 for s in b_batch_strides):
+                broadcast_b = L > 1
+            elif (1,) * (len(out_batch) - len(b_batch)) + b_batch != out_batch:
+                return None  # B broadcast over some batch dims only
+            batched = True
+        layout_b = _layout(b_log)
+    else:
+        return None
+    if a.dtype != b_src.dtype:
+        return None
+    return {"M": M, "N": N, "K": K, "L": L, "layout_a": _layout(a), "layout_b": layout_b,
+            "broadcast_b": broadcast_b, "batched": batched, "dtype": a.dtype}
+
+
+def _bias_ok(b: Bound, key: str, n: int) -> bool:
+    m = b.meta(key)
+    return m is not None and m.numel == n and m.shape[-1] == n
+
+
+def _gemm_params(b: Bound, *, batched: bool, bias: bool, activation: str = "none",
+                 residual: bool = False) -> dict[str, Any] | None:
+    prob = gemm_problem(b)
+    if prob is None or prob.pop("batched") != batched:
+        return None
+    operands = {"a": b.get("a"), "b": b.get("b")}
+    if bias:
+        if not _bias_ok(b, "bias", prob["N"]) or b.meta("bias").dtype != prob["dtype"]:
+            return None
+        operands["bias"] = b.get("bias")
+    if residual:
+        res, out = b.meta("residual"), b.meta("residual_add")
+        if res is None or out is None or res.shape != out.shape or res.dtype != prob["dtype"]:
+            return None
+        operands["residual"] = b.get("residual")
+    return {**prob, "activation": activation, "has_bias": bias, "residual": residual, "operands": operands}
+
+
+def read_matmul(b: Bound) -> dict[str, Any] | None:
+    return _gemm_params(b, batched=False, bias=False)
+
+
+def read_batched_matmul(b: Bound) -> dict[str, Any] | None:
+    return _gemm_params(b, batched=True, bias=False)
+
+
+def read_linear_bias(b: Bound) -> dict[str, Any] | None:
+    return _gemm_params(b, batched=False, bias=True)
+
+
+def read_linear_bias_act(b: Bound) -> dict[str, Any] | None:
+    return _gemm_params(b, batched=False, bias=True, activation=b.get("activation"))
+
+
+def read_linear_bias_residual(b: Bound) -> dict[str, Any] | None:
+    return _gemm_params(b, batched=False, bias=True, residual=True)
+
+
+def read_swiglu(b: Bound) -> dict[str, Any] | None:
+    gate, up = gemm_problem(b, "gate_"), gemm_problem(b, "up_")
+    if gate is None or up is None or gate["batched"] or up["batched"]:
+        return None
+    if any(gate[k] != up[k] for k in ("M", "N", "K", "L", "layout_b", "dtype")):
+        return None
+    has_bias = b.has("gate_bias") and b.has("up_bias")
+    if b.has("gate_bias") != b.has("up_bias"):
+        return None
+    operands = {"a": b.get("a"), "b_gate": b.get("gate_b"), "b_up": b.get("up_b")}
+    if has_bias:
+        if not (_bias_ok(b, "gate_bias", gate["N"]) and _bias_ok(b, "up_bias", up["N"])):
+            return None
+        operands.update(bias_gate=b.get("gate_bias"), bias_up=b.get("up_bias"))
+    gate.pop("batched")
+    return {**gate, "activation": "silu", "has_bias": has_bias, "residual": False, "operands": operands}
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def _heads(m: TensorMeta) -> tuple[int, int, int, int] | None:
+    if len(m.shape) == 4:
+        return m.shape  # type: ignore[return-value]
+    if len(m.shape) == 3:
+        return m.shape[0], 1, m.shape[1], m.shape[2]
+    return None
+
+
+def read_attention(b: Bound) -> dict[str, Any] | None:
+    if b.has("sdpa"):
+        return _read_sdpa(b)
+    q, k, v, scores = b.meta("q"), b.meta("k"), b.meta("v"), b.meta("qk")
+    if q is None or k is None or v is None or scores is None:
+        return None
+    dims = _heads(q)
+    if dims is None or q.shape != k.shape or v.shape != k.shape or not (q.dtype == k.dtype == v.dtype):
+        return None
+    B, H, S, D = dims
+    dim = b.get("softmax_dim")
+    if dim not in (-1, len(scores.shape) - 1):
+        return None
+    causal = b.has("mask")
+    if causal and b.get("mask_n") != S:
+        return None
+    scale = 1.0
+    if b.has("scale_mul"):
+        scale = float(b.get("scale_mul"))
+    elif b.has("scale_div"):
+        scale = 1.0 / float(b.get("scale_div"))
+    return {"B": B, "H": H, "S": S, "D": D, "causal": causal, "scale": scale, "spelling": "explicit",
+            "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
+
+
+def _read_sdpa(b: Bound) -> dict[str, Any] | None:
+    node = b.node("sdpa")
+    assert node is not None
+    arg = {name: (node.args[i] if i < len(node.args) else node.kwarg(name, _SDPA_DEFAULTS[i]))
+           for i, name in enumerate(_SDPA_ARGS)}
+    q, k, v = b.meta("q"), b.meta("k"), b.meta("v")
+    if q is None or k is None or v is None or q.shape != k.shape or k.shape != v.shape:
+        return None  # cross-attention, grouped heads or a different value width: not this family
+    dims = _heads(q)
+    if dims is None or not (q.dtype == k.dtype == v.dtype) or arg["dropout_p"] not in (0, 0.0):
+        return None
+    B, H, S, D = dims
+    causal = bool(arg["is_causal"])
+    mask = arg["attn_mask"]
+    if mask is not None:
+        found = evaluate.mask_form(b.view, mask.name) if isinstance(mask, Ref) else None
+        if found is None or found[0] not in ("keep", "additive") or found[1] != S or causal:
+            return None  # an arbitrary mask: no kernel of this family takes it
+        causal = True
+    scale = arg["scale"]
+    scale = float(scale) if is_number(scale) else 1.0 / math.sqrt(D)
+    return {"B": B, "H": H, "S": S, "D": D, "causal": causal, "scale": scale, "spelling": "sdpa",
+            "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
+
+
+# ------------------------------------------------------------------------------------------- normalisation
+
+
+def _norm_operands(b: Bound) -> dict[str, str]:
+    ops = {"x": b.get("x")}
+    for role in ("weight", "bias"):
+        if b.has(role):
+            ops[role] = b.get(role)
+    return ops
+
+
+def read_layernorm(b: Bound) -> dict[str, Any] | None:
+    x = b.meta("x")
+    shape = b.get("normalized_shape")
+    if x is None or not isinstance(shape, tuple) or not shape or tuple(x.shape[-len(shape):]) != shape:
+        return None
+    cols = _prod(shape)
+    eps = b.get("eps", 1e-5)
+    for role in ("weight", "bias"):
+        if b.has(role) and b.meta(role) is not None and b.meta(role).numel != cols:
+            return None
+    return {"rows": x.numel // cols, "cols": cols, "eps": float(eps), "affine": b.has("weight"),
+            "dtype": x.dtype, "operands": _norm_operands(b)}
+
+
+def read_rmsnorm(b: Bound) -> dict[str, Any] | None:
+    x = b.meta("x")
+    if x is None or not x.shape:
+        return None
+    if b.has("normalized_shape"):  # aten.rms_norm
+        shape = b.get("normalized_shape")
+        if not isinstance(shape, tuple) or tuple(x.shape[-len(shape):]) != shape:
+            return None
+        cols = _prod(shape)
+    else:  # written out: the mean must run over the last dimension only
+        dims = b.get("mean_dims")
+        if not isinstance(dims, tuple) or len(dims) != 1 or dims[0] % len(x.shape) != len(x.shape) - 1:
+            return None
+        cols = x.shape[-1]
+    eps = b.get("eps")
+    if eps is None:  # torch's default for rms_norm: the dtype's machine epsilon
+        import torch
+
+        eps = torch.finfo(getattr(torch, x.dtype)).eps
+    if b.has("weight") and (b.meta("weight") is None or b.meta("weight").numel != cols):
+        return None
+    return {"rows": x.numel // cols, "cols": cols, "eps": float(eps), "affine": b.has("weight"),
+            "dtype": x.dtype, "operands": _norm_operands(b)}

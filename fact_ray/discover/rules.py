@@ -1,0 +1,147 @@
+"""The rule table: which subgraphs fact-ray knows how to realise, written as data.
+
+A rule is a name, a pattern (patterns.py: a tree from the subgraph's output towards its inputs), the kernel
+family that realises it, the reader that takes its parameters off a match (params.py), and the order of its
+operand roles (for Match.shapes). The patterns accept every spelling ATen gives the same computation: `linear`,
+`addmm`, `mm`/`matmul` + bias add, a transpose looked through on B, activations recognised by value (see
+patterns.Activation), causal masks recognised by value (see patterns.CausalMask).
+
+Overlaps are settled by the matcher: the match covering more nodes wins, then the earlier rule in this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fact_ray.discover import params as P
+from fact_ray.discover.patterns import Absent, Activation, CausalMask, Const, Pattern, Var, alt, op
+
+MATMULS = ("aten.mm", "aten.matmul", "aten.bmm")
+TRANSPOSES = ("aten.t", "aten.transpose", "aten.permute", "aten.numpy_T", "aten.mT")
+SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    family: str
+    pattern: Pattern
+    read: Callable[[Any], "dict[str, Any] | None"]
+    roles: tuple[str, ...]
+    priority: int = 0  # position in the table: breaks ties between matches of equal size
+
+
+# ------------------------------------------------------------------------------------------- GEMM building blocks
+
+
+def b_operand(role: str) -> Pattern:
+    """B as stored: through a transpose of the last two dims (B = W^T) or as it is."""
+    return alt(op(*TRANSPOSES, args=(Var(role),), name=role + "_view", check=P.swaps_last_two), Var(role))
+
+
+def gemm_plain(p: str = "") -> Pattern:
+    """A GEMM with no bias: mm, matmul or bmm of (A, B), or a linear without bias. A binds to "a", shared by all
+    prefixes, so the two GEMMs of a SwiGLU must read the same input."""
+    return alt(
+        op(*MATMULS, args=(Var("a"), b_operand(p + "b")), name=p + "gemm"),
+        op("aten.linear", args=(Var("a"), Var(p + "b"), Absent()), name=p + "gemm"),
+    )
+
+
+def gemm_with_bias(p: str = "") -> Pattern:
+    return alt(
+        op("aten.linear", args=(Var("a"), Var(p + "b"), Var(p + "bias")), name=p + "gemm"),
+        op("aten.addmm", args=(Var(p + "bias"), Var("a"), b_operand(p + "b")), name=p + "gemm", check=P.unit_addmm),
+        op("aten.add", args=(gemm_plain(p), Var(p + "bias", check=P.is_vector)), name=p + "bias_add",
+           commutative=True, check=P.plain_add),
+    )
+
+
+GEMM = gemm_plain()
+GEMM_BIAS = gemm_with_bias()
+GEMM_BIAS_ACT = Activation("activation", GEMM_BIAS)
+GEMM_BIAS_RESIDUAL = op("aten.add", args=(GEMM_BIAS, Var("residual")), name="residual_add", commutative=True,
+                        check=P.plain_add)
+SWIGLU = op(
+    "aten.mul",
+    args=(Activation("activation", alt(gemm_with_bias("gate_"), gemm_plain("gate_")), kinds=("silu",)),
+          alt(gemm_with_bias("up_"), gemm_plain("up_"))),
+    name="swiglu_mul", commutative=True,
+)
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def _scaled(inner: Pattern) -> Pattern:
+    return alt(
+        op("aten.mul", args=(inner, Const("scale_mul", P.is_number)), name="scale_op", commutative=True),
+        op("aten.div", args=(inner, Const("scale_div", P.is_nonzero_number)), name="scale_op"),
+    )
+
+
+def _masked(inner: Pattern) -> Pattern:
+    return alt(
+        op("aten.masked_fill", args=(inner, CausalMask("mask", "fill"), Const("fill", P.is_neg_inf)), name="mask_op"),
+        op("aten.where", args=(CausalMask("mask", "keep"), inner, Const("fill", P.is_neg_inf)), name="mask_op"),
+        op("aten.add", args=(inner, CausalMask("mask", "additive")), name="mask_op", commutative=True,
+           check=P.plain_add),
+    )
+
+
+_QK = op(*MATMULS, args=(Var("q"), op(*TRANSPOSES, args=(Var("k"),), name="k_view", check=P.swaps_last_two)),
+         name="qk")
+_SCORES = alt(_masked(_scaled(_QK)), _scaled(_masked(_QK)), _masked(_QK), _scaled(_QK), _QK)
+ATTENTION_EXPLICIT = op(*MATMULS, args=(op(*SOFTMAXES, args=(_SCORES, Const("softmax_dim")), name="softmax"),
+                                        Var("v")), name="pv")
+ATTENTION_SDPA = op("aten.scaled_dot_product_attention", args=(Var("q"), Var("k"), Var("v")), name="sdpa")
+
+# ------------------------------------------------------------------------------------------- normalisation
+
+_OPT_WEIGHT = alt(Absent(), Var("weight"))
+LAYERNORM = op("aten.layer_norm", args=(Var("x"), Const("normalized_shape"), _OPT_WEIGHT, alt(Absent(), Var("bias")),
+                                        alt(Absent(), Const("eps"))), name="norm")
+
+_SQUARE = alt(
+    op("aten.pow", args=(Var("x"), Const("power", lambda v: v == 2))),
+    op("aten.mul", args=(Var("x"), Var("x"))),
+    op("aten.square", args=(Var("x"),)),
+)
+_MEAN_SQ = op("aten.mean", args=(_SQUARE, Const("mean_dims"), Const("keepdim", lambda v: v is True)), name="mean")
+_DENOM = op("aten.add", args=(_MEAN_SQ, Const("eps", P.is_number)), name="eps_add", commutative=True,
+            check=P.plain_add)
+_NORMED = alt(
+    op("aten.mul", args=(Var("x"), alt(op("aten.rsqrt", args=(_DENOM,)),
+                                       op("aten.reciprocal", args=(op("aten.sqrt", args=(_DENOM,)),)))),
+       name="normed", commutative=True),
+    op("aten.div", args=(Var("x"), op("aten.sqrt", args=(_DENOM,))), name="normed"),
+)
+RMSNORM = alt(
+    op("aten.rms_norm", args=(Var("x"), Const("normalized_shape"), _OPT_WEIGHT, alt(Absent(), Const("eps"))),
+       name="norm"),
+    op("aten.mul", args=(_NORMED, Var("weight", check=P.is_vector)), name="scaled", commutative=True),
+    _NORMED,
+)
+
+# ------------------------------------------------------------------------------------------- the table
+
+_GEMM_ROLES = ("a", "b", "bias", "residual")
+
+RULES: tuple[Rule, ...] = tuple(
+    Rule(name, family, pattern, read, roles, priority=i)
+    for i, (name, family, pattern, read, roles) in enumerate((
+        ("attention", "attention", alt(ATTENTION_EXPLICIT, ATTENTION_SDPA), P.read_attention, ("q", "k", "v")),
+        ("swiglu", "swiglu", SWIGLU, P.read_swiglu, ("a", "b_gate", "b_up", "bias_gate", "bias_up")),
+        ("linear_bias_act", "gemm_bias_act", GEMM_BIAS_ACT, P.read_linear_bias_act, _GEMM_ROLES),
+        ("linear_bias_residual", "gemm_bias_residual", GEMM_BIAS_RESIDUAL, P.read_linear_bias_residual,
+         _GEMM_ROLES),
+        ("linear_bias", "gemm_bias", GEMM_BIAS, P.read_linear_bias, _GEMM_ROLES),
+        ("matmul", "gemm", GEMM, P.read_matmul, _GEMM_ROLES),
+        ("batched_matmul", "bmm", GEMM, P.read_batched_matmul, _GEMM_ROLES),
+        ("layernorm", "layernorm", LAYERNORM, P.read_layernorm, ("x", "weight", "bias")),
+        ("rmsnorm", "rmsnorm", RMSNORM, P.read_rmsnorm, ("x", "weight")),
+    ))
+)
+
+FAMILIES = tuple(sorted({r.family for r in RULES}))
+GEMM_FAMILIES = ("gemm", "gemm_bias", "gemm_bias_act", "gemm_bias_residual", "bmm", "swiglu")
