@@ -1,0 +1,253 @@
+"""Sources -> shared libraries with nvcc, through a content-addressed cache.
+
+Cache key: sha256 over the source text, the nvcc version string, the flags (without include paths, which
+differ between machines sharing a cache), the CUTLASS version and the target architectures. An entry is
+`<cache>/<key[:2]>/<key>/` holding `lib.so`, `meta.json`, `build.log` and the source (`<name>.cu`, to rerun the
+logged command by hand); it is assembled in a temporary folder
+beside it and moved into place with one `os.replace`, so a crash leaves no entry, only an ignored temp folder.
+A damaged entry (no .so, unreadable meta.json, size or hash mismatch) is a miss and is rebuilt.
+
+A compile error is a fact about the candidates in that TU, not a failure of the run: it comes back as
+Library(ok=False, log=<whole log>) and is cached like a success. A missing nvcc is the user's to fix:
+NotAvailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from fact_ray.errors import NotAvailable
+from fact_ray.types import Library, Source
+
+BASE_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-shared",
+              "-Xcompiler", "-fvisibility=hidden")  # see FR_EXPORT in fr_abi.h
+
+# 2.x kernels build for A100 and also for Hopper (mma.sync runs there; the only 3xTF32 path on sm90).
+# 3.x kernels need sm_90a: without the "a" the WGMMA/TMA code compiles to an abort.
+GENCODES = {
+    "sm80_gemm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
+    "sm90_gemm": ("-gencode=arch=compute_90a,code=sm_90a",),
+}
+
+META_VERSION = 1
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def _resolve_nvcc(nvcc: str) -> str:
+    path = shutil.which(nvcc)
+    if path is None:
+        raise NotAvailable(f"nvcc not found ({nvcc!r}): install the CUDA toolkit 12.4+ or pass --nvcc /path/to/nvcc")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version(nvcc: str = "nvcc") -> str:
+    """The `nvcc --version` line that names the release, e.g. 'Cuda compilation tools, release 13.0, V13.0.88'."""
+    path = _resolve_nvcc(nvcc)
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NotAvailable(f"nvcc at {path} does not run ({e}): check the CUDA toolkit install") from None
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    release = [ln for ln in lines if "release" in ln]
+    return release[0] if release else " | ".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def cutlass_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("nvidia-cutlass")
+    except metadata.PackageNotFoundError:
+        raise NotAvailable("the nvidia-cutlass package is not installed: pip install nvidia-cutlass==4.2.0.0") from None
+
+
+@functools.lru_cache(maxsize=None)
+def include_paths() -> tuple[str, ...]:
+    import cutlass_library
+
+    root = Path(cutlass_library.__file__).parent / "source"
+    paths = (root / "include", root / "tools" / "util" / "include")
+    for p in paths:
+        if not (p / "cutlass").is_dir():
+            raise NotAvailable(f"CUTLASS headers missing under {p}: reinstall nvidia-cutlass")
+    return tuple(str(p) for p in paths)
+
+
+def toolchain(nvcc: str = "nvcc") -> dict:
+    """What builds are made with (raises NotAvailable without nvcc or CUTLASS)."""
+    return {"nvcc": _resolve_nvcc(nvcc), "nvcc_version": nvcc_version(nvcc), "cutlass_version": cutlass_version(),
+            "include_paths": list(include_paths()), "flags": list(BASE_FLAGS)}
+
+
+def source_template(source: Source) -> str:
+    templates = {c.template for c in source.configs}
+    if len(templates) != 1 or next(iter(templates)) not in GENCODES:
+        raise ValueError(f"source {source.name}: expected configs of one known template, got {sorted(templates)}")
+    return templates.pop()
+
+
+def flags_for(source: Source) -> tuple[str, ...]:
+    """nvcc flags for a source, include paths excluded (they are added at invocation and not keyed)."""
+    return BASE_FLAGS + GENCODES[source_template(source)]
+
+
+def arch_targets(source: Source) -> str:
+    return "+".join(g.rsplit(",code=", 1)[1] for g in GENCODES[source_template(source)])
+
+
+def build_key(source_text: str, nvcc_version: str, flags: Sequence[str], cutlass_version: str, arch: str) -> str:
+    """sha256 over everything that decides the bytes of lib.so."""
+    h = hashlib.sha256()
+    for part in ("fact-ray-build", str(META_VERSION), source_text, nvcc_version, "\0".join(flags), cutlass_version,
+                 arch):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:
+    return Path(cache_dir) / key[:2] / key
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_entry(cache_dir: str | os.PathLike, key: str) -> dict | None:
+    """The entry's meta.json if the entry is whole, else None (a miss)."""
+    d = entry_dir(cache_dir, key)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("meta_version") != META_VERSION:
+        return None
+    if not (d / "build.log").is_file():
+        return None
+    if meta.get("ok"):
+        so = d / "lib.so"
+        try:
+            if so.stat().st_size != meta.get("so_size") or _sha256_file(so) != meta.get("so_sha256"):
+                return None
+        except OSError:
+            return None
+    return meta
+
+
+def _library(source: Source, key: str, meta: dict, cache_dir: str | os.PathLike, cached: bool) -> Library:
+    d = entry_dir(cache_dir, key)
+    log = (d / "build.log").read_text(errors="replace")
+    return Library(source=source, key=key, ok=bool(meta["ok"]), path=str(d / "lib.so") if meta["ok"] else "",
+                   log=log, seconds=0.0 if cached else float(meta["seconds"]), cached=cached)
+
+
+def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float = DEFAULT_TIMEOUT_S) -> Library:
+    """Compile one Source (or fetch it from the cache). Never raises for bad C++; raises NotAvailable if the
+    toolchain is missing."""
+    nvcc_path = _resolve_nvcc(nvcc)
+    flags = flags_for(source)
+    key = build_key(source.code, nvcc_version(nvcc), flags, cutlass_version(), arch_targets(source))
+    meta = read_entry(cache_dir, key)
+    if meta is not None:
+        return _library(source, key, meta, cache_dir, cached=True)
+
+    final = entry_dir(cache_dir, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
+    try:
+        (tmp / f"{source.name}.cu").write_text(source.code)
+        cmd = [nvcc_path, *flags, *(f"-I{p}" for p in include_paths()), "-o", "lib.so", f"{source.name}.cu"]
+        t0 = time.monotonic()
+        cacheable = True
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout_s)
+            rc, log = proc.returncode, proc.stdout + proc.stderr
+            # Killed by a signal (the OOM killer, a user) says nothing about the source: do not cache it.
+            cacheable = rc >= 0
+        except subprocess.TimeoutExpired as e:
+            rc, cacheable = -1, False
+            log = _text(e.stdout) + _text(e.stderr) + f"\nfact-ray: nvcc timed out after {timeout_s:.0f} s\n"
+        seconds = time.monotonic() - t0
+        ok = rc == 0 and (tmp / "lib.so").is_file()
+        header = f"$ {' '.join(cmd)}\n# exit status {rc}, {seconds:.1f} s\n"
+        (tmp / "build.log").write_text(header + log)
+        meta = {"meta_version": META_VERSION, "key": key, "ok": ok, "source": source.name,
+                "symbols": sorted(set(source.symbols)), "nvcc_version": nvcc_version(nvcc),
+                "cutlass_version": cutlass_version(), "flags": list(flags), "arch": arch_targets(source),
+                "seconds": round(seconds, 3), "exit_status": rc, "built_at": time.time()}
+        if ok:
+            meta |= {"so_size": (tmp / "lib.so").stat().st_size, "so_sha256": _sha256_file(tmp / "lib.so")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if not cacheable:
+            return Library(source=source, key=key, ok=False, log=header + log, seconds=seconds)
+        _install(tmp, final, cache_dir, key)
+        meta = read_entry(cache_dir, key) or meta
+        return _library(source, key, meta, cache_dir, cached=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, final: Path, cache_dir: str | os.PathLike, key: str) -> None:
+    """Move a finished entry into place atomically; a damaged entry there is moved aside first."""
+    try:
+        os.replace(tmp, final)
+        return
+    except OSError:
+        if read_entry(cache_dir, key) is not None:
+            return  # another process finished the same build first: keep theirs
+    trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(final, trash)
+    except OSError:
+        pass
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _text(b: bytes | str | None) -> str:
+    if b is None:
+        return ""
+    return b if isinstance(b, str) else b.decode(errors="replace")
+
+
+def build_many(sources: Sequence[Source], cache_dir: str, jobs: int = 0, nvcc: str = "nvcc",
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Library]:
+    """Build sources with up to `jobs` nvcc processes at once (0: one per CPU); results in input order.
+
+    Identical sources are compiled once. Memory, not cores, bounds `jobs` for sm90 TUs (3.5-5.5 GB each).
+    """
+    _resolve_nvcc(nvcc)  # fail once, up front, with the one-line fix
+    jobs = jobs or os.cpu_count() or 1
+    unique: dict[str, Source] = {}
+    for s in sources:
+        unique.setdefault(s.code, s)
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(unique) or 1))) as pool:
+        built = dict(zip(unique, pool.map(lambda s: build(s, cache_dir, nvcc, timeout_s), unique.values())))
+    return [replace(built[s.code], source=s) for s in sources]
+
+
+def exported_symbols(path: str | os.PathLike) -> set[str]:
+    """Dynamic symbols a shared library defines (nm -D --defined-only), e.g. to check the C ABI."""
+    nm = shutil.which("nm")
+    if nm is None:
+        raise NotAvailable("nm not found: install binutils to list a library's symbols")
+    out = subprocess.run([nm, "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True).stdout
+    return {parts[-1] for parts in (ln.split() for ln in out.splitlines()) if len(parts) >= 3 and parts[-2] in "TtWiu"}

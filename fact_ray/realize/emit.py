@@ -1,0 +1,206 @@
+"""KernelConfigs -> translation units of CUTLASS C++ (Sources), rendered from the files in templates/.
+
+The C++ lives in the templates: a TU template per API generation (`sm80_gemm.cu.in` for CUTLASS 2.x,
+`sm90_gemm.cu.in` for 3.x), a per-config instance template for each, and two shared headers (`fr_abi.h`, the C
+ABI; `fr_common.h`, C++ helpers) pasted into every TU so that a Source is self-contained and its text is the
+whole build input. Python only fills `{{name}}` slots with numbers and C++ type spellings (most from
+cutlass_library's own *Tag tables).
+
+Several configs share a TU (compile time is dominated by per-TU template parsing and NVVM): 2.x instances are
+cheap (~1 s each), so up to 16 per TU; sm90 instances cost 5-11 s each after the first, so up to 8, grouped by
+schedule and fusion so that a TU instantiates few distinct collectives. Configs that differ only in what is a
+run-time argument (the K split) share one instance and one symbol.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from fact_ray.types import Arch, KernelConfig, Source, to_jsonable
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+ABI_VERSION = 1
+
+TEMPLATES = ("sm80_gemm", "sm90_gemm")
+MAX_PER_TU = {"sm80_gemm": 16, "sm90_gemm": 8}
+
+EPILOGUE_KIND = {"none": 0, "bias": 1, "bias_act": 2, "bias_residual": 3}  # fr::EpilogueKind in fr_common.h
+
+# cutlass/epilogue/thread/activation.h functors; GELU is erf-exact (F.gelu), GELU_taylor is the tanh form.
+ACTIVATION_TAG = {
+    "none": "cutlass::epilogue::thread::Identity",
+    "relu": "cutlass::epilogue::thread::ReLu",
+    "gelu": "cutlass::epilogue::thread::GELU",
+    "gelu_tanh": "cutlass::epilogue::thread::GELU_taylor",
+    "silu": "cutlass::epilogue::thread::SiLu",
+}
+
+ELEMENT_TAG = {"float": "float", "bfloat16_t": "cutlass::bfloat16_t", "half_t": "cutlass::half_t",
+               "tfloat32_t": "cutlass::tfloat32_t"}
+
+# A "col" B is an nn.Linear weight stored [N, K]: ColumnMajor in CUTLASS's K x N view (the TN case).
+LAYOUT_TAG = {"row": "cutlass::layout::RowMajor", "col": "cutlass::layout::ColumnMajor"}
+
+TMA_EPILOGUES = {"TmaWarpSpecialized", "TmaWarpSpecializedCooperative"}
+
+# Fields that change the C++ of an instance, per template. Not: name, split_k (run-time), precision and arch
+# (implied by element/math_op; the build decides the targets).
+_SHARED_FIELDS = ("template", "element", "opclass", "math_op", "tile", "stages", "alignment", "layout_a",
+                  "layout_b", "epilogue", "activation")
+COMPILE_FIELDS = {
+    "sm80_gemm": _SHARED_FIELDS + ("instruction", "warps", "swizzle"),
+    "sm90_gemm": _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler"),
+}
+
+_SLOT = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def render(text: str, values: Mapping[str, object]) -> str:
+    """Fill `{{name}}` slots. A slot without a value, or a value without a slot, is a bug: raise."""
+    slots = set(_SLOT.findall(text))
+    missing, unused = slots - set(values), set(values) - slots
+    if missing or unused:
+        raise KeyError(f"template slots missing values {sorted(missing)}, values without slots {sorted(unused)}")
+    return _SLOT.sub(lambda m: str(values[m.group(1)]), text)
+
+
+@functools.lru_cache(maxsize=None)
+def template_text(name: str) -> str:
+    return (TEMPLATE_DIR / name).read_text()
+
+
+def abi_header() -> str:
+    """The C ABI every library exports (fr_abi.h), for loaders and documentation."""
+    return template_text("fr_abi.h")
+
+
+def compile_key(cfg: KernelConfig) -> tuple:
+    if cfg.template not in COMPILE_FIELDS:
+        raise ValueError(f"unknown kernel template {cfg.template!r} (have {', '.join(TEMPLATES)})")
+    return tuple((f, to_jsonable(getattr(cfg, f))) for f in COMPILE_FIELDS[cfg.template])
+
+
+def symbol(cfg: KernelConfig) -> str:
+    """The C symbol prefix of a config's instance: equal for configs that compile to the same code."""
+    digest = hashlib.sha256(json.dumps(compile_key(cfg), sort_keys=True).encode()).hexdigest()
+    return f"fr_{digest[:20]}"
+
+
+def describe(cfg: KernelConfig) -> str:
+    """A one-line, split-free description of an instance (for the TU's comments)."""
+    return " ".join(f"{f}={_short(v)}" for f, v in compile_key(cfg))
+
+
+def _short(v: object) -> str:
+    if isinstance(v, list):
+        return "x".join(str(x) for x in v)
+    return str(v) if v != "" else "-"
+
+
+def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
+    from cutlass_library import library as lib
+
+    if cfg.epilogue not in EPILOGUE_KIND:
+        raise ValueError(f"{cfg.name}: unknown epilogue {cfg.epilogue!r}")
+    if cfg.activation not in ACTIVATION_TAG:
+        raise ValueError(f"{cfg.name}: unknown activation {cfg.activation!r}")
+    common = {
+        "sym": sym, "name": describe(cfg), "element": ELEMENT_TAG[cfg.element],
+        "layout_a": LAYOUT_TAG[cfg.layout_a], "layout_b": LAYOUT_TAG[cfg.layout_b],
+        "activation": ACTIVATION_TAG[cfg.activation], "epilogue_kind": EPILOGUE_KIND[cfg.epilogue],
+        "tile_m": cfg.tile[0], "tile_n": cfg.tile[1], "tile_k": cfg.tile[2], "stages": cfg.stages,
+        "align_a": cfg.alignment[0], "align_b": cfg.alignment[1], "align_c": cfg.alignment[2],
+    }
+    if cfg.template == "sm80_gemm":
+        return common | {
+            "opclass": lib.OpcodeClassTag[lib.OpcodeClass.Simt if cfg.opclass == "simt" else lib.OpcodeClass.TensorOp],
+            "math_op": lib.MathOperationTag[lib.MathOperation[cfg.math_op]],
+            "swizzle": lib.SwizzlingFunctorTag[lib.SwizzlingFunctor[cfg.swizzle]],
+            "warps_m": cfg.warps[0], "warps_n": cfg.warps[1], "warps_k": cfg.warps[2],
+            "inst_m": cfg.instruction[0], "inst_n": cfg.instruction[1], "inst_k": cfg.instruction[2],
+        }
+    fused = cfg.epilogue != "none"
+    tma_epilogue = cfg.epilogue_schedule in TMA_EPILOGUES
+    if fused and not tma_epilogue:
+        raise ValueError(f"{cfg.name}: epilogue {cfg.epilogue} needs a TMA epilogue schedule, "
+                         f"not {cfg.epilogue_schedule}")
+    # C is loaded only for a residual; TMA epilogues then drop it entirely (void), the others never read it.
+    c_void = tma_epilogue and cfg.epilogue != "bias_residual"
+    scheduler = {"": lib.TileSchedulerType.Default, "persistent": lib.TileSchedulerType.Persistent,
+                 "stream_k": lib.TileSchedulerType.StreamK}[cfg.tile_scheduler]
+    return common | {
+        "element_c": "void" if c_void else ELEMENT_TAG[cfg.element],
+        "kernel_schedule": lib.KernelScheduleTag[lib.KernelScheduleType[cfg.kernel_schedule or "ScheduleAuto"]],
+        "epilogue_schedule": lib.EpilogueScheduleTag[lib.EpilogueScheduleType[cfg.epilogue_schedule or "ScheduleAuto"]],
+        "tile_scheduler": lib.TileSchedulerTag[scheduler],
+        "cluster_m": cfg.cluster[0], "cluster_n": cfg.cluster[1], "cluster_k": cfg.cluster[2],
+    }
+
+
+def instance(cfg: KernelConfig) -> str:
+    """The C++ block (types + extern "C" entry points) of one config."""
+    return render(template_text(f"{cfg.template.split('_')[0]}_instance.cu.in"), _instance_values(cfg, symbol(cfg)))
+
+
+def translation_unit(template: str, configs: Iterable[KernelConfig]) -> str:
+    """One TU holding one instance per distinct symbol among `configs` (in first-seen order)."""
+    blocks: dict[str, str] = {}
+    for cfg in configs:
+        if cfg.template != template:
+            raise ValueError(f"{cfg.name}: template {cfg.template} in a {template} translation unit")
+        sym = symbol(cfg)
+        if sym not in blocks:
+            blocks[sym] = instance(cfg)
+    listing = "\n".join(f"//   {sym}" for sym in blocks)
+    return render(template_text(f"{template}.cu.in"), {
+        "listing": listing, "abi_header": abi_header(), "common_header": template_text("fr_common.h"),
+        "instances": "\n".join(blocks.values()),
+    })
+
+
+def _group_key(cfg: KernelConfig) -> tuple:
+    # sm90: one TU per element, fusion and schedule family, so each TU instantiates few distinct collectives
+    # (a new schedule family costs ~11 s of compile, a new tile ~5 s). 2.x instances are cheap whatever they
+    # hold, so any sm80 configs may share a TU.
+    if cfg.template == "sm90_gemm":
+        return (cfg.template, cfg.element, cfg.epilogue, cfg.activation, cfg.kernel_schedule,
+                cfg.epilogue_schedule, cfg.tile_scheduler)
+    return (cfg.template,)
+
+
+def emit(configs: Iterable[KernelConfig], arch: Arch) -> list[Source]:
+    """Group configs into TUs (configs of one compile key always land together) and render them.
+
+    Source.configs keeps the given configs of that TU in their given order; Source.symbols has each one's
+    symbol prefix (repeated for configs that share an instance).
+    """
+    arch = Arch(arch)
+    groups: dict[tuple, list[KernelConfig]] = {}
+    for cfg in configs:
+        if Arch(cfg.arch) is not arch:
+            raise ValueError(f"{cfg.name}: config for {cfg.arch}, emitting for {arch.value}")
+        if cfg.template not in TEMPLATES:
+            raise ValueError(f"{cfg.name}: unknown kernel template {cfg.template!r}")
+        groups.setdefault(_group_key(cfg), []).append(cfg)
+    sources = []
+    for key, group in groups.items():
+        template = key[0]
+        syms = list(dict.fromkeys(symbol(c) for c in group))
+        n_tus = math.ceil(len(syms) / MAX_PER_TU[template])
+        start = 0
+        for t in range(n_tus):  # balanced: 9 instances -> 5 + 4, not 8 + 1
+            size = len(syms) // n_tus + (1 if t < len(syms) % n_tus else 0)
+            members = set(syms[start:start + size])
+            start += size
+            chunk = [cfg for cfg in group if symbol(cfg) in members]
+            code = translation_unit(template, chunk)
+            name = f"{template}_{hashlib.sha256(code.encode()).hexdigest()[:16]}"
+            sources.append(Source(name=name, arch=arch, code=code, configs=tuple(chunk),
+                                  symbols=tuple(symbol(c) for c in chunk)))
+    return sources

@@ -1,0 +1,328 @@
+"""Tune one GEMM problem on the local GPU: check, verify and time every compiled config against the torch op.
+
+`tune_problem` is the GPU half of realization (no Ray, no tracking): given configs and the libraries that hold
+them, it produces one `Trial` per config plus the torch op's own, and selects. `tune_match` wires the whole
+stage for one match on this machine: problem_from_match -> space -> emit -> build_many -> tune_problem.
+
+Each config ends in exactly one status: compile_error (its library failed to build or load), cannot_implement
+(operand checks or CUTLASS's can_implement refuse the real shapes), wrong (verify failed), crashed (its launch
+failed or faulted), ok (verified and faster than the torch op beyond noise) or slower (verified, not faster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from rich.table import Table
+
+from fact_ray.config import Settings
+from fact_ray.errors import CandidateError, CannotImplement, NotAvailable
+from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
+from fact_ray.realize.build import build_many
+from fact_ray.realize.emit import emit
+from fact_ray.realize.kernel import GemmKernel, first_error_line, torch_op
+from fact_ray.realize.problem import problem_from_match
+from fact_ray.realize.select import TORCH, select
+from fact_ray.realize.verify import as_candidate, make_inputs, policy_dtype, verify
+from fact_ray.search_spaces import space
+from fact_ray.types import (Arch, GemmProblem, KernelConfig, Library, Match, Precision, TimeStats, Trial,
+                            Winner)
+
+# CUDA faults surface as torch.AcceleratorError (a RuntimeError) at the next synchronisation.
+_CUDA_FAULTS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(torch, "AcceleratorError", None),) if isinstance(e, type))
+
+# Aim for about this much timed work per candidate; reps stay within [MIN_REPS, MAX_REPS].
+TARGET_MS_PER_CANDIDATE = 300.0
+MIN_REPS, MAX_REPS, WARMUP = 10, 100, 5
+
+
+@dataclass(frozen=True)
+class TuneProgress:
+    """A progress report: `stage` is space | compile | verify | time | done."""
+
+    stage: str
+    done: int
+    total: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What tune_problem selected: a verified kernel (config set) or the torch op (config None)."""
+
+    trial: Trial
+    config: Optional[KernelConfig]
+    library_key: str = ""
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    match: Match
+    problem: GemmProblem
+    winner: Winner
+    trials: tuple[Trial, ...]
+    gpu: str
+    configs: int
+    libraries: int
+    libraries_ok: int
+    compile_seconds: float  # summed over libraries (cached ones count their original build time)
+
+
+Progress = Callable[[TuneProgress], None]
+KernelFactory = Callable[[Library, KernelConfig, GemmProblem], GemmKernel]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:400]
+
+
+def _tflops(problem: GemmProblem, t: Optional[TimeStats]) -> float:
+    if t is None or not t.median_ms > 0:
+        return 0.0
+    return problem.flops / (t.median_ms * 1e-3) / 1e12
+
+
+def _context_alive(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+        return False
+
+
+@contextlib.contextmanager
+def precision_mode(policy: Precision) -> Iterator[None]:
+    """TF32 for the torch op only under the tf32 policy (fp32 means fp32-class accuracy), restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = Precision(policy) == Precision.TF32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _check_and_verify(cfg: KernelConfig, library: Optional[Library], problem: GemmProblem, policy: Precision,
+                      device: torch.device, seeds: Sequence[int], inputs: tuple,
+                      factory: KernelFactory) -> tuple[Trial, Optional[GemmKernel]]:
+    if library is None:
+        return Trial(cfg.name, "compile_error", error="no library holds this config"), None
+    if not library.ok:
+        return Trial(cfg.name, "compile_error", error=first_error_line(library.log)), None
+    try:
+        kernel = factory(library, cfg, problem)
+        kernel.check(*inputs)
+        res = verify(lambda a, b, bias, residual, out: kernel(a, b, bias, residual, out=out),
+                     problem, policy, device, seeds)
+    except CandidateError as e:
+        return Trial(cfg.name, e.status, error=_one_line(e)), None
+    except _CUDA_FAULTS as e:
+        return Trial(cfg.name, "crashed", error=_one_line(e)), None
+    if not res.ok:
+        return Trial(cfg.name, "wrong", error=res.reason, rel_err=res.rel_err, max_abs_err=res.max_abs_err), None
+    return Trial(cfg.name, "ok", rel_err=res.rel_err, max_abs_err=res.max_abs_err), kernel
+
+
+def _choose_reps(base: Callable[[], None], timer: Optional[Timer]) -> int:
+    pilot = time_interleaved({TORCH: base}, warmup=2, reps=3, timer=timer)[TORCH].median_ms
+    if not pilot > 0 or math.isinf(pilot):
+        return MIN_REPS
+    return int(min(MAX_REPS, max(MIN_REPS, round(TARGET_MS_PER_CANDIDATE / pilot))))
+
+
+def tune_problem(problem: GemmProblem, configs: Sequence[KernelConfig], libraries: Sequence[Library],
+                 policy: Precision, device: torch.device | str, *, timer: Optional[Timer] = None,
+                 progress: Optional[Progress] = None, kernel_factory: KernelFactory = GemmKernel,
+                 seeds: Sequence[int] = (0, 1, 2), reps: Optional[int] = None,
+                 min_speedup: float = 1.0) -> tuple[Choice, list[Trial]]:
+    """Check, verify and time every config; return the selection and all trials (the torch op's first).
+
+    `timer` replaces CUDA-event timing (tests); `kernel_factory` builds the callable of a config (a
+    `GemmKernel` unless a test plants another); `reps` overrides the timed rounds chosen from a pilot run.
+    """
+    policy = Precision(policy)
+    device = torch.device(device)
+    report = progress or (lambda _ev: None)
+    lib_of = {cfg.name: lib for lib in libraries for cfg in lib.source.configs}
+    base_op = torch_op(problem)
+    with precision_mode(policy):
+        inputs = make_inputs(problem, policy_dtype(policy), device, seeds[0] if seeds else 0)
+        base_check = verify(as_candidate(base_op), problem, policy, device, seeds)
+        torch_error = "" if base_check.ok else f"the PyTorch op itself misses the {policy.value} policy: " \
+                                                f"{base_check.reason}"
+        checked: dict[str, Trial] = {}
+        kernels: dict[str, GemmKernel] = {}
+        lost = ""  # name of the candidate after which the CUDA context died
+        for i, cfg in enumerate(configs):
+            if lost:
+                checked[cfg.name] = Trial(cfg.name, "crashed", error=f"not run: CUDA context lost after {lost}")
+                continue
+            trial, kernel = _check_and_verify(cfg, lib_of.get(cfg.name), problem, policy, device, seeds, inputs,
+                                              kernel_factory)
+            checked[cfg.name] = trial
+            if kernel is not None:
+                kernels[cfg.name] = kernel
+            if trial.status == "crashed" and not _context_alive(device):
+                lost = cfg.name
+            report(TuneProgress("verify", i + 1, len(configs), f"{cfg.name}: {trial.status}"))
+
+        times: dict[str, TimeStats] = {}
+        if not lost:
+            times, crashed, lost = _time_all(base_op, kernels, inputs, device, timer, reps, report)
+            for name, err in crashed.items():
+                checked[name] = Trial(name, "crashed", error=err, rel_err=checked[name].rel_err,
+                                      max_abs_err=checked[name].max_abs_err)
+
+    base_time = times.get(TORCH)
+    trials = [Trial(TORCH, "ok", error=torch_error, rel_err=base_check.rel_err, max_abs_err=base_check.max_abs_err,
+                    time=base_time, baseline=base_time, tflops=_tflops(problem, base_time))]
+    for cfg in configs:
+        t = checked[cfg.name]
+        if t.status == "ok":
+            own = times.get(cfg.name)
+            if own is None or base_time is None:
+                t = Trial(cfg.name, "crashed", error=f"not timed: CUDA context lost after {lost}",
+                          rel_err=t.rel_err, max_abs_err=t.max_abs_err)
+            else:
+                t = Trial(cfg.name, "ok" if clearly_faster(own, base_time) else "slower", rel_err=t.rel_err,
+                          max_abs_err=t.max_abs_err, time=own, baseline=base_time, tflops=_tflops(problem, own))
+        trials.append(t)
+    chosen = select(trials, min_speedup)
+    config = next((c for c in configs if c.name == chosen.candidate_name), None)
+    library_key = lib_of[config.name].key if config is not None else ""
+    report(TuneProgress("done", len(configs), len(configs), f"best: {chosen.candidate_name}"))
+    return Choice(chosen, config, library_key), trials
+
+
+def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: torch.device,
+              timer: Optional[Timer], reps: Optional[int],
+              report: Progress) -> tuple[dict[str, TimeStats], dict[str, str], str]:
+    """Time the torch op and every verified kernel interleaved. A kernel that fails here is dropped and the
+    rest timed again; returns (times, crashed name -> error, name after which the context died or "")."""
+    a, b, bias, residual = inputs
+    pending = dict(kernels)
+    crashed: dict[str, str] = {}
+    base = lambda: base_op(a, b, bias, residual)  # noqa: E731
+    while True:
+        failed: list[str] = []
+
+        def guarded(name: str, k: GemmKernel) -> Callable[[], None]:
+            def call() -> None:
+                try:
+                    k(a, b, bias, residual)
+                except BaseException:
+                    failed.append(name)
+                    raise
+            return call
+
+        fns: dict[str, Callable[[], None]] = {TORCH: base}
+        fns.update({n: guarded(n, k) for n, k in pending.items()})
+        report(TuneProgress("time", 0, len(fns), f"{len(fns)} candidates interleaved"))
+        try:
+            n_reps = reps if reps is not None else _choose_reps(base, timer)
+            times = time_interleaved(fns, warmup=WARMUP, reps=n_reps, timer=timer)
+            report(TuneProgress("time", len(fns), len(fns), ""))
+            return times, crashed, ""
+        except (CandidateError, *_CUDA_FAULTS) as e:
+            # An asynchronous fault may surface in a later call than the one that caused it; blame the one
+            # that raised, which is the best evidence there is.
+            culprit = failed[0] if failed else ""
+            if not culprit:
+                if isinstance(e, CandidateError) or _context_alive(device):
+                    raise  # not a kernel's fault we can name: a bug, let it show
+                # A fault that surfaced at a synchronisation: no single kernel can be blamed, and none can
+                # run again in this process.
+                crashed.update({n: f"timing faulted, culprit unknown: {_one_line(e)}" for n in pending})
+                return {}, crashed, "a fault while timing"
+            crashed[culprit] = f"while timing: {_one_line(e)}"
+            pending.pop(culprit, None)
+            if not _context_alive(device):
+                return {}, crashed, culprit
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def local_arch(device: torch.device, wanted: Optional[Arch]) -> Arch:
+    """The architecture to build for on this GPU, checked against a requested one."""
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if wanted is None:
+        if (major, minor) == (9, 0):
+            return Arch.SM90
+        if major == 8:
+            return Arch.SM80
+        raise NotAvailable(f"GPU {name} (sm_{major}{minor}) is not a fact-ray target: sm80 (A100) or sm90 "
+                           "(H100/H200)")
+    if wanted == Arch.SM90 and (major, minor) != (9, 0):
+        raise NotAvailable(f"--arch sm90 kernels (sm_90a) do not run on {name} (sm_{major}{minor})")
+    if wanted == Arch.SM80 and major not in (8, 9):
+        raise NotAvailable(f"--arch sm80 kernels do not run on {name} (sm_{major}{minor})")
+    return wanted
+
+
+def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress] = None) -> TuneResult:
+    """Realize one match on the local GPU: problem -> space -> emit -> build -> verify and time -> winner.
+
+    Raises NotAvailable (one line) without a GPU, for a GPU that is not a target, and for a match that no GEMM
+    template realizes (attention, normalisation, ...).
+    """
+    if not torch.cuda.is_available():
+        raise NotAvailable("no CUDA GPU: tune verifies and times kernels on a local GPU, and torch sees none")
+    report = progress or (lambda _ev: None)
+    device = torch.device("cuda", torch.cuda.current_device())
+    arch = local_arch(device, settings.arch)
+    policy = Precision(settings.policy)
+    try:
+        problem = problem_from_match(match, policy)
+        configs = list(space(problem, arch, policy, settings.budget))
+    except CannotImplement as e:
+        raise NotAvailable(f"cannot tune {match.rule} as a GEMM: {e}") from None
+    report(TuneProgress("space", len(configs), len(configs), f"{len(configs)} configs for {arch.value}"))
+    sources = emit(configs, arch)
+    report(TuneProgress("compile", 0, len(sources), f"{len(sources)} translation units"))
+    libraries = build_many(sources, settings.resolved_cache_dir, settings.jobs or os.cpu_count() or 1,
+                           nvcc=settings.nvcc)
+    n_ok = sum(lib.ok for lib in libraries)
+    report(TuneProgress("compile", len(libraries), len(sources), f"{n_ok} built"))
+    choice, trials = tune_problem(problem, configs, libraries, policy, device, progress=progress)
+    winner = Winner(match_key=match.key, rule=match.rule, precision=policy, arch=arch, config=choice.config,
+                    trial=choice.trial, library_key=choice.library_key, trials=tuple(trials))
+    return TuneResult(match=match, problem=problem, winner=winner, trials=tuple(trials),
+                      gpu=torch.cuda.get_device_name(device), configs=len(configs), libraries=len(libraries),
+                      libraries_ok=n_ok, compile_seconds=sum(lib.seconds for lib in libraries))
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def _fmt_time(t: Optional[TimeStats]) -> str:
+    if t is None:
+        return "-"
+    return f"{t.median_ms:.4g} ({t.p10_ms:.3g}-{t.p90_ms:.3g})"
+
+
+def format_trials(trials: Sequence[Trial], chosen: str = "", title: str = "") -> Table:
+    """A table a person can read: config, status, error, time (median and p10-p90), TFLOP/s, speedup."""
+    table = Table(title=title or None)
+    for col, kw in (("config", {"overflow": "fold"}), ("status", {}), ("error", {"overflow": "fold"}),
+                    ("time ms", {"justify": "right"}), ("TFLOP/s", {"justify": "right"}),
+                    ("speedup", {"justify": "right"}), ("rel err", {"justify": "right"})):
+        table.add_column(col, **kw)
+    style = {"ok": "green", "slower": "yellow", "wrong": "red", "crashed": "red", "compile_error": "red",
+             "cannot_implement": "dim", "timeout": "red"}
+    for t in trials:
+        mark = " *" if chosen and t.candidate_name == chosen else ""
+        sp = t.speedup
+        table.add_row(t.candidate_name + mark, f"[{style.get(t.status, '')}]{t.status}[/]" if style.get(t.status)
+                      else t.status, t.error or "", _fmt_time(t.time), f"{t.tflops:.1f}" if t.tflops else "-",
+                      f"{sp:.2f}x" if sp == sp else "-", f"{t.rel_err:.1e}" if t.rel_err == t.rel_err else "-")
+    return table

@@ -1,0 +1,87 @@
+"""The GEMM-family search space: problem x arch x policy -> ordered KernelConfigs.
+
+Dimensions: CTA tile, warp layout and stages (2.x), cluster and kernel/epilogue schedule (3.x), tile scheduler
+(persistent, stream-K), 2.x threadblock swizzle (identity or stream-K), K split, math op. Everything but the K
+split changes the emitted C++; the split is a run-time argument, so configs differing only by it share one
+compiled instance (emit dedups them).
+"""
+
+from __future__ import annotations
+
+from fact_ray.errors import CannotImplement
+from fact_ray.types import Arch, GemmProblem, KernelConfig, Precision
+
+from fact_ray.search_spaces import catalog, rank, rules
+
+EPILOGUES = ("none", "bias", "bias_act", "bias_residual")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def check_problem(problem: GemmProblem, policy: Precision) -> None:
+    """Raise CannotImplement (one line) for a problem no GEMM template here can express."""
+    if min(problem.M, problem.N, problem.K, problem.L) < 1:
+        raise CannotImplement(f"GEMM extents must be positive, got M={problem.M} N={problem.N} K={problem.K} "
+                              f"L={problem.L}")
+    want = catalog.TORCH_DTYPE[rules.POLICY_ELEMENT[policy]]
+    if problem.dtype != want:
+        raise CannotImplement(f"policy {policy.value} runs {want} operands, the problem holds {problem.dtype}")
+    if problem.layout_a not in ("row", "col") or problem.layout_b not in ("row", "col"):
+        raise CannotImplement(f"unknown operand layouts a={problem.layout_a!r} b={problem.layout_b!r}")
+    if problem.epilogue not in EPILOGUES:
+        raise CannotImplement(f"no GEMM epilogue {problem.epilogue!r} (have {', '.join(EPILOGUES)})")
+    if problem.activation not in ACTIVATIONS:
+        raise CannotImplement(f"no epilogue activation {problem.activation!r} (have {', '.join(ACTIVATIONS)})")
+    if (problem.activation != "none") != (problem.epilogue == "bias_act"):
+        raise CannotImplement(f"activation {problem.activation!r} does not go with epilogue {problem.epilogue!r}")
+
+
+def space(problem: GemmProblem, arch: Arch, policy: Precision, budget: int | None = None) -> list[KernelConfig]:
+    """Configs that can realize `problem` on `arch` under `policy`, most promising first.
+
+    An empty list means no CUTLASS kernel here fits (e.g. an odd K in bf16): the PyTorch op stays.
+    """
+    arch, policy = Arch(arch), Precision(policy)
+    check_problem(problem, policy)
+    if budget is not None and budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    ops = catalog.ops_2x() + (catalog.ops_3x() if arch is Arch.SM90 else ())
+    fitting = rules.widest_alignment_only([op for op in ops if rules.usable(op, problem, arch, policy)])
+    configs = [cfg for op in fitting for cfg in _variants(op, problem, arch, policy)]
+    ordered = rank.order(configs, problem, arch)
+    return ordered if budget is None else ordered[:budget]
+
+
+def _variants(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precision) -> list[KernelConfig]:
+    if op.template == "sm80_gemm":
+        out = [_config(op, problem, arch, policy, swizzle="Identity8", split_k=1)]
+        out += [_config(op, problem, arch, policy, swizzle="Identity8", split_k=s)
+                for s in rank.split_choices(problem, op.tile, arch)]
+        # 2.x stream-K (ThreadblockSwizzleStreamK selects GemmUniversalStreamk): tensor ops, unbatched, and not
+        # with the broadcast epilogue, which has no stream-K kernel in device::GemmUniversalWithBroadcast.
+        if op.opclass == "tensorop" and problem.L == 1 and problem.epilogue != "bias_residual":
+            out.append(_config(op, problem, arch, policy, swizzle="StreamK", split_k=1))
+        return out
+    out = [_config(op, problem, arch, policy, swizzle="", split_k=1)]
+    if op.tile_scheduler == "stream_k":  # 3.x K splits go through the stream-K scheduler's SplitK mode
+        out += [_config(op, problem, arch, policy, swizzle="", split_k=s)
+                for s in rank.split_choices(problem, op.tile, arch)]
+    return out
+
+
+def _config(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precision, *, swizzle: str,
+            split_k: int) -> KernelConfig:
+    suffix = f"_{problem.epilogue}"
+    if problem.activation != "none":
+        suffix += f"_{problem.activation}"
+    if swizzle == "StreamK":
+        suffix += "_streamk"
+    if split_k > 1:
+        suffix += f"_splitk{split_k}"
+    return KernelConfig(
+        template=op.template, name=op.name + suffix, arch=arch, precision=policy, element=op.element,
+        opclass=op.opclass, math_op=op.math_op, instruction=op.instruction, tile=op.tile, warps=op.warps,
+        cluster=op.cluster, stages=op.stages, kernel_schedule=op.kernel_schedule,
+        epilogue_schedule=op.epilogue_schedule, tile_scheduler=op.tile_scheduler, swizzle=swizzle,
+        split_k=split_k, alignment=op.alignment, layout_a=problem.layout_a, layout_b=problem.layout_b,
+        epilogue=problem.epilogue, activation=problem.activation,
+    )
