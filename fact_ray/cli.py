@@ -163,11 +163,16 @@ def tune(
 def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri: Optional[str],
          policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool) -> None:
     def body() -> None:
-        from fact_ray import farm
-
         s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri, policy=policy, arch=arch,
                       budget=budget)
-        summary = farm.run(model, s, retune=retune)
+        from fact_ray import farm
+        from fact_ray.progress import ConsoleProgress
+
+        con = _console()
+        summary = farm.run(model, s, [ConsoleProgress()], retune=retune)
+        con.print(farm.format_summary(summary))
+        for note in summary.notes:
+            con.print(f"[yellow]note:[/] {note}")
         if summary.exit_code:
             raise typer.Exit(summary.exit_code)
 

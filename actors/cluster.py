@@ -1,0 +1,125 @@
+"""Connecting to Ray, and asking the cluster what it has (CPUs, GPUs, toolchain).
+
+`connect` fails fast with one line when an address has nothing behind it: Ray's own client waits 30 s (ray://)
+or loops on the GCS for a minute (host:port) before giving up, so a plain TCP probe goes first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from fact_ray.errors import NotAvailable, ServiceUnreachable
+from fact_ray.types import Arch
+
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Connection:
+    address: str  # "" for a local Ray started here
+    started_here: bool  # this process called ray.init and must shut it down
+    reused: bool = False  # Ray was already initialised in this process (a test, or an embedding program)
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ray:// or host:port address; None for "auto"/"local" (nothing to probe)."""
+    a = address.strip()
+    if a in ("auto", "local"):
+        return None
+    a = a.removeprefix("ray://")
+    host, sep, port = a.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ServiceUnreachable(f"Ray address {address!r} is not host:port, ray://host:port or auto")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    hp = split_address(address)
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ServiceUnreachable(f"Ray cluster at {address} is not reachable ({reason})") from None
+
+
+def connect(address: str, *, num_cpus: int | None = None) -> Connection:
+    """Join the cluster at `address`, or start a local Ray ("" ). An initialised Ray in this process is reused
+    when no address is asked for."""
+    if ray.is_initialized():
+        if address:
+            raise ServiceUnreachable(f"Ray is already initialised in this process; cannot also connect to {address}")
+        return Connection("", started_here=False, reused=True)
+    if address:
+        probe(address)
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as e:
+            raise ServiceUnreachable(f"Ray cluster at {address}: cannot connect ({_first_line(e)})") from None
+        return Connection(address, started_here=True)
+    ray.init(include_dashboard=False, num_cpus=num_cpus, logging_level="WARNING")
+    return Connection("", started_here=True)
+
+
+def disconnect(conn: Connection) -> None:
+    if conn.started_here and ray.is_initialized():
+        ray.shutdown()
+
+
+def gpu_count() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cpu_count() -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def driver_node_affinity() -> Any:
+    """A scheduling strategy that keeps an actor on the driver's node (its local paths are the user's)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def toolchain_info(nvcc: str) -> dict[str, str]:
+    """Versions on a compile node: nvcc, CUTLASS, torch, the benchmark method. Raises NotAvailable without nvcc."""
+    import torch
+
+    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+    from fact_ray.realize.build import toolchain
+
+    tc = toolchain(nvcc)
+    return {"nvcc": str(tc.get("nvcc_version") or tc.get("nvcc") or ""),
+            "cutlass": str(tc.get("cutlass_version") or tc.get("cutlass") or ""),
+            "torch": torch.__version__, "bench_method": str(BENCH_METHOD_VERSION),
+            "ray": ray.__version__, "host": socket.gethostname(), "cpus": str(os.cpu_count() or 0)}
+
+
+def arch_for(capability: tuple[int, int], gpu_name: str, wanted: Arch | None) -> Arch:
+    """The arch to build for on the cluster's GPUs, checked against the one the user asked for."""
+    major, minor = capability
+    if wanted is None:
+        if (major, minor) == (9, 0):
+            return Arch.SM90
+        if major == 8:
+            return Arch.SM80
+        raise NotAvailable(f"GPU {gpu_name} (sm_{major}{minor}) is not a fact-ray target: sm80 (A100) or sm90 "
+                           "(H100/H200); pass --arch to compile anyway")
+    if wanted == Arch.SM90 and (major, minor) != (9, 0):
+        raise NotAvailable(f"--arch sm90 kernels (sm_90a) do not run on the cluster's {gpu_name} (sm_{major}{minor})")
+    if wanted == Arch.SM80 and major not in (8, 9):
+        raise NotAvailable(f"--arch sm80 kernels do not run on the cluster's {gpu_name} (sm_{major}{minor})")
+    return wanted
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__

@@ -1,0 +1,596 @@
+"""The farm: one `fact-ray run` driven across a Ray cluster.
+
+    preflight        Ray address answers, tracking store reachable, pattern table writable: before any work,
+                     so a bad setting costs seconds and writes nothing
+    discover         a DiscoveryAgent actor captures the model and ranks its patterns
+    table            a pattern with a valid winner for the same key (match, policy, arch, toolchain) is served
+                     from the table: no compile, no trial (unless retune)
+    compile          every translation unit of every remaining pattern at once, as CPU tasks
+    trials           one candidate per call on GPU trial workers (one per GPU, time limit, replaced on crash);
+                     without a GPU in the cluster the run says so and stops after compiling, writing no winners
+    select + commit  the fastest verified candidate or the PyTorch op, committed by the one table writer
+
+Everything a person or MLflow sees comes from events (fact_ray.events) sent to the listeners; `run` returns a
+`RunSummary` for the caller to print (`format_summary`) or serialise (`to_jsonable`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from fact_ray.config import Settings
+from fact_ray.errors import CannotImplement, ModelNotFound
+from fact_ray.events import (
+    Broadcaster,
+    CompileFinished,
+    Listener,
+    PatternFinished,
+    PatternStarted,
+    RunFinished,
+    RunStarted,
+    TrialFinished,
+)
+from fact_ray.types import Arch, GemmProblem, KernelConfig, Match, Precision, Source, Trial, Winner, freeze
+
+log = logging.getLogger("fact_ray.farm")
+
+GEMM_FAMILIES = ("gemm", "gemm_bias", "gemm_bias_act", "gemm_bias_residual", "bmm")
+
+# PatternSummary.status values
+TUNED = "tuned"
+FROM_TABLE = "from table"
+NO_GPU = "no GPU"
+NOT_REALIZABLE = "not realizable yet"
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class PatternSummary:
+    index: int  # 1-based rank
+    rule: str
+    family: str
+    match_key: str
+    shapes: str
+    dtype: str
+    share: float
+    status: str  # tuned | from table | no GPU | not realizable yet
+    winner: str = ""  # config name, "torch" (the PyTorch op stays) or "" (none selected)
+    speedup: float = math.nan
+    time_ms: float = math.nan
+    baseline_ms: float = math.nan
+    configs: int = 0  # candidates in the search space (within the budget)
+    compiles: int = 0  # translation units
+    compile_failures: int = 0
+    trials: int = 0  # candidate trials run (the PyTorch op not counted)
+    failures: int = 0  # candidate trials that failed (compile_error, wrong, crashed, timeout, ...)
+    same_as: int = 0  # rank of an earlier pattern with the same key, whose result this one shares; 0: none
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    model_name: str
+    model_hash: str
+    policy: Precision
+    arch: Arch
+    gpu: str  # "" without a GPU
+    gpus: int
+    patterns: tuple[PatternSummary, ...]
+    compiled: int  # translation units built (cache hits included)
+    compile_failed: int  # failed to compile (a result, with its log)
+    compile_lost: int  # could not finish on any node
+    cached: int  # served from the build cache
+    trials: int
+    seconds: float
+    toolchain: Any  # fact_ray.pattern_table.Toolchain
+    notes: tuple[str, ...] = ()
+    table_commits: tuple[str, ...] = ()
+    listener_failures: tuple[str, ...] = ()
+    mlflow_run_id: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 1 when the run's record is incomplete (a listener such as MLflow failed) or nothing could be
+        compiled at all (every translation unit failed: a toolchain problem, not a bad candidate)."""
+        attempted = self.compiled + self.compile_failed + self.compile_lost
+        if self.listener_failures or (attempted and not self.compiled):
+            return 1
+        return 0
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [_row(p) for p in self.patterns]
+
+
+def _row(p: PatternSummary) -> dict[str, Any]:
+    return {"#": p.index, "rule": p.rule, "shapes": p.shapes, "dtype": p.dtype, "status": p.status,
+            "winner": p.winner, "speedup": None if math.isnan(p.speedup) else round(p.speedup, 4),
+            "time_ms": None if math.isnan(p.time_ms) else p.time_ms,
+            "baseline_ms": None if math.isnan(p.baseline_ms) else p.baseline_ms,
+            "compiles": p.compiles, "compile_failures": p.compile_failures, "trials": p.trials,
+            "failures": p.failures, "reason": p.reason, "match_key": p.match_key}
+
+
+def format_summary(summary: RunSummary):
+    """The end-of-run table: per pattern rule, shapes, status, winner, speedup."""
+    from rich.table import Table
+
+    gpu = summary.gpu or "no GPU"
+    table = Table(title=f"{summary.model_name}  {summary.policy.value} {summary.arch.value}  {gpu}  "
+                        f"({summary.seconds:.0f} s)")
+    for col, kw in (("#", {"justify": "right"}), ("rule", {}), ("shapes", {"overflow": "fold"}), ("status", {}),
+                    ("winner", {"overflow": "fold"}), ("speedup", {"justify": "right"}),
+                    ("TUs", {"justify": "right"}), ("trials", {"justify": "right"}), ("note", {"overflow": "fold"})):
+        table.add_column(col, **kw)
+    style = {TUNED: "green", FROM_TABLE: "cyan", NO_GPU: "yellow", NOT_REALIZABLE: "dim"}
+    for p in summary.patterns:
+        sp = "-" if math.isnan(p.speedup) else f"{p.speedup:.2f}x"
+        tus = f"{p.compiles - p.compile_failures}/{p.compiles}" if p.compiles else "-"
+        trials = f"{p.trials - p.failures}/{p.trials}" if p.trials else "-"
+        note = p.reason or (f"same as #{p.same_as}" if p.same_as else "")
+        table.add_row(str(p.index), p.rule, p.shapes, f"[{style.get(p.status, '')}]{p.status}[/]", p.winner or "-",
+                      sp, tus, trials, note)
+    return table
+
+
+def summary_text(summary: RunSummary) -> str:
+    from rich.console import Console
+
+    buf = io.StringIO()
+    con = Console(file=buf, width=160, no_color=True)
+    con.print(format_summary(summary))
+    for n in summary.notes:
+        con.print(n)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- per pattern
+
+
+@dataclass
+class _Pattern:
+    """Driver-side state of one tuning problem (one match key; later matches with the same key share it)."""
+
+    index: int
+    match: Match
+    status: str = ""
+    reason: str = ""
+    problem: GemmProblem | None = None
+    configs: list[KernelConfig] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    source_of: dict[str, Source] = field(default_factory=dict)  # config name -> its translation unit
+    compiles: list[Any] = field(default_factory=list)  # CompileOutcome
+    trials: list[Trial] = field(default_factory=list)  # candidates
+    torch_trial: Trial | None = None
+    expected_trials: int = 0
+    step: int = 0
+    winner: Winner | None = None
+    from_table: bool = False
+    duplicates: list[tuple[int, Match]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.match.key
+
+
+def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int) -> None:
+    """Problem -> search space -> translation units, in the driver (pure functions, no GPU)."""
+    from fact_ray.realize.emit import emit
+    from fact_ray.realize.problem import problem_from_match
+    from fact_ray.search_spaces import space
+
+    if p.match.family not in GEMM_FAMILIES:
+        p.status, p.reason = NOT_REALIZABLE, f"{p.match.family}: no kernel family yet; the PyTorch op stays"
+        return
+    try:
+        p.problem = problem_from_match(p.match, policy)
+        p.configs = list(space(p.problem, arch, policy, budget))
+    except CannotImplement as e:
+        p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
+        return
+    if not p.configs:
+        p.status, p.reason = NOT_REALIZABLE, "no configuration of the search space fits; the PyTorch op stays"
+        return
+    p.sources = list(emit(p.configs, arch))
+    for src in p.sources:
+        for cfg in src.configs:
+            p.source_of.setdefault(cfg.name, src)
+
+
+def _excerpt(log: str, lines: int = 40) -> str:
+    ls = log.splitlines()
+    errs = [i for i, ln in enumerate(ls) if "error" in ln.lower()]
+    if len(ls) <= lines:
+        return log
+    start = max(0, (errs[0] if errs else 0) - 5)
+    return "\n".join(ls[start:start + lines])
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, retune: bool = False,
+        track: bool = True) -> RunSummary:
+    """Capture, discover, compile and tune `ref` on Ray; record winners in the table and the run in MLflow.
+
+    `listeners` get every farm event (the console progress is one); with `track` an MlflowListener for
+    `settings.resolved_tracking_uri` is added. User errors (unreachable Ray/tracking, unwritable table, a bad
+    model, no nvcc) raise as one-line `UserError`s, before anything is written where they can be checked first.
+    """
+    from fact_ray.actors import cluster
+    from fact_ray.actors.discovery import make_ranker
+    from fact_ray.pattern_table import PatternTable
+
+    t0 = time.monotonic()
+    make_ranker(settings.llm)  # an unavailable --llm mode fails here, before anything starts
+    _check_model_path(ref)
+    if settings.ray_address:
+        cluster.probe(settings.ray_address)
+    mlflow_listener = None
+    if track:
+        from fact_ray.tracking import MlflowListener, check_reachable
+
+        check_reachable(settings.resolved_tracking_uri)
+    table = PatternTable(settings.resolved_table_uri)
+    table.check_writable()
+    if track:
+        mlflow_listener = MlflowListener(settings.resolved_tracking_uri, check=False)
+    bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
+
+    conn = cluster.connect(settings.ray_address)
+    try:
+        driver = _Driver(ref, settings, bus, table, retune, t0)
+        summary = driver.go()
+    finally:
+        cluster.disconnect(conn)
+    if mlflow_listener is not None and mlflow_listener.parent_run_id:
+        summary = _with(summary, mlflow_run_id=mlflow_listener.parent_run_id)
+    return summary
+
+
+def _check_model_path(ref: str) -> None:
+    """A model file that is not there fails in a second, not after Ray has started (capture checks the rest)."""
+    looks_like_file = ref.endswith(".py") or os.sep in ref
+    if looks_like_file and not Path(ref).exists():
+        raise ModelNotFound(f"{ref}: no such file (give a KernelBench-format .py file, or pkg.module:factory)")
+
+
+def _with(summary: RunSummary, **kw: Any) -> RunSummary:
+    from dataclasses import replace
+
+    return replace(summary, **kw)
+
+
+class _Driver:
+    """One run's orchestration. Holds the Ray handles; `go` always ends them."""
+
+    def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float) -> None:
+        self.ref = ref
+        self.s = settings
+        self.bus = bus
+        self.table = table
+        self.retune = retune
+        self.t0 = t0
+        self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.policy = Precision(settings.policy)
+        self.cache_dir = str(Path(settings.resolved_cache_dir).absolute())
+        self.pool: Any = None
+        self.writer: Any = None
+        self.started = False  # RunStarted was emitted
+        self.notes: list[str] = []
+        self.commits: list[Any] = []
+
+    # ------------------------------------------------------------------ top level
+
+    def go(self) -> RunSummary:
+        try:
+            summary = self._go()
+        except KeyboardInterrupt:
+            self._abort("interrupted", "interrupted by the user")
+            raise
+        except BaseException as e:
+            self._abort("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+        finally:
+            self._close()
+        return summary
+
+    def _abort(self, status: str, error: str) -> None:
+        if self.started:
+            self.bus.emit(RunFinished.make(status=status, seconds=time.monotonic() - self.t0, error=error[:500]))
+
+    def _close(self) -> None:
+        import ray
+
+        if self.pool is not None:
+            self.pool.close()
+        if self.writer is not None:
+            ray.kill(self.writer)
+
+    def _go(self) -> RunSummary:
+        import ray
+
+        from fact_ray.actors import cluster
+        from fact_ray.actors.compile import unwrap_user_error
+        from fact_ray.actors.discovery import DiscoveryAgent
+        from fact_ray.pattern_table import RowContext, TableKey, Toolchain
+
+        s = self.s
+        # The toolchain check runs on a compile node while GPU workers start: both take seconds.
+        tc_ref = cluster.toolchain_info.remote(s.nvcc)
+        gpus = cluster.gpu_count()
+        gpu_name, host, torch_on_gpu = "", "", ""
+        if gpus:
+            from fact_ray.actors.gpu_trial import run_trial
+            from fact_ray.actors.trial_worker import TrialPool
+
+            self.pool = TrialPool(run_trial, gpus, timeout_s=s.trial_timeout_s)
+            infos = self.pool.infos()
+            gpu_name, host, torch_on_gpu = infos[0].gpu_name, infos[0].host, infos[0].torch_version
+            arch = cluster.arch_for(infos[0].capability, gpu_name, s.arch)
+            if len({i.gpu_name for i in infos}) > 1:
+                self.notes.append(f"mixed GPUs in the cluster ({', '.join(sorted({i.gpu_name for i in infos}))}): "
+                                  f"timings are each measured against the PyTorch op on the same GPU")
+        else:
+            arch = s.arch or Arch.SM90
+        try:
+            versions = ray.get(tc_ref)
+        except ray.exceptions.RayTaskError as e:
+            unwrap_user_error(e)
+            raise
+        toolchain = Toolchain(cuda=versions["nvcc"], cutlass=versions["cutlass"],
+                              torch=torch_on_gpu or versions["torch"], bench_method=versions["bench_method"])
+        self.toolchain = toolchain
+
+        ref = self.ref
+        if ":" not in ref or os.path.exists(ref):
+            ref = str(Path(ref).absolute())  # workers do not share the driver's working directory
+        agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm)
+        try:
+            disc = ray.get(agent.discover.remote(ref, arch, self.policy))
+        except ray.exceptions.RayTaskError as e:
+            unwrap_user_error(e)
+            raise
+        finally:
+            ray.kill(agent)
+        self.notes.extend(disc.notes)
+
+        self.started = True
+        self.bus.emit(RunStarted.make(
+            run_id=self.run_id, model_name=disc.model_name, model_hash=disc.model_hash, policy=self.policy,
+            arch=arch, gpu=gpu_name, budget=s.budget, model_ref=self.ref,
+            versions={"nvcc": toolchain.cuda, "cutlass": toolchain.cutlass, "torch": toolchain.torch,
+                      "bench_method": toolchain.bench_method, "ray": versions.get("ray", "")},
+            extra={"ray_address": s.ray_address or "local", "gpus": gpus, "table": self.table.uri,
+                   "retune": self.retune, "llm": s.llm, "capture": disc.method}))
+
+        # One tuning problem per match key; later matches with the same key share its result.
+        patterns: list[_Pattern] = []
+        by_key: dict[str, _Pattern] = {}
+        for i, m in enumerate(disc.matches):
+            if m.key in by_key:
+                by_key[m.key].duplicates.append((i + 1, m))
+                continue
+            p = _Pattern(i + 1, m)
+            by_key[m.key] = p
+            patterns.append(p)
+        for p in patterns:
+            self.bus.emit(PatternStarted(match=p.match, index=p.index - 1, total=len(patterns)))
+
+        ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None)
+        todo: list[_Pattern] = []
+        for p in patterns:
+            if p.match.family in GEMM_FAMILIES and not self.retune:
+                row = self.table.best(TableKey.of(p.key, self.policy, arch, toolchain))
+                if row is not None and row.valid:
+                    p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
+                    self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=True))
+                    continue
+            _plan_pattern(p, self.policy, arch, s.budget)
+            if p.status == NOT_REALIZABLE:
+                self.bus.emit(PatternFinished(match_key=p.key, winner=None, reason=p.reason))
+                continue
+            todo.append(p)
+
+        # Compile every translation unit of every pattern at once; a unit shared by patterns compiles once.
+        unique: dict[str, Source] = {}
+        users: dict[str, list[_Pattern]] = {}
+        for p in todo:
+            for src in p.sources:
+                unique.setdefault(src.name, src)
+                users.setdefault(src.name, []).append(p)
+        n_trials = sum(len(p.configs) for p in todo) if gpus else 0
+        for lst in self.bus.listeners:
+            plan = getattr(lst, "on_plan", None)
+            if callable(plan):
+                plan(compiles=len(unique), trials=n_trials)
+        outcomes = self._compile(list(unique.values()), users)
+
+        if not gpus:
+            built = sum(o.ok for o in outcomes)
+            failed = len(outcomes) - built
+            msg = f"no GPU in the cluster: compiled {built} TUs, trials need a GPU"
+            if failed:
+                msg += f" ({failed} failed to compile)"
+            if todo:
+                self.notes.append(msg)
+            for p in todo:
+                p.status, p.reason = NO_GPU, msg
+                failed = sum(not o.ok for o in p.compiles)
+                self.bus.emit(PatternFinished(match_key=p.key, winner=None, failures=failed, reason=msg))
+        else:
+            self._trials(todo, {o.source.name: o for o in outcomes}, arch, ctx)
+
+        try:
+            ray.get(self.commits)
+            commits = tuple(ray.get(self.writer.commits.remote())) if self.writer is not None else ()
+        except ray.exceptions.RayTaskError as e:
+            unwrap_user_error(e)  # a table that stopped being writable mid-run: one line, not a traceback
+            raise
+        summary = self._summary(disc, patterns, outcomes, arch, gpu_name, gpus, commits)
+        report = {"run_id": self.run_id, "model": disc.model_name, "model_hash": disc.model_hash,
+                  "policy": self.policy.value, "arch": arch.value, "gpu": gpu_name, "gpus": gpus,
+                  "patterns": summary.rows(), "notes": list(summary.notes), "table_commits": list(commits),
+                  "compiled": summary.compiled, "compile_failed": summary.compile_failed,
+                  "compile_lost": summary.compile_lost, "trials": summary.trials}
+        self.bus.emit(RunFinished.make(status="ok", seconds=summary.seconds, rows=summary.rows(), report=report,
+                                       report_text=summary_text(summary)))
+        return _with(summary, listener_failures=tuple(f"{f.listener}: {f.error}" for f in self.bus.failures))
+
+    # ------------------------------------------------------------------ compile
+
+    def _compile(self, sources: list[Source], users: dict[str, list[_Pattern]]) -> list[Any]:
+        from fact_ray.actors.compile import compile_all
+
+        def done(o: Any) -> None:
+            for p in users[o.source.name]:
+                p.compiles.append(o)
+                self.bus.emit(CompileFinished(
+                    match_key=p.key, source_name=o.source.name, ok=o.ok, seconds=o.library.seconds or o.seconds,
+                    n_configs=len(o.source.configs), log_excerpt="" if o.ok else _excerpt(o.library.log),
+                    cached=o.library.cached))
+
+        if not sources:
+            return []
+        return compile_all(sources, self.cache_dir, self.s.nvcc, max_in_flight=self.s.jobs, on_done=done)
+
+    # ------------------------------------------------------------------ trials
+
+    def _trials(self, todo: list[_Pattern], built: dict[str, Any], arch: Arch, ctx: Any) -> None:
+        from fact_ray.actors.trial_worker import TrialOutcome
+
+        calls: list[tuple] = []
+        owners: list[tuple[_Pattern, KernelConfig]] = []
+        for p in todo:
+            for cfg in p.configs:
+                o = built[p.source_of[cfg.name].name]
+                if not o.ok:
+                    why = "compile task lost" if o.lost else f"its TU {o.source.name} failed to compile"
+                    p.trials.append(Trial(cfg.name, "compile_error", error=why))
+                    self._trial_event(p, p.trials[-1])
+                    continue
+                p.expected_trials += 1
+                calls.append((p.problem, cfg, self.policy, o.meta_ref, o.so_ref))
+                owners.append((p, cfg))
+        for p in todo:
+            if p.expected_trials == 0:
+                self._finish(p, arch, ctx, built)
+
+        def outcome(out: TrialOutcome) -> None:
+            p, cfg = owners[out.index]
+            if out.done:
+                res = out.value
+                if p.torch_trial is None:
+                    p.torch_trial = res.torch_trial
+                    self._trial_event(p, res.torch_trial)
+                trial = res.trial
+            else:
+                trial = Trial(cfg.name, out.status, error=out.error)
+                if out.detail:
+                    # Not a candidate's verdict but an exception in our own trial code (or a CUDA fault): the trial
+                    # is recorded and the worker replaced, and the traceback is shown, never swallowed.
+                    log.warning("trial of %s on %s raised unexpectedly (worker replaced):\n%s", cfg.name,
+                                out.host or "a worker", out.detail)
+            p.trials.append(trial)
+            self._trial_event(p, trial)
+            p.expected_trials -= 1
+            if p.expected_trials == 0:
+                self._finish(p, arch, ctx, built)
+
+        if calls:
+            self.pool.run(calls, outcome)
+
+    def _trial_event(self, p: _Pattern, trial: Trial) -> None:
+        self.bus.emit(TrialFinished(match_key=p.key, trial=trial, step=p.step))
+        p.step += 1
+
+    def _finish(self, p: _Pattern, arch: Arch, ctx: Any, built: dict[str, Any]) -> None:
+        import ray
+
+        from fact_ray.actors import cluster
+        from fact_ray.actors.compile import unwrap_user_error
+        from fact_ray.actors.table_writer import TableWriter
+        from fact_ray.pattern_table import row_from_trial, row_from_winner
+        from fact_ray.realize.select import select
+
+        trials = ([p.torch_trial] if p.torch_trial else []) + p.trials
+        chosen = select(trials)
+        config = next((c for c in p.configs if c.name == chosen.candidate_name), None)
+        src = p.source_of[config.name] if config is not None else None
+        o = built[src.name] if src is not None else None
+        p.winner = Winner(match_key=p.key, rule=p.match.rule, precision=self.policy, arch=arch, config=config,
+                          trial=chosen, library_key=o.library.key if o else "", trials=tuple(trials))
+        p.status = TUNED
+        if not p.trials or all(t.status == "compile_error" for t in p.trials):
+            p.reason = "every candidate failed to compile; the PyTorch op stays"
+
+        if self.writer is None:
+            self.writer = TableWriter.options(scheduling_strategy=cluster.driver_node_affinity()).remote(
+                self.table.uri)
+        lib_uri, symbol = None, None
+        if o is not None:
+            try:
+                lib_uri = ray.get(self.writer.put_library.remote(o.so_ref))
+            except ray.exceptions.RayTaskError as e:
+                unwrap_user_error(e)
+                raise
+            symbol = src.symbols[src.configs.index(config)]
+        rows = [row_from_winner(p.winner, p.match, ctx, library_uri=lib_uri, library_symbol=symbol)]
+        # The failures behind the winner are history worth keeping; they can never be selected (status not ok).
+        # Other verified candidates are left out so that the table's best entry is always the one chosen here.
+        for t in p.trials:
+            if t.status not in ("ok", "slower") and t is not chosen:
+                cfg = next((c for c in p.configs if c.name == t.candidate_name), None)
+                rows.append(row_from_trial(t, p.match, ctx, policy=self.policy, arch=arch, config=cfg))
+        self.commits.append(self.writer.commit.remote(rows))
+
+        failures = sum(t.status not in ("ok", "slower") for t in p.trials)
+        sources = freeze({src.name: src.code}) if src is not None else ()
+        self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, trials=tuple(trials), failures=failures,
+                                      sources=sources, reason=p.reason))
+
+    # ------------------------------------------------------------------ summary
+
+    def _summary(self, disc: Any, patterns: list[_Pattern], outcomes: list[Any], arch: Arch, gpu: str,
+                 gpus: int, commits: tuple[str, ...]) -> RunSummary:
+        rows: list[PatternSummary] = []
+        for p in patterns:
+            ps = _pattern_summary(p, p.index, p.match)
+            rows.append(ps)
+            for idx, m in p.duplicates:
+                rows.append(_pattern_summary(p, idx, m, same_as=p.index))
+        rows.sort(key=lambda r: r.index)
+        return RunSummary(
+            run_id=self.run_id, model_name=disc.model_name, model_hash=disc.model_hash, policy=self.policy,
+            arch=arch, gpu=gpu, gpus=gpus, patterns=tuple(rows),
+            compiled=sum(o.ok for o in outcomes), compile_failed=sum(not o.ok and not o.lost for o in outcomes),
+            compile_lost=sum(o.lost for o in outcomes), cached=sum(o.ok and o.library.cached for o in outcomes),
+            trials=sum(len(p.trials) for p in patterns), seconds=time.monotonic() - self.t0,
+            toolchain=self.toolchain, notes=tuple(dict.fromkeys(self.notes)), table_commits=commits)
+
+
+def _pattern_summary(p: _Pattern, index: int, m: Match, same_as: int = 0) -> PatternSummary:
+    w = p.winner
+    winner, sp, t_ms, b_ms = "", math.nan, math.nan, math.nan
+    if w is not None:
+        winner = w.config.name if w.config is not None else "torch"
+        sp = w.trial.speedup
+        t_ms = w.trial.time.median_ms if w.trial.time else math.nan
+        b_ms = w.trial.baseline.median_ms if w.trial.baseline else math.nan
+    return PatternSummary(
+        index=index, rule=m.rule, family=m.family, match_key=m.key, shapes=m.shape_signature, dtype=m.dtype,
+        share=m.share, status=p.status, winner=winner, speedup=sp, time_ms=t_ms, baseline_ms=b_ms,
+        configs=len(p.configs), compiles=len(p.compiles), compile_failures=sum(not o.ok for o in p.compiles),
+        trials=len(p.trials), failures=sum(t.status not in ("ok", "slower") for t in p.trials), same_as=same_as,
+        reason=p.reason)
