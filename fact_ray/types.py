@@ -228,7 +228,7 @@ class GemmProblem:
     dtype: str = "float32"  # torch dtype of A, B and D
     layout_a: str = "row"  # "row": A[M,K] row-major | "col": A stored [K,M]
     layout_b: str = "col"  # "col": B stored [N,K] (Linear weight) | "row": B stored [K,N]
-    epilogue: str = "none"  # none | bias | bias_act | bias_residual
+    epilogue: str = "none"  # none | bias | bias_act | bias_residual | act | residual (no bias)
     activation: str = "none"  # none | relu | gelu | gelu_tanh | silu
     broadcast_b: bool = False  # B shared across the batch (batch stride 0)
 

@@ -10,7 +10,7 @@ into a small frozen `BaseOp`. The manifests are built lazily and cached per proc
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The toolkit version the generator assumes when it gates features (stream-K needs >= 12.1). fact-ray builds
 # with nvcc 13.x; the version used at build time is part of every build key, not of the space.
@@ -69,6 +69,42 @@ def _layout(lib, layout) -> str:
     return "row" if layout == lib.LayoutType.RowMajor else "col"
 
 
+# 3xTF32 tile descriptions beyond the generator's 13 (tile -> (warp layout, stages) pairs), for Hopper, where the
+# 2.x 3xTF32 kernels are the fp32-class tensor-core path (the H200 measured 1.34-1.42x over cuBLAS fp32 with
+# 128x128x16, warps 4x2, 3 stages). Warp tiles stay 32x64 or 64x32: a 64x64 3xTF32 warp tile holds 128
+# accumulators plus big and small A/B fragments and spills (ptxas, sm_90a: 255 registers, 928 B spill stores for
+# 128x128x16 w2x2, 128x256x16 w2x4 and 256x128x16 w4x2), and 16 warps of 230-240 registers (128x256 w4x4) do not
+# fit the 64K-register file, so 128x256 and 256x128 tiles are absent. Stages up to 5 within sm80's 163 KB.
+EXTRA_3XTF32 = {
+    (128, 128, 16): (((4, 2, 1), 5), ((2, 4, 1), 3), ((2, 4, 1), 4), ((2, 4, 1), 5)),
+    (128, 128, 32): (((4, 2, 1), 4), ((4, 2, 1), 5), ((2, 4, 1), 3), ((2, 4, 1), 4)),
+    (64, 128, 32): (((2, 2, 1), 4), ((2, 2, 1), 5)),
+    (128, 64, 32): (((2, 2, 1), 4), ((2, 2, 1), 5)),
+}
+SM80_SMEM_BYTES = 163 * 1024  # cutlass_library.SharedMemPerCC[80]: the 2.x kernels build for sm_80 as well
+
+
+def _extra_3xtf32(generated: list[BaseOp]) -> list[BaseOp]:
+    """EXTRA_3XTF32 variants of the generated 3xTF32 ops (every layout and alignment), named like CUTLASS's own
+    with the warp layout appended (`..._128x128_16x5_tn_align4_w2x4`): the procedural name has no warp count."""
+    have = {(o.tile, o.warps, o.stages, o.layout_a, o.layout_b, o.alignment) for o in generated}
+    seeds: dict[tuple, BaseOp] = {}
+    for o in generated:
+        if o.math_op == "multiply_add_fast_f32" and o.tile in EXTRA_3XTF32:
+            seeds.setdefault((o.tile, o.layout_a, o.layout_b, o.alignment), o)
+    out = []
+    for (tile, la, lb, align), seed in sorted(seeds.items()):
+        tm, tn, tk = tile
+        part = f"_{tm}x{tn}_{tk}x{seed.stages}_"
+        assert seed.name.count(part) == 1, seed.name
+        for warps, stages in EXTRA_3XTF32[tile]:
+            if (tile, warps, stages, la, lb, align) in have or stages * (tm + tn) * tk * 4 > SM80_SMEM_BYTES:
+                continue
+            name = seed.name.replace(part, f"_{tm}x{tn}_{tk}x{stages}_") + f"_w{warps[0]}x{warps[1]}"
+            out.append(replace(seed, name=name, warps=warps, stages=stages))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def ops_2x() -> tuple[BaseOp, ...]:
     """CUTLASS 2.x (sm80) GEMMs: 3xTF32 and SIMT for fp32, 1xTF32 on fp32 data, bf16/fp16 tensor ops."""
@@ -105,6 +141,7 @@ def ops_2x() -> tuple[BaseOp, ...]:
             alignment=(op.A.alignment, op.B.alignment, op.C.alignment),
             layout_a=_layout(lib, op.A.layout), layout_b=_layout(lib, op.B.layout), c_void=False, tma=False,
         ))
+    out += _extra_3xtf32(out)
     return tuple(sorted(out, key=lambda o: o.name))
 
 

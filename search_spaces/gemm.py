@@ -1,9 +1,9 @@
 """The GEMM-family search space: problem x arch x policy -> ordered KernelConfigs.
 
 Dimensions: CTA tile, warp layout and stages (2.x), cluster and kernel/epilogue schedule (3.x), tile scheduler
-(persistent, stream-K), 2.x threadblock swizzle (identity or stream-K), K split, math op. Everything but the K
-split changes the emitted C++; the split is a run-time argument, so configs differing only by it share one
-compiled instance (emit dedups them).
+(persistent, stream-K), 2.x threadblock swizzle (identity 8 or 4, stream-K), K split, math op. Everything but the
+K split changes the emitted C++; the split is a run-time argument, so configs differing only by it share one
+compiled instance (emit dedups them). 3.x tiles whose accumulators would spill are pruned (rules.registers_fit).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from fact_ray.types import Arch, GemmProblem, KernelConfig, Precision
 
 from fact_ray.search_spaces import catalog, rank, rules
 
-EPILOGUES = ("none", "bias", "bias_act", "bias_residual")
+EPILOGUES = ("none", "bias", "bias_act", "bias_residual", "act", "residual")
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+ACT_EPILOGUES = ("bias_act", "act")  # the epilogues that apply an activation (and need one)
 
 
 def check_problem(problem: GemmProblem, policy: Precision) -> None:
@@ -31,7 +32,7 @@ def check_problem(problem: GemmProblem, policy: Precision) -> None:
         raise CannotImplement(f"no GEMM epilogue {problem.epilogue!r} (have {', '.join(EPILOGUES)})")
     if problem.activation not in ACTIVATIONS:
         raise CannotImplement(f"no epilogue activation {problem.activation!r} (have {', '.join(ACTIVATIONS)})")
-    if (problem.activation != "none") != (problem.epilogue == "bias_act"):
+    if (problem.activation != "none") != (problem.epilogue in ACT_EPILOGUES):
         raise CannotImplement(f"activation {problem.activation!r} does not go with epilogue {problem.epilogue!r}")
 
 
@@ -54,6 +55,11 @@ def space(problem: GemmProblem, arch: Arch, policy: Precision, budget: int | Non
 def _variants(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precision) -> list[KernelConfig]:
     if op.template == "sm80_gemm":
         out = [_config(op, problem, arch, policy, swizzle="Identity8", split_k=1)]
+        # A narrower raster for 3xTF32 (Hopper's fp32-class path) where the grid is several waves: which CTAs
+        # share L2-resident A rows and B columns changes with it.
+        if op.math_op == "multiply_add_fast_f32" and rank.output_tiles(problem, op.tile) * problem.L >= \
+                rank.SM_COUNT[arch]:
+            out.append(_config(op, problem, arch, policy, swizzle="Identity4", split_k=1))
         out += [_config(op, problem, arch, policy, swizzle="Identity8", split_k=s)
                 for s in rank.split_choices(problem, op.tile, arch)]
         # 2.x stream-K (ThreadblockSwizzleStreamK selects GemmUniversalStreamk): tensor ops, unbatched, and not
@@ -75,6 +81,8 @@ def _config(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precis
         suffix += f"_{problem.activation}"
     if swizzle == "StreamK":
         suffix += "_streamk"
+    elif swizzle == "Identity4":
+        suffix += "_swizzle4"
     if split_k > 1:
         suffix += f"_splitk{split_k}"
     return KernelConfig(

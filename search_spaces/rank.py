@@ -2,50 +2,131 @@
 
 A deliberately simple analytic prior, not a cost model: how much of each tile does useful work (tile fit), how
 full the last wave of CTAs is (wave quantization, with clusters rounding the grid up), whether a K split or
-stream-K fills an otherwise idle GPU, and a mild preference for tiles with more reuse. Measurement decides; the
-order only decides what gets measured first. Families (schedule, math, split) are interleaved with a decaying
-bonus so a budget of 16 never spends itself on 16 tile variants of one schedule.
+stream-K fills an otherwise idle GPU and what its serialized fixups cost, whether a tile reuses its operands
+enough to outrun L2 (cluster multicast counted), and priors for schedules that measurements on an H200 (November
+2026, benchmarks/gemm.py) and CUTLASS's own profiler favour. Measurement decides; the order only decides what
+gets measured first. The pick is greedy with three decays (family, output tile, compiled kernel), so a budget of
+16 never spends itself on 16 tile variants of one schedule, nor on one kernel under several epilogue schedules.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 
 from fact_ray.types import Arch, GemmProblem, KernelConfig
 
+from fact_ray.search_spaces import rules
+
 SM_COUNT = {Arch.SM80: 108, Arch.SM90: 132}  # A100 and H100/H200
 SPLITS = (2, 4, 8, 16, 32, 64)
 MIN_K_TILES_PER_SPLIT = 4  # below this a split's pipeline never fills
-FAMILY_DECAY = 0.6  # each further pick from a family counts this much less
+FAMILY_DECAY = 0.9  # each further pick from a family (template, kernel schedule, split) counts this much less,
+TILE_DECAY = 0.92  # ... from one output tile and cluster of that family (other warps, stages or tile K),
+SHAPE_DECAY = 0.5  # ... and from one instance shape (the same kernel under another epilogue, swizzle or split)
+
+# One serialized split-K fixup (the partial tile written, then read back in K order by the next split) in K
+# elements of the MAC loop it costs. Calibrated on the H200's 3xTF32 128x128 tile at K = 524288 (notes §9: 64
+# splits took 1.18x of 32), scaled by how much faster each math runs per byte of fixup.
+FIXUP_K = {"fp32": 32, "simt": 32, "tf32": 128, "16bit": 256}
+
+# Operand reuse (MACs per element loaded by a CTA, cluster multicast counted) at which a tile stops waiting on
+# L2: peak math rate times element size, relative to Hopper's bf16 WGMMA. tf32 WGMMA has half the rate on twice
+# the bytes, so needs as much; 3xTF32 (three mma.sync per product) and SIMT need far less.
+REUSE_NEEDED = {
+    (Arch.SM90, "16bit"): 96, (Arch.SM90, "tf32"): 96, (Arch.SM90, "mma_sync"): 64,
+    (Arch.SM90, "fp32"): 24, (Arch.SM90, "simt"): 16,
+    (Arch.SM80, "16bit"): 48, (Arch.SM80, "tf32"): 48, (Arch.SM80, "mma_sync"): 48,
+    (Arch.SM80, "fp32"): 16, (Arch.SM80, "simt"): 12,
+}
+
+# Schedule priors. Hopper: persistent cooperative kernels first (CUTLASS's Auto pick for tiles of 128+ rows),
+# ping-pong close behind, the non-persistent kernel and cp.async kernels later. A TMA epilogue stores through
+# shared memory in whole lines; NoSmem stores straight from registers. Stream-K pays a small scheduling cost
+# where the data-parallel grid already fills the GPU (H200: 0.94-0.98x of its data-parallel twin on large GEMMs).
+KERNEL_PRIOR = {
+    "TmaWarpSpecializedCooperative": 1.0, "TmaWarpSpecializedPingpong": 0.95, "TmaWarpSpecialized": 0.7,
+    "CpAsyncWarpSpecializedCooperative": 0.7, "CpAsyncWarpSpecializedPingpong": 0.7, "CpAsyncWarpSpecialized": 0.65,
+}
+NOSMEM_EPILOGUE_PRIOR = 0.97
+STREAM_K_PRIOR = 0.95  # 3.x only: 2.x stream-K 3xTF32 ran 1.00-1.03x of its data-parallel twin on the H200
+SIMT_PRIOR = 0.65  # H200: fp32 SIMT ran 0.98x of cuBLAS where 3xTF32 ran 1.34-1.42x
+MMA_SYNC_ON_HOPPER_PRIOR = 0.6  # 16-bit and tf32 mma.sync on sm90: kept for coverage, WGMMA first
+SWIZZLE_PRIOR = {"Identity8": 1.0, "Identity4": 0.995, "StreamK": 1.0, "": 1.0}
+
+
+def output_tiles(problem: GemmProblem, tile: tuple[int, int, int]) -> int:
+    """CTA output tiles of one batch entry."""
+    return math.ceil(problem.M / tile[0]) * math.ceil(problem.N / tile[1])
+
+
+def wave_fill(units: int, sms: int) -> float:
+    """Busy share of the SMs over the waves `units` CTAs take (1.0: every wave full)."""
+    waves = units / sms
+    return waves / math.ceil(waves)
 
 
 def split_choices(problem: GemmProblem, tile: tuple[int, int, int], arch: Arch) -> tuple[int, ...]:
-    """K splits worth trying: only when the output tiles leave SMs idle and K is long enough to share out.
+    """K splits worth trying, best SM fill first: only when the output tiles leave SMs idle and K is long enough
+    to share out. Ties go to fewer splits (fewer fixups).
 
-    E.g. 256x256x524288 with a 128x128 tile is 4 output tiles for 108-132 SMs: splits 8..64.
+    E.g. 256x256x524288 on 132 SMs: a 128x128 tile gives 4 output tiles, so 32 and 64 splits (128 and 256 CTAs,
+    one and two full waves) come before 16; a 64x64 tile gives 16, so 8 and 16 splits come first.
     """
     if problem.L != 1:
         return ()
     sms = SM_COUNT[arch]
-    tiles = math.ceil(problem.M / tile[0]) * math.ceil(problem.N / tile[1])
+    tiles = output_tiles(problem, tile)
     k_tiles = math.ceil(problem.K / tile[2])
     if tiles >= sms:
         return ()
-    return tuple(s for s in SPLITS
-                 if sms // 4 <= tiles * s <= 4 * sms and k_tiles // s >= MIN_K_TILES_PER_SPLIT)
+    ok = [s for s in SPLITS if sms // 4 <= tiles * s <= 4 * sms and k_tiles // s >= MIN_K_TILES_PER_SPLIT]
+    return tuple(sorted(ok, key=lambda s: (-round(wave_fill(tiles * s, sms), 6), s)))
 
 
-def _prior(cfg: KernelConfig) -> float:
-    p = 1.0
-    if cfg.arch is Arch.SM90 and cfg.template == "sm80_gemm" and cfg.math_op != "multiply_add_fast_f32" \
-            and cfg.opclass != "simt":
-        p *= 0.6  # mma.sync on Hopper: kept for coverage, WGMMA first
+def math_class(cfg: KernelConfig) -> str:
+    if cfg.element in ("bfloat16_t", "half_t"):
+        return "16bit"
     if cfg.opclass == "simt":
-        p *= 0.9
-    if cfg.kernel_schedule.startswith("CpAsync"):
-        p *= 0.8
-    return p
+        return "simt"
+    return "fp32" if cfg.math_op == "multiply_add_fast_f32" else "tf32"
+
+
+def _reuse_class(cfg: KernelConfig, arch: Arch) -> str:
+    cls = math_class(cfg)
+    if arch is Arch.SM90 and cfg.template == "sm80_gemm" and cls in ("16bit", "tf32"):
+        return "mma_sync"
+    return cls
+
+
+def kernel_schedule(cfg: KernelConfig) -> str:
+    """The kernel schedule the 3.x builder instantiates; the builder takes TMA for Auto when both operands'
+    vectors are 16 bytes."""
+    size = 4 if cfg.element in ("float", "tfloat32_t") else 2
+    tma = min(cfg.alignment[0], cfg.alignment[1]) * size >= 16
+    return rules.resolve_kernel_schedule(cfg.template, cfg.kernel_schedule, cfg.tile[0], tma)
+
+
+def split_efficiency(cfg: KernelConfig, problem: GemmProblem, splits: int) -> float:
+    """MAC-loop share of a split kernel's time: each split runs K/splits, the `splits` fixups of a tile run one
+    after another, so the overhead grows as splits^2 / K."""
+    if splits <= 1:
+        return 1.0
+    return 1.0 / (1.0 + splits * splits * FIXUP_K[math_class(cfg)] / problem.K)
+
+
+def _prior(cfg: KernelConfig, arch: Arch) -> float:
+    p = 1.0
+    if cfg.template == "sm90_gemm":
+        p *= KERNEL_PRIOR.get(kernel_schedule(cfg), 0.7)
+        if cfg.epilogue_schedule not in ("TmaWarpSpecialized", "TmaWarpSpecializedCooperative"):
+            p *= NOSMEM_EPILOGUE_PRIOR
+    elif arch is Arch.SM90 and _reuse_class(cfg, arch) == "mma_sync":
+        p *= MMA_SYNC_ON_HOPPER_PRIOR
+    if cfg.opclass == "simt":
+        p *= SIMT_PRIOR
+    return p * SWIZZLE_PRIOR.get(cfg.swizzle, 1.0)
 
 
 def score(cfg: KernelConfig, problem: GemmProblem, arch: Arch) -> float:
@@ -56,49 +137,81 @@ def score(cfg: KernelConfig, problem: GemmProblem, arch: Arch) -> float:
     k_tiles = math.ceil(problem.K / tk)
     fit = (problem.M * problem.N) / (tiles_m * tm * tiles_n * tn)
     fit_k = problem.K / (k_tiles * tk)
-    # Clusters launch whole: the grid rounds up to a multiple of the cluster shape.
-    units = math.ceil(tiles_m / cm) * cm * math.ceil(tiles_n / cn) * cn * problem.L * cfg.split_k
-    waves = units / sms
-    util = waves / math.ceil(waves)
+    # Clusters launch whole: the grid rounds up to a multiple of the cluster shape, and the CTAs past the edge
+    # occupy SMs without doing work.
+    grid = math.ceil(tiles_m / cm) * cm * math.ceil(tiles_n / cn) * cn
+    fit *= tiles_m * tiles_n / grid
+    units = grid * problem.L * cfg.split_k
+    util = wave_fill(units, sms)
     splits = cfg.split_k
+    prior = _prior(cfg, arch)
     stream_k = cfg.tile_scheduler == "stream_k" or cfg.swizzle == "StreamK"
-    if stream_k and cfg.split_k == 1 and k_tiles >= 2 * MIN_K_TILES_PER_SPLIT:
-        # Stream-K shares the MAC loop out over every SM; it pays a fixup per shared tile.
-        util = max(util, 0.85)
-        if units < sms:
-            splits = min(math.ceil(sms / units), k_tiles // MIN_K_TILES_PER_SPLIT)
-    split_cost = 1.0 / (1.0 + 0.03 * (splits - 1))  # partial tiles written, read back and reduced in order
-    reuse = (tm * tn) / (tm + tn)  # operand loads per MAC fall with this
-    size = min(1.0, reuse / 96.0) ** 0.3
-    s = _prior(cfg) * fit * math.sqrt(fit_k) * util * split_cost * size
+    if stream_k and cfg.split_k == 1:
+        if util < 0.85 and k_tiles >= 2 * MIN_K_TILES_PER_SPLIT:
+            # Stream-K shares the MAC loop out over every SM; it pays a fixup per shared tile.
+            util = 0.85
+            if units < sms:
+                splits = max(1, min(math.ceil(sms / units), k_tiles // MIN_K_TILES_PER_SPLIT))
+        elif cfg.template == "sm90_gemm":
+            prior *= STREAM_K_PRIOR
+    # Operand reuse per CTA: cluster peers along N share A's tile by multicast, those along M share B's.
+    reuse = (tm * tn) / (tm / cn + tn / cm)
+    bandwidth = min(1.0, reuse / REUSE_NEEDED[(arch, _reuse_class(cfg, arch))]) ** 0.5
+    on_chip = min(1.0, (tm * tn) / (tm + tn) / 64.0) ** 0.2  # small tiles pay more shared-memory traffic per MAC
+    if cfg.template == "sm90_gemm":
+        # A warpgroup issues m64nNk16 WGMMAs with N = the tile's N (up to 256): shared-memory bytes per MAC
+        # fall with N, (64 + N) / (64 N); 256 is best.
+        n = min(tn, 256)
+        on_chip *= ((64 + 256) / (64 * 256) / ((64 + n) / (64 * n))) ** 0.5
+    else:
+        # mma.sync: each warp reloads its A and B fragments from shared memory; 32x64 and 64x32 warp tiles (the
+        # largest that do not spill under 3xTF32) reuse them best, 32x32 reloads a third more per MAC.
+        wm, wn = tm // cfg.warps[0], tn // cfg.warps[1]
+        on_chip *= min(1.0, (wm * wn) / (wm + wn) / (32 * 64 / 96)) ** 0.5
+    s = prior * fit * math.sqrt(fit_k) * util * split_efficiency(cfg, problem, splits) * bandwidth * on_chip
     return float(f"{s:.12g}")  # stable across platforms' last-bit differences
 
 
 def family(cfg: KernelConfig) -> tuple:
-    return (cfg.template, cfg.opclass, cfg.math_op, cfg.kernel_schedule, cfg.epilogue_schedule, cfg.tile_scheduler,
-            cfg.swizzle == "StreamK", cfg.split_k > 1)
+    """Kernels of one kind: the diversity the greedy pick spreads over (CUTLASS generation, kernel schedule, K
+    split or not). The math (3xTF32 or SIMT) is left out: within one policy their scores already say which is
+    faster, and a family of its own would pull the slow one forward."""
+    return (cfg.template, kernel_schedule(cfg), cfg.split_k > 1)
+
+
+def tile_key(cfg: KernelConfig) -> tuple:
+    """One output tile and cluster: configs equal here differ in warps, stages, tile K, schedulers or swizzles."""
+    return family(cfg) + (cfg.opclass, cfg.math_op, cfg.tile[:2], cfg.cluster)
+
+
+def shape(cfg: KernelConfig) -> tuple:
+    """One compiled kernel, up to its epilogue schedule: configs equal here differ only in that or the split."""
+    return tile_key(cfg) + (cfg.tile, cfg.warps, cfg.stages, cfg.tile_scheduler, cfg.swizzle)
 
 
 def order(configs: list[KernelConfig], problem: GemmProblem, arch: Arch) -> list[KernelConfig]:
-    """Best-first within each family; families interleaved by score with a decay per pick. Deterministic."""
-    queues: dict[tuple, list[tuple[float, KernelConfig]]] = defaultdict(list)
-    for cfg in configs:
-        queues[family(cfg)].append((score(cfg, problem, arch), cfg))
-    for q in queues.values():
-        q.sort(key=lambda sc: (-sc[0], sc[1].name))
-        q.reverse()  # pop() from the end gives the best
+    """Greedy: each step takes the config with the best score after decays for the picks its family, its output
+    tile and its compiled kernel already have. Deterministic (ties by name). Adjusted scores only fall as picks
+    accumulate, so a lazily re-scored heap gives the same order as rescanning everything each step."""
+    scores = {id(c): score(c, problem, arch) for c in configs}
+    keys = {id(c): (family(c), tile_key(c), shape(c)) for c in configs}
     picks: dict[tuple, int] = defaultdict(int)
+
+    def adjusted(c: KernelConfig) -> float:
+        fam, tile, shp = keys[id(c)]
+        return scores[id(c)] * FAMILY_DECAY ** picks[fam] * TILE_DECAY ** picks[tile] * SHAPE_DECAY ** picks[shp]
+
+    heap = [(-adjusted(c), c.name, i) for i, c in enumerate(configs)]
+    heapq.heapify(heap)
     out: list[KernelConfig] = []
-    names = sorted(queues, key=repr)  # equal adjusted scores go to the first family in this fixed order
-    while names:
-        fam = names[0]
-        best = queues[fam][-1][0] * FAMILY_DECAY ** picks[fam]
-        for f in names[1:]:
-            v = queues[f][-1][0] * FAMILY_DECAY ** picks[f]
-            if v > best:
-                fam, best = f, v
-        out.append(queues[fam].pop()[1])
-        picks[fam] += 1
-        if not queues[fam]:
-            names.remove(fam)
+    while heap:
+        neg, name, i = heapq.heappop(heap)
+        c = configs[i]
+        now = adjusted(c)
+        if now < -neg:
+            heapq.heappush(heap, (-now, name, i))
+            continue
+        out.append(c)
+        for key in keys[id(c)]:
+            picks[key] += 1
     return out

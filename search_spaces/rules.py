@@ -41,7 +41,18 @@ FAMILIES = {
 # 3.x epilogue schedules that accept fusion operations (Auto and NoSmem static_assert on anything else).
 TMA_EPILOGUES = {"TmaWarpSpecialized", "TmaWarpSpecializedCooperative"}
 
-FUSED_EPILOGUES = {"bias", "bias_act", "bias_residual"}
+# Epilogues that need a 3.x fusion operation, and those that read C (the residual, with beta = 1). A residual
+# alone is the plain LinearCombination with C loaded, which every epilogue schedule implements.
+FUSED_EPILOGUES = {"bias", "bias_act", "bias_residual", "act"}
+C_EPILOGUES = {"bias_residual", "residual"}
+
+# Per-thread fp32 accumulators a consumer warpgroup may hold. Consumer threads get at most 232-240 registers
+# (setmaxnreg); past 128 accumulators the addresses, fragments and epilogue no longer fit beside them and they
+# spill: the H200 measured bf16 256x256x64 cooperative (128x256 per warpgroup = 256 accumulators) at 43 TFLOP/s,
+# 0.06x of cuBLAS, and the non-persistent 256x256 (512) at 21 TFLOP/s. 128x256 cooperative and 64x256 ping-pong
+# hold exactly 128 (ptxas, bf16 128x256 cooperative: GELU epilogue and residual epilogue, 0 and 20 B spilled).
+MAX_ACCUMULATORS = 128
+THREADS_PER_WARPGROUP = 128
 
 
 def family(op: BaseOp) -> tuple[str, str, str]:
@@ -53,7 +64,11 @@ def policy_allows(op: BaseOp, arch: Arch, policy: Precision) -> bool:
 
 
 def layouts_match(op: BaseOp, problem: GemmProblem) -> bool:
-    # 2.x ops exist for every layout pair; 3.x validity (tf32 K-major, smem layouts) depends on it.
+    # 2.x ops exist for every layout pair; 3.x validity (tf32 K-major, smem layouts) depends on it. tf32 WGMMA
+    # reads both operands K-major from shared memory (no transposing load for 32-bit types), so a float B stored
+    # [K, N] (layout "row", e.g. torch.matmul(a, w) and bmm) has no 3.x kernel here and only 2.x mma.sync tf32
+    # runs (the H200 measured 0.5x of cuBLAS TF32 on 4096^3). Transposing B once into [N, K] would open the
+    # WGMMA path; that belongs to the caller (a later change), not to the space.
     return op.layout_a == problem.layout_a and op.layout_b == problem.layout_b
 
 
@@ -71,12 +86,52 @@ def epilogue_fits(op: BaseOp, problem: GemmProblem) -> bool:
         # 2.x: every epilogue is a functor choice in the template (bias through C, or the broadcast epilogue).
         return True
     tma_epilogue = op.epilogue_schedule in TMA_EPILOGUES
-    if problem.epilogue == "bias_residual":
-        return tma_epilogue and not op.c_void  # the residual is C (beta = 1) in a fused epilogue
+    if problem.epilogue in C_EPILOGUES:
+        # The residual is C (beta = 1): a fused bias needs a TMA epilogue; a residual alone runs on any.
+        return not op.c_void and (tma_epilogue or problem.epilogue not in FUSED_EPILOGUES)
     if problem.epilogue in FUSED_EPILOGUES:
-        return tma_epilogue and op.c_void  # no C to load: bias (and activation) only
+        return tma_epilogue and op.c_void  # no C to load: bias and/or activation only
     # Plain GEMM: a TMA epilogue without C, or a NoSmem/Auto epilogue (C typed, never read with beta = 0).
     return op.c_void if tma_epilogue else not op.c_void
+
+
+def resolve_kernel_schedule(template: str, schedule: str, tile_m: int, tma: bool) -> str:
+    """The 3.x kernel schedule the builder really instantiates: KernelScheduleAuto is resolved as
+    sm90_gmma_builder.inl does with CUDA >= 12.1 (TMA-able operands: ping-pong for 64-row tiles, else
+    cooperative; otherwise the non-persistent cp.async kernel). "" for 2.x kernels."""
+    if template != "sm90_gemm":
+        return ""
+    if schedule in ("", "ScheduleAuto"):
+        if not tma:
+            return "CpAsyncWarpSpecialized"
+        return "TmaWarpSpecializedPingpong" if tile_m == 64 else "TmaWarpSpecializedCooperative"
+    return schedule
+
+
+def kernel_schedule(op: BaseOp) -> str:
+    return resolve_kernel_schedule(op.template, op.kernel_schedule, op.tile[0], op.tma)
+
+
+def epilogue_schedule(op: BaseOp) -> str:
+    """The 3.x epilogue schedule instantiated: EpilogueScheduleAuto is NoSmemWarpSpecialized (sm90_builder.inl)."""
+    if op.template != "sm90_gemm":
+        return ""
+    return "NoSmemWarpSpecialized" if op.epilogue_schedule in ("", "ScheduleAuto") else op.epilogue_schedule
+
+
+def accumulators_per_thread(op: BaseOp) -> int:
+    """fp32 accumulators each consumer thread holds in a 3.x kernel: cooperative kernels split the CTA tile's M
+    over two consumer warpgroups, ping-pong and the non-persistent kernels give one warpgroup the whole tile.
+    0 for 2.x ops (their warp tiles come from CUTLASS's own or register-checked tile descriptions)."""
+    if op.template != "sm90_gemm":
+        return 0
+    tm, tn, _ = op.tile
+    rows = tm // 2 if "Cooperative" in kernel_schedule(op) else tm
+    return rows * tn // THREADS_PER_WARPGROUP
+
+
+def registers_fit(op: BaseOp) -> bool:
+    return accumulators_per_thread(op) <= MAX_ACCUMULATORS
 
 
 def scheduler_fits(op: BaseOp, problem: GemmProblem) -> bool:
@@ -91,11 +146,13 @@ def scheduler_fits(op: BaseOp, problem: GemmProblem) -> bool:
 
 def usable(op: BaseOp, problem: GemmProblem, arch: Arch, policy: Precision) -> bool:
     return (policy_allows(op, arch, policy) and layouts_match(op, problem) and alignment_fits(op, problem)
-            and epilogue_fits(op, problem) and scheduler_fits(op, problem))
+            and epilogue_fits(op, problem) and scheduler_fits(op, problem) and registers_fit(op))
 
 
 def widest_alignment_only(ops: list[BaseOp]) -> list[BaseOp]:
-    """Of ops identical but for their alignment, keep the widest that fits; narrower ones are strictly slower.
+    """Of ops that compile to the same kernel but for their alignment, keep the widest that fits; narrower ones
+    are strictly slower. Auto schedules count as what they resolve to, and an explicit twin is kept over the
+    Auto op (ScheduleAuto/ScheduleAuto is cooperative or ping-pong with the NoSmem epilogue: the same kernel).
 
     On sm90, the cp.async ("alignx") kernels are kept only where no TMA kernel fits the problem's alignment.
     """
@@ -104,9 +161,13 @@ def widest_alignment_only(ops: list[BaseOp]) -> list[BaseOp]:
     for op in ops:
         if op.template == "sm90_gemm" and any_tma and not op.tma:
             continue
-        key = (op.template, op.opclass, op.math_op, op.tile, op.warps, op.cluster, op.stages, op.kernel_schedule,
-               op.epilogue_schedule, op.tile_scheduler, op.c_void, op.tma)
+        key = (op.template, op.opclass, op.math_op, op.tile, op.warps, op.cluster, op.stages, kernel_schedule(op),
+               epilogue_schedule(op), op.tile_scheduler, op.c_void, op.tma)
         kept = best.get(key)
-        if kept is None or (op.alignment, op.name) > (kept.alignment, kept.name):
+        if kept is None or _preference(op) > _preference(kept):
             best[key] = op
     return sorted(best.values(), key=lambda o: o.name)
+
+
+def _preference(op: BaseOp) -> tuple:
+    return (op.alignment, op.kernel_schedule not in ("", "ScheduleAuto") or op.template != "sm90_gemm", op.name)

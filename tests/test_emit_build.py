@@ -1,8 +1,9 @@
 """Emission from templates, the content-addressed nvcc cache, and real compiles of each template.
 
 Cache behaviour is shown on a tiny translation unit (a real nvcc run of a few seconds); the real-template tests
-compile one TU of each CUTLASS generation (about 35 s for sm80+sm90a 2.x, 45 s for a fused sm90a 3.x) into a
-session-wide cache and check the exported C ABI. The GPU test runs those libraries against torch.
+compile one TU of each CUTLASS generation (about 25 s for a 2.x TU of 6 instances for sm80+sm90a, 45 s for a
+fused sm90a 3.x) into a session-wide cache and check the exported C ABI. The GPU test runs those libraries
+against torch.
 """
 
 from __future__ import annotations
@@ -30,15 +31,34 @@ nvcc_present = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not
 FP32_LONG_K = GemmProblem(M=256, N=256, K=524288, dtype="float32")
 BF16_GELU = GemmProblem(M=1024, N=768, K=512, dtype="bfloat16", epilogue="bias_act", activation="gelu")
 BF16_GELU_TANH = GemmProblem(M=1024, N=768, K=512, dtype="bfloat16", epilogue="bias_act", activation="gelu_tanh")
+FP32_RESIDUAL = GemmProblem(M=1024, N=768, K=512, dtype="float32", epilogue="bias_residual")
 
 
 def fp32_configs():
     """A 3xTF32 config and its split-K variant (one compiled instance for both)."""
     cfgs = space(FP32_LONG_K, Arch.SM80, Precision.FP32)
     base = next(c for c in cfgs if c.math_op == "multiply_add_fast_f32" and c.tile == (128, 128, 16)
-                and c.swizzle == "Identity8" and c.split_k == 1)
-    split = next(c for c in cfgs if c.split_k == 16 and c.name.startswith(base.name.removesuffix("_none")))
+                and c.warps == (4, 2, 1) and c.stages == 3 and c.swizzle == "Identity8" and c.split_k == 1)
+    split = next(c for c in cfgs if c.split_k == 16 and symbol(c) == symbol(base))
     return base, split
+
+
+def fp32_residual_configs():
+    """fp32 bias + residual through the broadcast epilogue: 3xTF32 tensor ops and SIMT (the SIMT one did not
+    compile on the H200, and took the 3xTF32 one in its TU down with it)."""
+    cfgs = space(FP32_RESIDUAL, Arch.SM80, Precision.FP32)
+    return (next(c for c in cfgs if c.opclass == "tensorop" and c.tile == (128, 128, 16) and c.split_k == 1),
+            next(c for c in cfgs if c.opclass == "simt" and c.split_k == 1))
+
+
+def bias_free_configs(arch=Arch.SM80, element="float32", policy=Precision.FP32):
+    """The act and residual epilogues (no bias vector), one 2.x config each."""
+    out = []
+    for epilogue, act in (("act", "relu"), ("residual", "none")):
+        p = GemmProblem(M=1024, N=768, K=512, dtype=element, epilogue=epilogue, activation=act)
+        out.append(next(c for c in space(p, arch, policy) if c.template == "sm80_gemm" and c.split_k == 1
+                        and c.swizzle == "Identity8" and c.opclass == "tensorop"))
+    return out
 
 
 def bf16_gelu_config():
@@ -129,6 +149,25 @@ def test_emit_groups_sm90_by_schedule_and_fusion():
     for ns in sizes.values():
         assert max(ns) - min(ns) <= 1, "TUs of one family are balanced"
     assert emit(sm90, Arch.SM90)[0].name == sources[0].name, "names come from content"
+
+
+def test_emit_bias_free_and_residual_epilogues():
+    act = next(c for c in space(GemmProblem(M=1024, N=768, K=512, dtype="bfloat16", epilogue="act",
+                                            activation="silu"), Arch.SM90, Precision.BF16)
+               if c.template == "sm90_gemm")
+    code = emit([act], Arch.SM90)[0].code
+    assert "kEpilogue = 4;" in code and "using ElementC = void;" in code
+    assert "cutlass::epilogue::thread::SiLu" in code
+    residual = [c for c in space(GemmProblem(M=1024, N=768, K=512, dtype="bfloat16", epilogue="residual"),
+                                 Arch.SM90, Precision.BF16) if c.template == "sm90_gemm"]
+    # A residual alone needs no fusion: NoSmem epilogues qualify, and C is always loaded.
+    assert {c.epilogue_schedule for c in residual} >= {"NoSmemWarpSpecialized", "TmaWarpSpecializedCooperative"}
+    for s in emit(residual[:8], Arch.SM90):
+        assert "kEpilogue = 5;" in s.code and "using ElementC = cutlass::bfloat16_t;" in s.code
+    tensorop, simt = fp32_residual_configs()
+    sources = emit([tensorop, simt], Arch.SM80)
+    assert len(sources) == 1 and sources[0].code.count("kEpilogue = 3;") == 2
+    assert "cutlass::arch::OpClassSimt" in sources[0].code
 
 
 def test_emit_refuses_inconsistent_configs():
@@ -309,7 +348,10 @@ def build_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sm80_library(build_cache):
     base, split = fp32_configs()
-    sources = emit([base, split, bf16_gelu_config()], Arch.SM80)
+    # 2.x instances cost ~1-3 s each after the first: one TU covers the fp32 residual (3xTF32 and SIMT, the H200
+    # compile error) and the bias-free epilogues as well.
+    configs = [base, split, bf16_gelu_config(), *fp32_residual_configs(), *bias_free_configs()]
+    sources = emit(configs, Arch.SM80)
     assert len(sources) == 1, "2.x configs of any element and epilogue share a TU"
     return B.build(sources[0], build_cache)
 
@@ -347,7 +389,9 @@ def _check_abi(lib):
 @nvcc_present
 def test_sm80_template_compiles_and_exports_the_abi(sm80_library):
     _check_abi(sm80_library)
-    assert len(set(sm80_library.source.symbols)) == 2  # the split-K variant shares its base's instance
+    assert len(set(sm80_library.source.symbols)) == len(sm80_library.source.symbols) - 1, \
+        "the split-K variant shares its base's instance"
+    assert any(c.opclass == "simt" and c.epilogue == "bias_residual" for c in sm80_library.source.configs)
 
 
 @pytest.mark.nvcc
@@ -407,15 +451,20 @@ def _run_gemm(lib, cfg, problem, split_k=1, seed=0):
     a = torch.randn(M, K, device=dev).to(dt)
     w = torch.randn(N, K, device=dev).to(dt) / K ** 0.5  # nn.Linear weight [N, K]
     bias = torch.randn(N, device=dev).to(dt)
+    residual = torch.randn(M, N, device=dev).to(dt)
     d = torch.full((M, N), float("nan"), device=dev, dtype=dt)
     ref = a.double() @ w.double().T
-    if cfg.epilogue != "none":
+    if cfg.epilogue in ("bias", "bias_act", "bias_residual"):
         ref = ref + bias.double()
-    act = {"none": lambda x: x, "gelu": torch.nn.functional.gelu,
+    act = {"none": lambda x: x, "gelu": torch.nn.functional.gelu, "relu": torch.relu,
            "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}[cfg.activation]
     ref = act(ref)
-    args = GemmArgs(A=a.data_ptr(), B=w.data_ptr(), C=None, D=d.data_ptr(), bias=bias.data_ptr(), M=M, N=N, K=K,
-                    L=1, lda=K, ldb=K, ldc=N, ldd=N, alpha=1.0, beta=0.0, split_k=split_k, sm_count=0,
+    with_c = cfg.epilogue in ("bias_residual", "residual")
+    if with_c:
+        ref = ref + residual.double()
+    args = GemmArgs(A=a.data_ptr(), B=w.data_ptr(), C=residual.data_ptr() if with_c else None, D=d.data_ptr(),
+                    bias=bias.data_ptr(), M=M, N=N, K=K, L=1, lda=K, ldb=K, ldc=N, ldd=N, alpha=1.0,
+                    beta=1.0 if with_c else 0.0, split_k=split_k, sm_count=0,
                     stream=torch.cuda.current_stream().cuda_stream)
     dll = ctypes.CDLL(lib.path)
     sym = symbol(cfg)
@@ -442,5 +491,8 @@ def test_built_kernels_compute_the_gemm(sm80_library, sm90_library):
     for split in (1, 8):
         assert _run_gemm(sm80_library, base, small, split_k=split) < Precision.FP32.tolerance
     assert _run_gemm(sm80_library, bf16_gelu_config(), BF16_GELU) < Precision.BF16.tolerance
+    for cfg in (*fp32_residual_configs(), *bias_free_configs()):
+        p = dataclasses.replace(FP32_RESIDUAL, epilogue=cfg.epilogue, activation=cfg.activation)
+        assert _run_gemm(sm80_library, cfg, p) < Precision.FP32.tolerance, cfg.name
     if torch.cuda.get_device_capability() == (9, 0):
         assert _run_gemm(sm90_library, sm90_fused_config(), BF16_GELU_TANH) < Precision.BF16.tolerance

@@ -30,7 +30,11 @@ ABI_VERSION = 1
 TEMPLATES = ("sm80_gemm", "sm90_gemm")
 MAX_PER_TU = {"sm80_gemm": 16, "sm90_gemm": 8}
 
-EPILOGUE_KIND = {"none": 0, "bias": 1, "bias_act": 2, "bias_residual": 3}  # fr::EpilogueKind in fr_common.h
+# fr::EpilogueKind in fr_common.h
+EPILOGUE_KIND = {"none": 0, "bias": 1, "bias_act": 2, "bias_residual": 3, "act": 4, "residual": 5}
+# Epilogues that read C (the residual, beta = 1), and those that need a 3.x fusion operation (a TMA epilogue).
+C_EPILOGUES = {"bias_residual", "residual"}
+FUSED_EPILOGUES = {"bias", "bias_act", "bias_residual", "act"}
 
 # cutlass/epilogue/thread/activation.h functors; GELU is erf-exact (F.gelu), GELU_taylor is the tanh form.
 ACTIVATION_TAG = {
@@ -125,13 +129,12 @@ def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
             "warps_m": cfg.warps[0], "warps_n": cfg.warps[1], "warps_k": cfg.warps[2],
             "inst_m": cfg.instruction[0], "inst_n": cfg.instruction[1], "inst_k": cfg.instruction[2],
         }
-    fused = cfg.epilogue != "none"
     tma_epilogue = cfg.epilogue_schedule in TMA_EPILOGUES
-    if fused and not tma_epilogue:
+    if cfg.epilogue in FUSED_EPILOGUES and not tma_epilogue:
         raise ValueError(f"{cfg.name}: epilogue {cfg.epilogue} needs a TMA epilogue schedule, "
                          f"not {cfg.epilogue_schedule}")
-    # C is loaded only for a residual; TMA epilogues then drop it entirely (void), the others never read it.
-    c_void = tma_epilogue and cfg.epilogue != "bias_residual"
+    # C is loaded only for a residual; without one TMA epilogues drop it entirely (void), the others never read it.
+    c_void = tma_epilogue and cfg.epilogue not in C_EPILOGUES
     scheduler = {"": lib.TileSchedulerType.Default, "persistent": lib.TileSchedulerType.Persistent,
                  "stream_k": lib.TileSchedulerType.StreamK}[cfg.tile_scheduler]
     return common | {

@@ -134,7 +134,7 @@ def has_bias(problem: GemmProblem) -> bool:
 
 
 def has_residual(problem: GemmProblem) -> bool:
-    return problem.epilogue == "bias_residual"
+    return problem.epilogue in ("bias_residual", "residual")
 
 
 def operand_shapes(problem: GemmProblem) -> dict[str, Optional[tuple[int, ...]]]:

@@ -66,27 +66,30 @@ def problem_from_match(match: Match, policy: Precision) -> GemmProblem:
                               f"(GEMM families: {', '.join(FAMILY_EPILOGUE)})")
     if match.dtype not in FLOAT_DTYPES:
         raise CannotImplement(f"{match.rule}: dtype {match.dtype} is not a floating-point GEMM")
-    epilogue = FAMILY_EPILOGUE[match.family]
-    has_bias = _flag(match.param("has_bias", epilogue != "none"))
-    residual = _flag(match.param("residual", epilogue == "bias_residual"))
+    family_epilogue = FAMILY_EPILOGUE[match.family]
+    has_bias = _flag(match.param("has_bias", family_epilogue != "none"))
+    residual = _flag(match.param("residual", family_epilogue == "bias_residual"))
     raw_act = str(match.param("activation", "none") or "none").lower()
     if raw_act not in ACTIVATION_ALIASES:
         raise CannotImplement(f"{match.rule}: activation {raw_act!r} has no CUTLASS epilogue here")
     activation = ACTIVATION_ALIASES[raw_act]
-
-    if epilogue == "bias_act" and activation == "none":
-        epilogue = "bias"  # a bias_act rule whose activation is the identity
-    if epilogue == "bias_residual" and not residual:
-        epilogue = "bias"
-    if epilogue != "none" and not has_bias:
-        raise CannotImplement(f"{match.rule}: {match.family} without a bias is not implemented "
-                              "(epilogues need a bias vector)")
-    if epilogue == "none" and (has_bias or residual or activation != "none"):
-        raise CannotImplement(f"{match.rule}: family {match.family} cannot carry bias/residual/activation")
-    if epilogue == "bias_residual" and activation != "none":
+    # A family's subgraph holds at most its own parts: anything more is not in the nodes the kernel replaces.
+    extra = [name for name, present, allowed in (
+        ("a bias", has_bias, family_epilogue != "none"),
+        ("an activation", activation != "none", family_epilogue == "bias_act"),
+        ("a residual", residual, family_epilogue == "bias_residual"),
+    ) if present and not allowed]
+    if extra:
+        raise CannotImplement(f"{match.rule}: family {match.family} cannot carry {' or '.join(extra)}")
+    # Its parts may be absent (no bias, an identity activation, no residual): the epilogue is what is left.
+    if activation != "none" and residual:
         raise CannotImplement(f"{match.rule}: activation together with a residual is not implemented")
-    if epilogue != "bias_act":
-        activation = "none"
+    if activation != "none":
+        epilogue = "bias_act" if has_bias else "act"
+    elif residual:
+        epilogue = "bias_residual" if has_bias else "residual"
+    else:
+        epilogue = "bias" if has_bias else "none"
 
     default_b = "row" if match.family == "bmm" else "col"  # torch.bmm's B is [L, K, N]; Linear's weight [N, K]
     problem = GemmProblem(

@@ -13,6 +13,8 @@
  *   bias           D = alpha*acc + bias                (C is ignored)
  *   bias_act       D = act(alpha*acc + bias)           (C is ignored)
  *   bias_residual  D = alpha*acc + beta*C + bias       (C is the residual; callers pass beta = 1)
+ *   act            D = act(alpha*acc)                  (C and bias are ignored)
+ *   residual       D = alpha*acc + beta*C              (C is the residual; callers pass beta = 1; bias ignored)
  * Layouts: A row-major [M,K] (lda = K) or, for a "col" A, stored [K,M] (lda = M); B "col" is stored [N,K]
  * row-major (ldb = K, an nn.Linear weight), B "row" is stored [K,N] (ldb = N); C and D are row-major [M,N].
  * bias is a contiguous [N] vector shared by all batches. Leading dimensions and batch strides count elements;

@@ -14,7 +14,10 @@
 namespace fr {
 
 // The epilogue of a configuration, as emit.py numbers them (KernelConfig.epilogue).
-enum EpilogueKind : int { kNone = 0, kBias = 1, kBiasAct = 2, kBiasResidual = 3 };
+enum EpilogueKind : int { kNone = 0, kBias = 1, kBiasAct = 2, kBiasResidual = 3, kAct = 4, kResidual = 5 };
+
+constexpr bool needs_bias(int kind) { return kind == kBias || kind == kBiasAct || kind == kBiasResidual; }
+constexpr bool needs_c(int kind) { return kind == kBiasResidual || kind == kResidual; }
 
 inline int to_int(cutlass::Status s) { return static_cast<int>(s); }
 
@@ -28,8 +31,8 @@ inline cutlass::Status check_args(const fr_gemm_args* a, int kind) {
     return cutlass::Status::kErrorInvalidProblem;
   }
   if (a->A == nullptr || a->B == nullptr || a->D == nullptr) return cutlass::Status::kErrorInvalidProblem;
-  if (kind != kNone && a->bias == nullptr) return cutlass::Status::kErrorInvalidProblem;
-  if (kind == kBiasResidual && a->C == nullptr) return cutlass::Status::kErrorInvalidProblem;
+  if (needs_bias(kind) && a->bias == nullptr) return cutlass::Status::kErrorInvalidProblem;
+  if (needs_c(kind) && a->C == nullptr) return cutlass::Status::kErrorInvalidProblem;
   if (a->split_k < 1) return cutlass::Status::kErrorInvalidProblem;
   // A K split and a batch share CUTLASS's batch dimension (2.x) or are untested together (3.x): refuse.
   if (a->split_k > 1 && a->L > 1) return cutlass::Status::kErrorNotSupported;
