@@ -11,7 +11,7 @@ from __future__ import annotations
 from fact_ray.errors import CannotImplement
 from fact_ray.types import Arch, GemmProblem, KernelConfig, Precision
 
-from fact_ray.search_spaces import catalog, rank, rules
+from fact_ray.search_spaces import catalog, rank, rules, tf32x3
 
 EPILOGUES = ("none", "bias", "bias_act", "bias_residual", "act", "residual")
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -49,7 +49,19 @@ def space(problem: GemmProblem, arch: Arch, policy: Precision, budget: int | Non
     fitting = rules.widest_alignment_only([op for op in ops if rules.usable(op, problem, arch, policy)])
     configs = [cfg for op in fitting for cfg in _variants(op, problem, arch, policy)]
     ordered = rank.order(configs, problem, arch)
+    if arch is Arch.SM90 and policy is Precision.FP32:
+        ordered = _with_tf32x3(problem, arch, ordered, budget)
     return ordered if budget is None else ordered[:budget]
+
+
+def _with_tf32x3(problem: GemmProblem, arch: Arch, ordered: list[KernelConfig],
+                 budget: int | None) -> list[KernelConfig]:
+    """Hopper, fp32 policy: the tf32x3 family (2.1-2.3x over cuBLAS fp32 end to end in round 1 of the fp32
+    research) before the 2.x 3xTF32 kernels (1.3-1.5x; the catalog holds none of their 64x64 warp tiles, which
+    spill on sm_90a and ran 0.64-0.70x), unless its model predicts that the split pass eats the gain
+    (tf32x3.leads: e.g. 256x256x524288, where 2.x split-K wins); there it goes after them."""
+    family = tf32x3.tf32x3_configs(problem, arch, budget)
+    return family + ordered if tf32x3.leads(problem, arch) else ordered + family
 
 
 def _variants(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precision) -> list[KernelConfig]:

@@ -39,6 +39,7 @@ BASE_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xco
 GENCODES = {
     "sm80_gemm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
     "sm90_gemm": ("-gencode=arch=compute_90a,code=sm_90a",),
+    "sm90_tf32x3": ("-gencode=arch=compute_90a,code=sm_90a",),  # WGMMA/TMA as sm90_gemm; headers are embedded
 }
 
 META_VERSION = 1

@@ -1,9 +1,10 @@
 """KernelConfigs -> translation units of CUTLASS C++ (Sources), rendered from the files in templates/.
 
-The C++ lives in the templates: a TU template per API generation (`sm80_gemm.cu.in` for CUTLASS 2.x,
-`sm90_gemm.cu.in` for 3.x), a per-config instance template for each, and two shared headers (`fr_abi.h`, the C
-ABI; `fr_common.h`, C++ helpers) pasted into every TU so that a Source is self-contained and its text is the
-whole build input. Python only fills `{{name}}` slots with numbers and C++ type spellings (most from
+The C++ lives in the templates: a TU template per kernel family (`sm80_gemm.cu.in` for CUTLASS 2.x,
+`sm90_gemm.cu.in` for 3.x, `sm90_tf32x3.cu.in` for Hopper's fp32-class 3xTF32 over K-concatenated splits), a
+per-config instance template for each, and shared headers (`fr_abi.h`, the C ABI; `fr_common.h`, C++ helpers;
+a family's own, such as `fr_tf32x3_mainloop.hpp`) pasted into every TU so that a Source is self-contained and its
+text is the whole build input. Python only fills `{{name}}` slots with numbers and C++ type spellings (most from
 cutlass_library's own *Tag tables).
 
 Several configs share a TU (compile time is dominated by per-TU template parsing and NVVM): 2.x instances are
@@ -27,8 +28,14 @@ from fact_ray.types import Arch, KernelConfig, Source, to_jsonable
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 ABI_VERSION = 1
 
-TEMPLATES = ("sm80_gemm", "sm90_gemm")
-MAX_PER_TU = {"sm80_gemm": 16, "sm90_gemm": 8}
+TEMPLATES = ("sm80_gemm", "sm90_gemm", "sm90_tf32x3")
+# tf32x3 TUs also carry the split kernels and compile slower per distinct kernel (~35 s for the first, ~5-10 s
+# each after; instances that differ only in operand layouts or promotion share one kernel and cost ~nothing).
+MAX_PER_TU = {"sm80_gemm": 16, "sm90_gemm": 8, "sm90_tf32x3": 4}
+INSTANCE_TEMPLATE = {"sm80_gemm": "sm80_instance.cu.in", "sm90_gemm": "sm90_instance.cu.in",
+                     "sm90_tf32x3": "sm90_tf32x3_instance.cu.in"}
+# Family headers pasted into the TU template's slots (beside fr_abi.h and fr_common.h).
+TU_HEADERS = {"sm90_tf32x3": {"mainloop_header": "fr_tf32x3_mainloop.hpp"}}
 
 # fr::EpilogueKind in fr_common.h
 EPILOGUE_KIND = {"none": 0, "bias": 1, "bias_act": 2, "bias_residual": 3, "act": 4, "residual": 5}
@@ -60,6 +67,8 @@ _SHARED_FIELDS = ("template", "element", "opclass", "math_op", "tile", "stages",
 COMPILE_FIELDS = {
     "sm80_gemm": _SHARED_FIELDS + ("instruction", "warps", "swizzle"),
     "sm90_gemm": _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler"),
+    # kernel_schedule carries the promotion ("TF32x3PromotedG4Stagger"); layouts change the split calls.
+    "sm90_tf32x3": _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler"),
 }
 
 _SLOT = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -114,6 +123,8 @@ def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
         raise ValueError(f"{cfg.name}: unknown epilogue {cfg.epilogue!r}")
     if cfg.activation not in ACTIVATION_TAG:
         raise ValueError(f"{cfg.name}: unknown activation {cfg.activation!r}")
+    if cfg.template == "sm90_tf32x3":
+        return _tf32x3_values(cfg, sym)
     common = {
         "sym": sym, "name": describe(cfg), "element": ELEMENT_TAG[cfg.element],
         "layout_a": LAYOUT_TAG[cfg.layout_a], "layout_b": LAYOUT_TAG[cfg.layout_b],
@@ -146,9 +157,39 @@ def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
     }
 
 
+def _tf32x3_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
+    """Slots of sm90_tf32x3_instance.cu.in. The family fixes what its template does not read (fp32 operands,
+    the cooperative TMA epilogue, A/B of any alignment): a config that says otherwise is refused, not ignored."""
+    from cutlass_library import library as lib
+
+    from fact_ray.search_spaces import tf32x3
+
+    try:
+        group, stagger = tf32x3.promotion(cfg.kernel_schedule)
+    except ValueError as e:
+        raise ValueError(f"{cfg.name}: {e}") from None
+    fixed = {"element": "float", "opclass": "tensorop", "math_op": tf32x3.MATH_OP,
+             "epilogue_schedule": tf32x3.EPILOGUE_SCHEDULE, "alignment": tf32x3.ALIGNMENT}
+    wrong = {f: getattr(cfg, f) for f, v in fixed.items() if getattr(cfg, f) != v}
+    if wrong or cfg.cluster[2] != 1 or cfg.tile_scheduler not in ("persistent", "stream_k"):
+        raise ValueError(f"{cfg.name}: not a tf32x3 config ({wrong or (cfg.cluster, cfg.tile_scheduler)}; the "
+                         f"family takes {fixed}, a cluster of depth 1 and a persistent or stream-K scheduler)")
+    scheduler = {"persistent": lib.TileSchedulerType.Persistent,
+                 "stream_k": lib.TileSchedulerType.StreamK}[cfg.tile_scheduler]
+    return {
+        "sym": sym, "name": describe(cfg), "epilogue_kind": EPILOGUE_KIND[cfg.epilogue],
+        "activation": ACTIVATION_TAG[cfg.activation],
+        "a_k_contiguous": "true" if cfg.layout_a == "row" else "false",
+        "b_k_contiguous": "true" if cfg.layout_b == "col" else "false",
+        "promotion_group": group, "stagger": "true" if stagger else "false",
+        "tile_m": cfg.tile[0], "tile_n": cfg.tile[1], "tile_k": cfg.tile[2], "stages": cfg.stages,
+        "cluster_m": cfg.cluster[0], "cluster_n": cfg.cluster[1], "tile_scheduler": lib.TileSchedulerTag[scheduler],
+    }
+
+
 def instance(cfg: KernelConfig) -> str:
     """The C++ block (types + extern "C" entry points) of one config."""
-    return render(template_text(f"{cfg.template.split('_')[0]}_instance.cu.in"), _instance_values(cfg, symbol(cfg)))
+    return render(template_text(INSTANCE_TEMPLATE[cfg.template]), _instance_values(cfg, symbol(cfg)))
 
 
 def translation_unit(template: str, configs: Iterable[KernelConfig]) -> str:
@@ -161,9 +202,10 @@ def translation_unit(template: str, configs: Iterable[KernelConfig]) -> str:
         if sym not in blocks:
             blocks[sym] = instance(cfg)
     listing = "\n".join(f"//   {sym}" for sym in blocks)
+    headers = {slot: template_text(name) for slot, name in TU_HEADERS.get(template, {}).items()}
     return render(template_text(f"{template}.cu.in"), {
         "listing": listing, "abi_header": abi_header(), "common_header": template_text("fr_common.h"),
-        "instances": "\n".join(blocks.values()),
+        "instances": "\n".join(blocks.values()), **headers,
     })
 
 
@@ -174,6 +216,10 @@ def _group_key(cfg: KernelConfig) -> tuple:
     if cfg.template == "sm90_gemm":
         return (cfg.template, cfg.element, cfg.epilogue, cfg.activation, cfg.kernel_schedule,
                 cfg.epilogue_schedule, cfg.tile_scheduler)
+    # tf32x3: the promotion (kernel_schedule) and the layouts are run-time or split-side differences that share
+    # one kernel instantiation, so they stay together; fusion and tile scheduler change the kernel.
+    if cfg.template == "sm90_tf32x3":
+        return (cfg.template, cfg.epilogue, cfg.activation, cfg.tile_scheduler)
     return (cfg.template,)
 
 

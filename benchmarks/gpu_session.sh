@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One GPU call: set up the carried packages, then run the named steps, each under its own time limit, logging
+# under $OUT. Steps: gputests, gemm:<policies>:<budget>, scaling:<units>, farm:<policy>
+#   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip -e failed"; exit 1; }
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+date=$(date -u +%Y-%m-%d)
+for step in "$@"; do
+  IFS=: read -r name a b <<<"$step"
+  echo "=== $step ($(date -u +%T))"
+  case "$name" in
+    gputests) timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -15 ;;
+    gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \
+            | tee "$OUT/gemm-${a//,/-}.log" | tail -40 ;;
+    scaling) timeout 400 python3 benchmarks/compile_scaling.py --units "$a" --arch sm80 --out "$OUT/compile-scaling.json" 2>&1 \
+            | tee "$OUT/scaling.log" | tail -15 ;;
+    farm) rm -rf .fact-ray/pattern_table .fact-ray/mlflow.db
+          for i in 1 2; do
+            /usr/bin/time -f "run $i wall %e s" timeout 400 fact-ray run examples/minigpt.py --policy "$a" --budget "${b:-6}" 2>&1 \
+              | tee "$OUT/farm-$a-run$i.log" | tail -25
+          done
+          fact-ray table list 2>&1 | tee "$OUT/farm-table.log" | tail -12
+          fact-ray compare --last 2 2>&1 | tee "$OUT/farm-compare.log" | tail -12 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
