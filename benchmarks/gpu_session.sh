@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call: set up the carried packages, then run the named steps, each under its own time limit, logging
-# under $OUT. Steps: gputests, gemm:<policies>:<budget>, scaling:<units>, farm:<policy>
+# under $OUT. Steps: gputests, pytest:<file>, gemm:<policies>:<budget>, scaling:<units>, farm:<policy>
 #   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -11,6 +11,7 @@ for step in "$@"; do
   IFS=: read -r name a b <<<"$step"
   echo "=== $step ($(date -u +%T))"
   case "$name" in
+    pytest) timeout 240 python3 -m pytest -q -m gpu "$a" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-$(basename "$a" .py).log" | tail -15 ;;
     gputests) timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -15 ;;
     gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \
             | tee "$OUT/gemm-${a//,/-}.log" | tail -40 ;;
