@@ -15,7 +15,7 @@ for step in "$@"; do
     gputests) timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -15 ;;
     gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \
             | tee "$OUT/gemm-${a//,/-}.log" | tail -40 ;;
-    scaling) timeout 400 python3 benchmarks/compile_scaling.py --units "$a" --arch sm80 --out "$OUT/compile-scaling.json" 2>&1 \
+    scaling) timeout 400 python3 benchmarks/compile_scaling.py --units "$a" --base-units "${b:-0}" --arch sm80 --out "$OUT/compile-scaling.json" 2>&1 \
             | tee "$OUT/scaling.log" | tail -15 ;;
     farm) rm -rf .fact-ray/pattern_table .fact-ray/mlflow.db
           for i in 1 2; do

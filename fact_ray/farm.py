@@ -327,8 +327,16 @@ class _Driver:
         from fact_ray.pattern_table import RowContext, TableKey, Toolchain
 
         s = self.s
-        # The toolchain check runs on a compile node while GPU workers start: both take seconds.
+        ref = self.ref
+        if ":" not in ref or os.path.exists(ref):
+            ref = str(Path(ref).absolute())  # workers do not share the driver's working directory
+        # The toolchain check, discovery and the GPU workers' start-up each take seconds: they run at once.
+        # Discovery's cost model needs the arch before the workers have reported theirs, so it starts with the
+        # configured one (sm90 by default) and runs again in the rare cluster whose GPUs say otherwise.
         tc_ref = cluster.toolchain_info.remote(s.nvcc)
+        guess = s.arch or Arch.SM90
+        agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm)
+        disc_ref = agent.discover.remote(ref, guess, self.policy)
         gpus = cluster.gpu_count()
         gpu_name, host, torch_on_gpu = "", "", ""
         if gpus:
@@ -353,12 +361,10 @@ class _Driver:
                               torch=torch_on_gpu or versions["torch"], bench_method=versions["bench_method"])
         self.toolchain = toolchain
 
-        ref = self.ref
-        if ":" not in ref or os.path.exists(ref):
-            ref = str(Path(ref).absolute())  # workers do not share the driver's working directory
-        agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm)
         try:
-            disc = ray.get(agent.discover.remote(ref, arch, self.policy))
+            disc = ray.get(disc_ref)
+            if arch != guess:
+                disc = ray.get(agent.discover.remote(ref, arch, self.policy))
         except ray.exceptions.RayTaskError as e:
             unwrap_user_error(e)
             raise
