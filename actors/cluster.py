@@ -13,7 +13,8 @@ from typing import Any
 
 import ray
 
-from fact_ray.errors import NotAvailable, ServiceUnreachable
+from fact_ray import config
+from fact_ray.errors import ServiceUnreachable
 from fact_ray.types import Arch
 
 PROBE_TIMEOUT_S = 3.0
@@ -105,19 +106,7 @@ def toolchain_info(nvcc: str) -> dict[str, str]:
 
 def arch_for(capability: tuple[int, int], gpu_name: str, wanted: Arch | None) -> Arch:
     """The arch to build for on the cluster's GPUs, checked against the one the user asked for."""
-    major, minor = capability
-    if wanted is None:
-        if (major, minor) == (9, 0):
-            return Arch.SM90
-        if major == 8:
-            return Arch.SM80
-        raise NotAvailable(f"GPU {gpu_name} (sm_{major}{minor}) is not a fact-ray target: sm80 (A100) or sm90 "
-                           "(H100/H200); pass --arch to compile anyway")
-    if wanted == Arch.SM90 and (major, minor) != (9, 0):
-        raise NotAvailable(f"--arch sm90 kernels (sm_90a) do not run on the cluster's {gpu_name} (sm_{major}{minor})")
-    if wanted == Arch.SM80 and major not in (8, 9):
-        raise NotAvailable(f"--arch sm80 kernels do not run on the cluster's {gpu_name} (sm_{major}{minor})")
-    return wanted
+    return config.arch_for(capability, f"the cluster's {gpu_name}", wanted)
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fact_ray.errors import ConfigError, UnknownArch, UnknownPolicy
+from fact_ray.errors import ConfigError, NotAvailable, UnknownArch, UnknownPolicy
 from fact_ray.types import Arch, Precision
 
 
@@ -83,6 +83,23 @@ def parse_arch(value: str) -> Arch:
         return Arch(v)
     except ValueError:
         raise UnknownArch(f"unknown architecture {value!r}: choose sm80 (A100) or sm90 (H100/H200)") from None
+
+
+def arch_for(capability: tuple[int, int], gpu_name: str, wanted: Arch | None) -> Arch:
+    """The arch to build for on a GPU of this compute capability, checked against the one the user asked for."""
+    major, minor = capability
+    if wanted is None:
+        if (major, minor) == (9, 0):
+            return Arch.SM90
+        if major == 8:
+            return Arch.SM80
+        raise NotAvailable(f"GPU {gpu_name} (sm_{major}{minor}) is not a fact-ray target: sm80 (A100) or sm90 "
+                           "(H100/H200); pass --arch to compile anyway")
+    if wanted == Arch.SM90 and (major, minor) != (9, 0):
+        raise NotAvailable(f"--arch sm90 kernels (sm_90a) do not run on {gpu_name} (sm_{major}{minor})")
+    if wanted == Arch.SM80 and major not in (8, 9):
+        raise NotAvailable(f"--arch sm80 kernels do not run on {gpu_name} (sm_{major}{minor})")
+    return wanted
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

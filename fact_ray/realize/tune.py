@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from rich.table import Table
 
-from fact_ray.config import Settings
+from fact_ray.config import Settings, arch_for
 from fact_ray.errors import CandidateError, CannotImplement, NotAvailable
 from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
 from fact_ray.realize.build import build_many
@@ -253,20 +253,7 @@ def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: to
 
 def local_arch(device: torch.device, wanted: Optional[Arch]) -> Arch:
     """The architecture to build for on this GPU, checked against a requested one."""
-    major, minor = torch.cuda.get_device_capability(device)
-    name = torch.cuda.get_device_name(device)
-    if wanted is None:
-        if (major, minor) == (9, 0):
-            return Arch.SM90
-        if major == 8:
-            return Arch.SM80
-        raise NotAvailable(f"GPU {name} (sm_{major}{minor}) is not a fact-ray target: sm80 (A100) or sm90 "
-                           "(H100/H200)")
-    if wanted == Arch.SM90 and (major, minor) != (9, 0):
-        raise NotAvailable(f"--arch sm90 kernels (sm_90a) do not run on {name} (sm_{major}{minor})")
-    if wanted == Arch.SM80 and major not in (8, 9):
-        raise NotAvailable(f"--arch sm80 kernels do not run on {name} (sm_{major}{minor})")
-    return wanted
+    return arch_for(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device), wanted)
 
 
 def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress] = None) -> TuneResult:
