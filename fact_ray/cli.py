@@ -150,9 +150,21 @@ def tune(
         if not 1 <= pattern <= len(matches):
             raise UserError(f"--pattern {pattern}: the model has {len(matches)} matches (see `fact-ray discover`)")
         con = _console()
-        result = tn.tune_match(matches[pattern - 1], s, arch=target, progress=lambda msg: con.print(msg))
-        con.print(tn.format_trials(result.trials))
-        con.print(result.summary)
+
+        def show(p: "tn.TuneProgress") -> None:
+            if p.stage in ("space", "compile", "done") or p.done == p.total:
+                con.print(f"{p.stage}: {p.done}/{p.total} {p.detail}")
+
+        m = matches[pattern - 1]
+        con.print(f"tuning #{pattern} {m.rule} ({m.shape_signature}, {m.dtype}) under {s.policy.value}")
+        result = tn.tune_match(m, s, progress=show)
+        w = result.winner
+        con.print(tn.format_trials(result.trials, chosen=w.trial.candidate_name,
+                                   title=f"#{pattern} {m.rule} on {result.gpu}: {len(result.trials)} trials"))
+        verdict = ("the PyTorch op stays: no verified kernel is faster" if w.config is None else
+                   f"winner {w.config.name}: {w.trial.speedup:.2f}x over the PyTorch op")
+        con.print(f"{verdict} ({result.libraries_ok}/{result.libraries} libraries built, "
+                  f"{result.compile_seconds:.0f} s of compile)")
 
     _guard(body)
 
@@ -161,10 +173,11 @@ def tune(
 
 
 def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri: Optional[str],
-         policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool) -> None:
+         policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool,
+         llm: Optional[str] = None, llm_model: Optional[str] = None) -> None:
     def body() -> None:
         s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri, policy=policy, arch=arch,
-                      budget=budget)
+                      budget=budget, llm=llm, llm_model=llm_model)
         from fact_ray import farm
         from fact_ray.progress import ConsoleProgress
 
@@ -183,6 +196,9 @@ _ADDRESS = typer.Option(None, "--address", help="Ray cluster: ray://host:10001 o
 _TABLE = typer.Option(None, "--table", help="Pattern table URI (path, s3://, gs://, hdfs://).")
 _TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///.fact-ray/mlflow.db).")
 _BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
+_LLM = typer.Option(None, "--llm", help="LLM discovery agent: off (default: the rules rank alone), rank, or propose. "
+                    "Needs OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server.")
+_LLM_MODEL = typer.Option(None, "--llm-model", help="Model name to ask at the OpenAI-compatible endpoint.")
 
 
 @app.command()
@@ -195,13 +211,15 @@ def run(
     arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
     budget: Optional[int] = _BUDGET,
     retune: bool = typer.Option(False, "--retune", help="Ignore winners already in the table."),
+    llm: Optional[str] = _LLM,
+    llm_model: Optional[str] = _LLM_MODEL,
 ) -> None:
     """The main job: capture, discover, compile and tune every pattern on Ray, record winners and the run.
 
     Patterns with a valid winner in the table are served from it (no compile, no trial) unless --retune.
     Without a GPU, every CPU step still runs and the summary says which steps need a GPU.
     """
-    _run(model, address, table, tracking_uri, policy, arch, budget, retune)
+    _run(model, address, table, tracking_uri, policy, arch, budget, retune, llm, llm_model)
 
 
 @app.command()
@@ -213,9 +231,11 @@ def retune(
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
     budget: Optional[int] = _BUDGET,
+    llm: Optional[str] = _LLM,
+    llm_model: Optional[str] = _LLM_MODEL,
 ) -> None:
     """Re-tune a model against the table (the nightly job): like `run --retune`, new trials for every pattern."""
-    _run(model, address, table, tracking_uri, policy, arch, budget, True)
+    _run(model, address, table, tracking_uri, policy, arch, budget, True, llm, llm_model)
 
 
 # ---------------------------------------------------------------------------------------------- not yet landed

@@ -54,3 +54,28 @@ def test_bad_policy_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown precision policy 'fp8'")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tune_without_gpu_says_so():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = sh("tune", "tests/models/small_block.py", "--pattern", "1", cwd=Path(__file__).parents[1])
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines()[-1].startswith("error: no CUDA GPU")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+def test_tune_on_gpu_prints_the_trials_table(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    root = Path(__file__).parents[1]
+    env = {**__import__("os").environ, "FACT_RAY_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([FACT_RAY, "tune", str(root / "tests/models/small_block.py"), "--pattern", "1",
+                        "--budget", "2"], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torch" in r.stdout and "speedup" in r.stdout
+    assert ("winner" in r.stdout) or ("the PyTorch op stays" in r.stdout)
