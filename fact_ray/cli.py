@@ -251,10 +251,31 @@ def _not_yet(what: str, issue: str) -> None:
 @app.command()
 def compose(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    load: Optional[str] = typer.Option(None, "--load", help="Restore a composed module from an artifact."),
+    out: str = typer.Option("composed", "--out", help="Folder to write the deployable artifact to."),
+    load: Optional[str] = typer.Option(None, "--load", help="Restore the composed module from this artifact "
+                                       "instead (no nvcc, no tuning, no table) and say what it holds."),
+    table: Optional[str] = _TABLE,
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
 ) -> None:
-    """Build the composed module from the table's winners and save a deployable artifact."""
-    _not_yet("fact-ray compose", "composition")
+    """Compose MODEL from the table's winners, check it end to end on the local GPU, save an artifact.
+
+    Patterns without a faster verified kernel keep their PyTorch op. A composition that fails the float64
+    check, or that could not be checked (no GPU), is never saved.
+    """
+
+    def body() -> None:
+        s = _settings(table_uri=table, policy=policy, arch=arch)
+        from fact_ray import artifact
+
+        if load:
+            artifact.load(load, model)
+            typer.echo(artifact.load_report(load))
+            return
+        path = artifact.compose_from_table(model, s, out)
+        typer.echo(artifact.load_report(path))
+
+    _guard(body)
 
 
 @app.command()

@@ -96,3 +96,13 @@ class LaunchError(CandidateError, RuntimeError):
     recorded as crashed. Also a RuntimeError, since to a caller outside tuning it is a failed launch."""
 
     status = "crashed"
+
+
+class ComposeError(UserError):
+    """A graph cannot be rewritten to the chosen kernels (overlapping matches, a missing node, an interior value
+    used outside its subgraph, an unsupported family), or a composed module failed its end-to-end check."""
+
+
+class ArtifactError(UserError):
+    """A composition artifact cannot be saved or loaded here: damaged or missing files, or an arch, toolchain or
+    model that differs from the one it was made for."""

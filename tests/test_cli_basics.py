@@ -26,7 +26,7 @@ def test_table_subcommands_have_help(sub):
     assert r.returncode == 0 and "Usage:" in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["compose", "bench"])
+@pytest.mark.parametrize("cmd", ["bench"])
 def test_unfinished_commands_say_so(cmd, tmp_path):
     r = sh(cmd, "examples/minigpt.py", cwd=Path(__file__).parents[1])
     assert r.returncode == 3

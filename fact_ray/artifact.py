@@ -1,0 +1,392 @@
+"""The deployable artifact of a composition: one folder that restores the composed module without nvcc or the table.
+
+    <artifact>/manifest.json        what was composed, for which model, arch, GPU, toolchain and policy
+    <artifact>/libs/<sha256>.so     every compiled library the kernels live in, named by content
+
+`save` writes the folder next to its destination and moves it into place with one `os.replace`, so a crash leaves
+no half-written artifact. It refuses a composed module that has not passed `fact_ray.compose.check` (only an
+explicit `allow_unchecked=True` saves one, marked unchecked in the manifest; tests use it on CPU-only machines).
+
+`load` re-captures the model, re-discovers its patterns, checks that every stored pattern is still there, loads the
+stored libraries and composes: it never runs nvcc, never tunes and never opens the pattern table. It refuses, in
+one line naming both sides, an artifact made for another arch, another torch or CUTLASS version, another model,
+or one whose library bytes do not match their recorded sha256.
+
+`compose_from_table` is the `fact-ray compose` pipeline (capture, discover, winners from the table, compose,
+check on the GPU, save); `load_report` prints what an artifact holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from fact_ray.errors import ArtifactError, ComposeError, NotAvailable
+from fact_ray.types import Arch, KernelConfig, Precision, to_jsonable
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+LIBS = "libs"
+
+
+# --------------------------------------------------------------------------------------------- local facts
+
+
+def local_toolchain() -> dict[str, str]:
+    """What a loaded artifact's libraries and timings depend on here, found without running nvcc."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        cutlass = metadata.version("nvidia-cutlass")
+    except metadata.PackageNotFoundError:
+        cutlass = ""
+    return {"torch": str(torch.__version__), "cutlass": cutlass}
+
+
+def local_arch() -> tuple[Arch | None, str]:
+    """(arch of the local GPU or None, a description of it for messages)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "this machine (no CUDA GPU)"
+    major, minor = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    arch = Arch.SM90 if (major, minor) == (9, 0) else Arch.SM80 if major == 8 else None
+    return arch, f"this machine's {name} (sm_{major}{minor})"
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def _jsonable(v: Any) -> Any:
+    v = to_jsonable(v)
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gpu_name: str | None = None,
+                allow_unchecked: bool = False) -> dict[str, Any]:
+    from fact_ray.compose import CHECK_ATTR, composition_of
+
+    comp = composition_of(composed)
+    report = getattr(composed, CHECK_ATTR, None)
+    if report is not None and not report.passed:
+        raise ComposeError(f"{comp.model_name}: the composed module failed its end-to-end check ({report.reason}); "
+                           "it is not saved")
+    if report is None and not allow_unchecked:
+        raise ComposeError(f"{comp.model_name}: the composed module has not passed the end-to-end check "
+                           "(fact_ray.compose.check, on a GPU); an unchecked composition is never saved")
+    if comp.arch is None:
+        raise ComposeError(f"{comp.model_name}: no pattern was replaced, so there is no arch to save an artifact for")
+    tc = dict(toolchain) if toolchain is not None else _default_toolchain()
+    if gpu_name is None:
+        gpu_name = _gpu_name()
+    patterns = [{
+        "match_key": r.match_key, "rule": r.rule, "family": r.family, "anchor": r.anchor, "nodes": list(r.nodes),
+        "op": r.op, "config": _jsonable(r.config), "problem": _jsonable(r.problem),
+        "library": f"{LIBS}/{r.library_sha256}.so", "sha256": r.library_sha256, "symbol": r.symbol,
+        "speedup": _jsonable(r.speedup),
+    } for r in comp.replacements]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "fact-ray-composition",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": comp.model_name, "hash": comp.model_hash, "graph_hash": comp.graph_hash,
+                  "capture": comp.capture},
+        "arch": comp.arch.value,
+        "gpu": gpu_name or "",
+        "toolchain": {k: str(tc.get(k, "")) for k in ("nvcc", "cutlass", "torch", "bench_method")},
+        "policy": comp.policy.value,
+        "check": None if report is None else _jsonable(report),
+        "patterns": patterns,
+        "kept": list(comp.kept),
+    }
+
+
+def _default_toolchain() -> dict[str, str]:
+    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+    from fact_ray.realize.build import nvcc_version
+
+    tc = local_toolchain()
+    try:
+        tc["nvcc"] = nvcc_version()  # `nvcc --version`: saving may ask, loading never does
+    except NotAvailable:
+        tc["nvcc"] = ""
+    tc["bench_method"] = str(BENCH_METHOD_VERSION)
+    return tc
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+
+
+def save(composed: Any, path: str | os.PathLike, *, toolchain: Mapping[str, str] | None = None,
+         gpu_name: str | None = None, allow_unchecked: bool = False) -> Path:
+    """Write the artifact folder atomically and return its path. See the module doc for what is refused."""
+    from fact_ray.compose import composition_of, sha256_file
+
+    manifest = manifest_of(composed, toolchain=toolchain, gpu_name=gpu_name, allow_unchecked=allow_unchecked)
+    comp = composition_of(composed)
+    final = Path(path).absolute()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        (tmp / LIBS).mkdir(parents=True)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the artifact at {final}: {e.strerror or e}") from None
+    try:
+        for r in comp.replacements:
+            dest = tmp / LIBS / f"{r.library_sha256}.so"
+            if dest.exists():
+                continue
+            shutil.copyfile(r.library_path, dest)
+            if sha256_file(str(dest)) != r.library_sha256:  # the .so changed since compose read it
+                raise ArtifactError(f"library {r.library_path} changed after composition (sha256 differs)")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _install(tmp, final)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the artifact at {final}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move the finished folder into place; an older artifact there is moved aside first, then removed."""
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"{p}: no such artifact folder")
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{p}: no {MANIFEST} (not a fact-ray artifact)") from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{p}/{MANIFEST} cannot be read ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "fact-ray-composition":
+        raise ArtifactError(f"{p}/{MANIFEST} is not a fact-ray composition manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"{p}: artifact schema version {manifest.get('schema_version')}, this fact-ray reads "
+                            f"{SCHEMA_VERSION}")
+    return manifest
+
+
+def verify_libraries(path: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Every library's bytes against its recorded sha256; returns local path -> sha256."""
+    from fact_ray.compose import sha256_file
+
+    out = {}
+    for pat in manifest["patterns"]:
+        lib = Path(path) / pat["library"]
+        if not lib.is_file():
+            raise ArtifactError(f"{path}: library {pat['library']} is missing")
+        if str(lib) not in out:
+            digest = sha256_file(str(lib))
+            if digest != pat["sha256"]:
+                raise ArtifactError(f"{path}: library {pat['library']} is damaged (sha256 {digest[:12]}, "
+                                    f"manifest {pat['sha256'][:12]})")
+            out[str(lib)] = digest
+    return out
+
+
+def check_target(manifest: Mapping[str, Any], *, expect_arch: Arch | str | None = None,
+                 expect_toolchain: Mapping[str, str] | None = None, where: str = "artifact") -> None:
+    """Refuse an artifact made for another arch or toolchain. `expect_*` stand in for the local machine (tests,
+    or preparing a deployment elsewhere); by default the local GPU and installed packages are asked."""
+    art_arch = manifest["arch"]
+    art_gpu = f" ({manifest['gpu']})" if manifest.get("gpu") else ""
+    if expect_arch is not None:
+        here, desc = Arch(expect_arch), "the expected target"
+    else:
+        here, desc = local_arch()
+    if here is None:
+        raise ArtifactError(f"{where} was built for {art_arch}{art_gpu}; {desc} cannot run its kernels")
+    if here.value != art_arch:
+        raise ArtifactError(f"{where} was built for {art_arch}{art_gpu}, {desc} is {here.value}: its kernels "
+                            "cannot run here")
+    local = local_toolchain()
+    local.update(expect_toolchain or {})
+    theirs = manifest.get("toolchain", {})
+    for key, label in (("torch", "torch"), ("cutlass", "CUTLASS")):
+        if key in local and str(theirs.get(key, "")) != str(local[key]):
+            raise ArtifactError(f"{where} was made with {label} {theirs.get(key) or '(unknown)'}, this machine has "
+                                f"{label} {local[key] or '(none)'}: compose it again here")
+
+
+def _config_from(data: Mapping[str, Any]) -> KernelConfig:
+    from dataclasses import fields
+
+    names = {f.name for f in fields(KernelConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ArtifactError(f"stored kernel config {data.get('name', '?')!r} has fields this fact-ray does not know: "
+                            f"{', '.join(unknown)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    kw["arch"], kw["precision"] = Arch(kw["arch"]), Precision(kw["precision"])
+    return KernelConfig(**kw)
+
+
+def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device: Any = None,
+         expect_arch: Arch | str | None = None, expect_toolchain: Mapping[str, str] | None = None) -> Any:
+    """Restore a composed module from an artifact folder, for `model`: a model reference (file or
+    `pkg.mod:factory`), a `fact_ray.capture.LoadedModel`, or an `nn.Module` together with `inputs`.
+    The module runs the model's own parameters; no nvcc, no tuning, no pattern table."""
+    from fact_ray.capture import LoadedModel, capture, load_model
+    from fact_ray.compose import KernelChoice, compose
+    from fact_ray.compose import graph_hash as graph_hash_of
+    from fact_ray.discover import discover
+
+    where = f"artifact {artifact}"
+    manifest = read_manifest(artifact)
+    check_target(manifest, expect_arch=expect_arch, expect_toolchain=expect_toolchain, where=where)
+    digests = verify_libraries(artifact, manifest)
+
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif isinstance(model, (str, os.PathLike)):
+        loaded = load_model(str(model))
+    else:
+        import torch
+
+        if not isinstance(model, torch.nn.Module) or inputs is None:
+            raise ArtifactError("load needs a model reference, or an nn.Module with inputs= (example inputs)")
+        loaded = LoadedModel(module=model.eval(), inputs=tuple(inputs), name=type(model).__name__, model_hash="")
+    want = manifest["model"]
+    if loaded.model_hash and loaded.model_hash != want["hash"]:
+        raise ArtifactError(f"{where} is for model {want['name']} (hash {want['hash'][:12]}), not {loaded.name} "
+                            f"(hash {loaded.model_hash[:12]})")
+    captured = capture(loaded)
+    if graph_hash_of(captured.graph) != want["graph_hash"]:
+        raise ArtifactError(f"{where} is for model {want['name']}: the graph of {loaded.name} differs from it "
+                            "(other code, shapes or dtypes)")
+    policy, arch = Precision(manifest["policy"]), Arch(manifest["arch"])
+    matches = discover(captured.graph, arch, policy)
+    found = {m.key for m in matches}
+    winners: dict[str, KernelChoice] = {}
+    for pat in manifest["patterns"]:
+        if pat["match_key"] not in found:
+            raise ArtifactError(f"{where}: pattern {pat['rule']} ({pat['match_key'][:60]}) is not in {loaded.name}")
+        speedup = pat.get("speedup")
+        winners[pat["match_key"]] = KernelChoice(
+            config=_config_from(pat["config"]), library_path=str(Path(artifact) / pat["library"]),
+            symbol=pat["symbol"], speedup=float("nan") if speedup is None else float(speedup))
+    composed = compose(captured, matches, winners, policy, arch=arch, digests=digests)
+    composed.fact_ray_manifest = manifest
+    if device is not None:
+        composed.to(device)
+    return composed
+
+
+def load_report(path: str | os.PathLike) -> str:
+    """What an artifact holds, for a person: model, target, toolchain, check, and one line per kernel."""
+    m = read_manifest(path)
+    tc = m.get("toolchain", {})
+    chk = m.get("check")
+    if chk is None:
+        check_line = "NOT CHECKED end to end (saved with allow_unchecked)"
+    else:
+        errs = [e for e in chk.get("rel_errs", []) if e is not None]
+        check_line = (f"{'passed' if chk.get('passed') else 'FAILED'} on {chk.get('device', '?')}: worst relative "
+                      f"error {max(errs) if errs else float('nan'):.3g} (tolerance {chk.get('tolerance')}), "
+                      f"seeds {chk.get('seeds')}")
+    lines = [
+        f"artifact   {Path(path)}",
+        f"model      {m['model']['name']} (hash {m['model']['hash'][:12]}, {m['model']['capture']})",
+        f"target     {m['arch']} {m.get('gpu') or '(GPU unknown)'}, policy {m['policy']}",
+        f"toolchain  nvcc {tc.get('nvcc') or '?'} | CUTLASS {tc.get('cutlass') or '?'} | torch {tc.get('torch') or '?'}"
+        f" | bench method {tc.get('bench_method') or '?'}",
+        f"check      {check_line}",
+        f"kernels    {len(m['patterns'])} pattern(s) replaced, {len(m.get('kept', []))} kept as PyTorch ops",
+    ]
+    for p in m["patterns"]:
+        sp = p.get("speedup")
+        lines.append(f"  {p['rule']:<22} at {p['anchor']:<14} {p['config']['name']}  "
+                     f"{'x%.2f' % sp if sp is not None else 'speedup ?'}  [{p['sha256'][:12]}]")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike) -> Path:
+    """`fact-ray compose MODEL`: the table's winners for this model, toolchain and arch, composed, checked end to end
+    on the local GPU and saved to `out_dir`. Without a GPU nothing is saved (an unchecked composition never is)."""
+    import torch
+
+    from fact_ray.capture import capture, load_model
+    from fact_ray.compose import KernelChoice, check, compose, composition_of
+    from fact_ray.config import arch_for
+    from fact_ray.discover import discover
+    from fact_ray.pattern_table import PatternTable, TableKey, Toolchain
+    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+    from fact_ray.realize.build import cutlass_version, nvcc_version
+
+    policy = Precision(settings.policy)
+    gpu = torch.cuda.is_available()
+    gpu_name = torch.cuda.get_device_name() if gpu else ""
+    if gpu:
+        arch = arch_for(torch.cuda.get_device_capability(), gpu_name, settings.arch)
+    elif settings.arch is not None:
+        arch = Arch(settings.arch)
+    else:
+        raise NotAvailable("no CUDA GPU: composing needs one to check the result end to end (pass --arch to see "
+                           "what the table holds for a GPU elsewhere)")
+    loaded = load_model(ref)
+    captured = capture(loaded)
+    matches = discover(captured.graph, arch, policy)
+    # The toolchain the table keys on is the one the libraries were built with; `nvcc --version` names it here.
+    toolchain = Toolchain(cuda=nvcc_version(settings.nvcc), cutlass=cutlass_version(), torch=str(torch.__version__),
+                          bench_method=str(BENCH_METHOD_VERSION))
+    table = PatternTable(settings.resolved_table_uri)
+    libdir = str(Path(settings.home) / "compose-libs")
+    winners: dict[str, KernelChoice] = {}
+    for m in matches:
+        if m.key in winners:
+            continue
+        row = table.best(TableKey.of(m.key, policy, arch, toolchain))
+        # Only a verified kernel faster than the PyTorch op replaces it; anything else keeps the PyTorch op.
+        if (row is None or not row.valid or row.config is None or not row.library_uri or not row.library_symbol
+                or not (row.speedup or 0.0) > 1.0):
+            continue
+        path = table.fetch_library(row.library_uri, libdir)
+        winners[m.key] = KernelChoice(row.config, path, row.library_symbol, row.speedup)
+    composed = compose(captured, matches, winners, policy, arch=arch)
+    if not gpu:
+        n = len(composition_of(composed).replacements)
+        raise NotAvailable(f"{loaded.name}: {n} pattern(s) composed from the table, but there is no CUDA GPU to check "
+                           "the module end to end; an unchecked composition is never saved")
+    report = check(loaded.module, composed, policy, example_inputs=loaded.inputs)
+    if not report.passed:
+        raise ComposeError(f"{loaded.name}: the composed module failed its end-to-end check ({report.reason}); "
+                           "nothing saved")
+    tc = {"nvcc": toolchain.cuda, "cutlass": toolchain.cutlass, "torch": toolchain.torch,
+          "bench_method": toolchain.bench_method}
+    return save(composed, out_dir, toolchain=tc, gpu_name=gpu_name)
+

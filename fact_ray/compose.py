@@ -1,0 +1,410 @@
+"""Composition: a captured graph plus the winners of its patterns -> one module that calls the winning kernels.
+
+The module is the captured graph made runnable again (`ExportedProgram.module()` for an export capture, the FX
+trace for an FX capture), with each matched subgraph that has a winner replaced by a call to its custom op
+`torch.ops.fact_ray.<name>(a, b, bias, residual)`. Matches without a winner keep their PyTorch ops. The result is
+a `torch.fx.GraphModule` holding the original's very parameters and buffers (same objects, same state-dict
+names) and taking the original's arguments; `module.fact_ray` is the `Composition` describing what was replaced,
+which `fact_ray.artifact.save` writes down.
+
+Matches name graph nodes of the *lifted* export graph (parameters as placeholders `p_fc1_weight`); the runnable
+module reads parameters with `get_attr` nodes instead, so operands are mapped through their state-dict names.
+
+`check` is the end-to-end proof a composed module needs before it is saved or reported: float64 original vs
+composed, fresh random inputs, several seeds, the policy's tolerance (measuring.md). It needs a GPU: the
+kernels are CUDA code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from fact_ray.errors import CannotImplement, ComposeError, NotAvailable
+from fact_ray.realize.kernel import GemmKernel, has_bias, has_residual, op_name, output_shape, register_op
+from fact_ray.types import (
+    Arch,
+    GemmProblem,
+    KernelConfig,
+    Library,
+    Match,
+    Precision,
+    Source,
+    TensorMeta,
+    content_hash,
+)
+
+# What compose returns: the rewritten, runnable graph module, with `.fact_ray` (a Composition) attached.
+ComposedModule = torch.fx.GraphModule
+
+COMPOSITION_ATTR = "fact_ray"
+CHECK_ATTR = "fact_ray_check"
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The realization chosen for one match key: a config inside a compiled library."""
+
+    config: KernelConfig
+    library_path: str
+    symbol: str
+    speedup: float = float("nan")  # over the PyTorch op, as measured when it was selected (for reports)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One subgraph replaced by one custom op call."""
+
+    match_key: str
+    rule: str
+    family: str
+    anchor: str
+    nodes: tuple[str, ...]
+    op: str  # torch.ops.fact_ray.<op>
+    config: KernelConfig
+    problem: GemmProblem
+    symbol: str
+    library_path: str
+    library_sha256: str
+    speedup: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Composition:
+    model_name: str
+    model_hash: str
+    graph_hash: str  # content hash of the captured Graph (structure, shapes, dtypes): what the rewrite relied on
+    capture: str  # "export" | "fx"
+    policy: Precision
+    arch: Arch | None  # of the kernels used; None when nothing was replaced
+    replacements: tuple[Replacement, ...]
+    kept: tuple[str, ...]  # match keys that keep their PyTorch ops (no winner)
+    inputs: tuple[TensorMeta | None, ...] = field(default=())  # the user inputs as captured (check draws these)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Outcome of the end-to-end float64 check of a composed module."""
+
+    passed: bool
+    policy: Precision
+    tolerance: float
+    seeds: tuple[int, ...]
+    rel_errs: tuple[float, ...]  # worst relative Frobenius error over the outputs, per seed
+    max_abs_errs: tuple[float, ...]
+    device: str = ""
+    reason: str = ""  # why it failed, one line
+
+    @property
+    def worst_rel_err(self) -> float:
+        return max(self.rel_errs, default=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def graph_hash(graph: Any) -> str:
+    """A content hash of a fact_ray Graph without its model name and hash: two captures of the same model code
+    at the same shapes give the same value, in any process."""
+    return content_hash("graph", graph.capture, graph.nodes)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _choice(value: Any) -> KernelChoice:
+    if isinstance(value, KernelChoice):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) in (3, 4):
+        return KernelChoice(*value)
+    raise TypeError(f"a winner is a KernelChoice or (config, library_path, symbol), got {type(value).__name__}")
+
+
+def library_for(choice: KernelChoice, digest: str | None = None) -> Library:
+    """A Library record for one stored .so holding one config under `symbol`. Its key is the file's sha256, so the
+    custom op's name (derived from it) is the same wherever the same bytes are loaded."""
+    digest = digest or sha256_file(choice.library_path)
+    source = Source(name=f"lib_{digest[:16]}", arch=choice.config.arch, code="", configs=(choice.config,),
+                    symbols=(choice.symbol,))
+    return Library(source=source, key=digest, ok=True, path=choice.library_path)
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A node-for-node copy keeping names (a fresh graph has no collisions) and the codegen (pytree in/out)."""
+    new = torch.fx.Graph()
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = new.graph_copy(graph, val_map)
+    new.output(out)
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
+
+
+def runnable_module(captured: Any) -> torch.fx.GraphModule:
+    """A fresh runnable copy of the captured graph sharing the original's parameters and buffers."""
+    if captured.exported is not None:
+        return captured.exported.module()  # lifted state back to attributes; same tensors as the model's
+    gm = captured.graph_module
+    return torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+
+
+def _node_index(captured: Any, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """Graph-node name (as discovery saw it) -> node of the runnable module."""
+    index = {n.name: n for n in gm.graph.nodes}
+    if captured.exported is not None:
+        by_target = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
+        for spec in captured.exported.graph_signature.input_specs:
+            name = getattr(spec.arg, "name", None)
+            if spec.kind.name != "USER_INPUT" and name and spec.target in by_target:
+                index[name] = by_target[spec.target]
+    return index
+
+
+def _meta_of(node: torch.fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape), val.dtype
+    if node.op == "get_attr":  # unlifted parameters carry no "val": read the attribute itself
+        obj: Any = node.graph.owning_module
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.Tensor):
+            return tuple(obj.shape), obj.dtype
+    tm = node.meta.get("fact_ray_meta")
+    if tm is not None:
+        return tm.shape, getattr(torch, tm.dtype)
+    return None
+
+
+def _ancestors_within(nodes: Sequence[torch.fx.Node], inside: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    todo = [n for n in nodes if n in inside]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(x for x in n.all_input_nodes if x in inside)
+    return seen
+
+
+# --------------------------------------------------------------------------------------------- compose
+
+
+def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, problem: GemmProblem,
+             op: Any) -> None:
+    graph = gm.graph
+    operands = dict(match.param("operands", ()) or ())
+    roles = ["a", "b"] + (["bias"] if has_bias(problem) else []) + (["residual"] if has_residual(problem) else [])
+    absent = [r for r in roles if not operands.get(r)]
+    if absent:
+        raise ComposeError(f"{match.rule} at {match.anchor}: the match names no {' or '.join(absent)} operand")
+    wanted = [*match.nodes, match.anchor, *(operands[r] for r in roles)]
+    missing = [n for n in wanted if n not in index]
+    if missing:
+        raise ComposeError(f"{match.rule} at {match.anchor}: node {missing[0]} is not in the graph (overlapping "
+                           "matches, or a match from another capture)")
+    anchor = index[match.anchor]
+    args = [index[operands[r]] for r in roles]
+    anchor_meta = _meta_of(anchor)
+    a_meta = _meta_of(args[0])
+    if anchor_meta is None or a_meta is None:
+        raise ComposeError(f"{match.rule} at {match.anchor}: the graph has no shape for the output or operand a")
+    kernel_dtype = getattr(torch, problem.dtype)
+    with graph.inserting_before(anchor):
+        if anchor_meta[1] != kernel_dtype:  # a bf16/fp16 policy on a wider model: cast in, cast back out
+            args = [graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": kernel_dtype})
+                    for x in args]
+        out = graph.call_function(op, tuple(args))
+        out_shape = output_shape(problem, a_meta[0])
+        if tuple(out_shape) != anchor_meta[0]:
+            if math.prod(out_shape) != math.prod(anchor_meta[0]):
+                raise ComposeError(f"{match.rule} at {match.anchor}: the kernel gives {tuple(out_shape)}, the graph "
+                                   f"expects {anchor_meta[0]}")
+            out = graph.call_function(torch.ops.aten.reshape.default, (out, list(anchor_meta[0])))
+        if anchor_meta[1] != kernel_dtype:
+            out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": anchor_meta[1]})
+    if "val" in anchor.meta:
+        out.meta["val"] = anchor.meta["val"]
+    anchor.replace_all_uses_with(out)
+    members = [index[n] for n in match.nodes]
+    if anchor not in members:
+        members.append(anchor)
+    # Nodes of the subgraph that feed the kernel (a view of A, a transpose of the weight) stay; the rest must be
+    # dead now, or the kernel would not be computing everything the subgraph did.
+    keep = _ancestors_within([index[operands[r]] for r in roles], set(members))
+    for node in reversed(members):
+        if node in keep:
+            continue
+        if node.users:
+            users = ", ".join(u.name for u in node.users)
+            raise ComposeError(f"{match.rule} at {match.anchor}: intermediate {node.name} is also used by {users}; "
+                               "the kernel does not produce it")
+        graph.erase_node(node)
+
+
+def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any], policy: Precision | str, *,
+            arch: Arch | str | None = None, digests: Mapping[str, str] | None = None) -> ComposedModule:
+    """Rewrite the captured graph so every match with a winner calls its kernel.
+
+    `winners` maps a match key to a `KernelChoice` (or a `(config, library_path, symbol)` tuple); matches whose
+    key has none keep their PyTorch ops. `digests` optionally gives the known sha256 of library paths (saves
+    rehashing). Raises ComposeError (one line) for anything it cannot rewrite; nothing is skipped silently.
+    """
+    from fact_ray.realize.problem import problem_from_match
+
+    policy = Precision(policy)
+    wanted_arch = Arch(arch) if arch is not None else None
+    digests = dict(digests or {})
+    gm = runnable_module(captured)
+    index = _node_index(captured, gm)
+
+    chosen = [m for m in matches if m.key in winners]
+    covered: dict[str, str] = {}
+    for m in chosen:
+        for n in (*m.nodes, m.anchor):
+            if covered.get(n, m.anchor) != m.anchor:
+                raise ComposeError(f"matches at {covered[n]} and {m.anchor} both cover node {n}: compose one of them")
+            covered[n] = m.anchor
+
+    replacements: list[Replacement] = []
+    for m in chosen:
+        choice = _choice(winners[m.key])
+        cfg = choice.config
+        if wanted_arch is None:
+            wanted_arch = cfg.arch
+        elif cfg.arch != wanted_arch:
+            raise ComposeError(f"kernel {cfg.name} is for {cfg.arch.value}, the composition for {wanted_arch.value}")
+        if Precision(cfg.precision) != policy:
+            raise ComposeError(f"kernel {cfg.name} was tuned under {cfg.precision.value}, the composition runs "
+                               f"under {policy.value}")
+        try:
+            problem = problem_from_match(m, policy)
+        except CannotImplement as e:
+            raise ComposeError(f"{m.rule} at {m.anchor}: {e}") from None
+        built_for = (cfg.epilogue, cfg.activation, cfg.layout_a, cfg.layout_b)
+        if built_for != (problem.epilogue, problem.activation, problem.layout_a, problem.layout_b):
+            raise ComposeError(f"{m.rule} at {m.anchor}: kernel {cfg.name} computes epilogue {cfg.epilogue} "
+                               f"({cfg.activation}, {cfg.layout_a}/{cfg.layout_b}), the pattern needs "
+                               f"{problem.epilogue} ({problem.activation}, {problem.layout_a}/{problem.layout_b})")
+        digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
+        digests[choice.library_path] = digest
+        library = library_for(choice, digest)
+        kernel = GemmKernel(library, cfg, problem)
+        register_op(kernel, problem)
+        name = op_name(cfg, problem, library.key)
+        _rewrite(gm, index, m, problem, getattr(torch.ops.fact_ray, name).default)
+        replacements.append(Replacement(
+            match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes), op=name,
+            config=cfg, problem=problem, symbol=choice.symbol, library_path=choice.library_path,
+            library_sha256=digest, speedup=float(choice.speedup)))
+
+    gm.graph.lint()
+    gm.recompile()
+    kept = tuple(dict.fromkeys(m.key for m in matches if m.key not in winners))
+    user_inputs = tuple(n.meta for n in captured.graph.nodes if n.op == "placeholder" and n.kind == "input")
+    setattr(gm, COMPOSITION_ATTR, Composition(
+        model_name=captured.graph.model_name, model_hash=captured.graph.model_hash,
+        graph_hash=graph_hash(captured.graph), capture=captured.method, policy=policy,
+        arch=wanted_arch, replacements=tuple(replacements), kept=kept, inputs=user_inputs))
+    return gm
+
+
+def composition_of(module: Any) -> Composition:
+    comp = getattr(module, COMPOSITION_ATTR, None)
+    if not isinstance(comp, Composition):
+        raise ComposeError("not a composed module (made by fact_ray.compose.compose or fact_ray.load)")
+    return comp
+
+
+# --------------------------------------------------------------------------------------------- check
+
+
+@contextlib.contextmanager
+def _policy_math(policy: Precision) -> Iterator[None]:
+    """The PyTorch ops the composition keeps run under the policy too: TF32 only when the policy allows it."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = policy == Precision.TF32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
+
+
+def _draw(metas: Sequence[TensorMeta | None], examples: Sequence[Any] | None, seed: int,
+          device: torch.device) -> list[Any]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i, meta in enumerate(metas):
+        if meta is not None and meta.dtype in ("float32", "float16", "bfloat16", "float64"):
+            out.append(torch.randn(meta.shape, generator=gen, device=device, dtype=getattr(torch, meta.dtype)))
+        elif examples is not None and i < len(examples):
+            x = examples[i]
+            out.append(x.to(device) if isinstance(x, torch.Tensor) else x)
+        else:
+            raise ComposeError(f"input {i} is not a floating-point tensor: pass example_inputs= to check with it")
+    return out
+
+
+def _leaves(x: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
+def check(original: torch.nn.Module, composed: ComposedModule, policy: Precision | str,
+          seeds: Sequence[int] = (0, 1, 2), *, device: str | torch.device | None = None,
+          example_inputs: Sequence[Any] | None = None) -> CheckReport:
+    """Composed vs the original in float64 on fresh random inputs, per seed, within the policy's tolerance.
+
+    The report is attached to `composed` (save refuses a module without a passing one) and returned.
+    """
+    policy = Precision(policy)
+    if not torch.cuda.is_available():
+        raise NotAvailable("no CUDA GPU: the composed module's kernels cannot run here, so it cannot be checked")
+    comp = composition_of(composed)
+    dev = torch.device(device or "cuda")
+    reference = copy.deepcopy(original).to(device=dev, dtype=torch.float64).eval()
+    composed.to(dev)
+    rel_errs, max_abs = [], []
+    reason = ""
+    with torch.no_grad(), _policy_math(policy):
+        for seed in seeds:
+            inputs = _draw(comp.inputs, example_inputs, seed, dev)
+            ref = reference(*[x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                              for x in inputs])
+            out = composed(*inputs)
+            refs, outs = _leaves(ref), _leaves(out)
+            if len(refs) != len(outs):
+                raise ComposeError(f"composed module returns {len(outs)} tensors, the original {len(refs)}")
+            worst_rel, worst_abs = 0.0, 0.0
+            for r, o in zip(refs, outs):
+                if tuple(r.shape) != tuple(o.shape):
+                    raise ComposeError(f"composed output shape {tuple(o.shape)} != original {tuple(r.shape)}")
+                diff = o.double() - r
+                norm = float(torch.linalg.vector_norm(r))
+                rel = float(torch.linalg.vector_norm(diff)) / (norm if norm > 0 else 1.0)
+                mx = float(diff.abs().max()) if diff.numel() else 0.0
+                if not bool(torch.isfinite(o).all()):  # NaN or inf never passes
+                    rel = mx = float("nan")
+                worst_rel = rel if math.isnan(rel) else max(worst_rel, rel)
+                worst_abs = mx if math.isnan(mx) else max(worst_abs, mx)
+                if math.isnan(worst_rel):
+                    break
+            rel_errs.append(worst_rel)
+            max_abs.append(worst_abs)
+            if not reason and (math.isnan(worst_rel) or worst_rel > policy.tolerance):
+                reason = (f"seed {seed}: relative error {worst_rel:.3g} exceeds the {policy.value} tolerance "
+                          f"{policy.tolerance:g}")
+    report = CheckReport(passed=not reason, policy=policy, tolerance=policy.tolerance, seeds=tuple(seeds),
+                         rel_errs=tuple(rel_errs), max_abs_errs=tuple(max_abs), device=str(dev), reason=reason)
+    setattr(composed, CHECK_ATTR, report)
+    return report

@@ -1,0 +1,302 @@
+"""Composition and the deployable artifact, on a CPU.
+
+The kernel library is real: one sm80 configuration of the right family (fp32 Linear + bias + GELU), emitted
+from the templates and compiled once per session with nvcc. Its code cannot run without a GPU, but it loads
+(ctypes), registers as a custom op, and the composed module traces under fake tensors; saving and loading the
+artifact, and every refusal, run for real. Outputs of the kernels are the GPU tests' (test_compose_gpu.py).
+"""
+
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fact_ray.artifact import load, load_report, read_manifest, save
+from fact_ray.capture import capture, load_model
+from fact_ray.compose import CHECK_ATTR, check, compose, sha256_file
+from fact_ray.discover import discover
+from fact_ray.errors import ArtifactError, ComposeError, NotAvailable
+from fact_ray.types import Arch, GemmProblem, Precision
+
+MODEL = str(Path(__file__).parent / "models" / "compose_mlp.py")
+OTHER_MODEL = str(Path(__file__).parent / "models" / "farm_tiny.py")
+REPO = Path(__file__).resolve().parents[1]
+nvcc_present = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+FC1 = GemmProblem(M=16, N=128, K=64, epilogue="bias_act", activation="gelu")  # the model's fc1 + GELU
+
+
+def captured_model(ref: str = MODEL):
+    loaded = load_model(ref)
+    captured = capture(loaded)
+    return loaded, captured, discover(captured.graph, Arch.SM80, Precision.FP32)
+
+
+@pytest.fixture(scope="module")
+def winner(tmp_path_factory):
+    """(KernelConfig, library path, symbol) of one real sm80 build: the fc1 + GELU pattern's kernel."""
+    from fact_ray.realize.build import build
+    from fact_ray.realize.emit import emit
+    from fact_ray.search_spaces import space
+
+    cfg = next(c for c in space(FC1, Arch.SM80, Precision.FP32) if c.opclass == "simt" and c.split_k == 1)
+    (source,) = emit([cfg], Arch.SM80)
+    lib = build(source, str(tmp_path_factory.mktemp("compose-build")))
+    assert lib.ok, lib.log[-2000:]
+    return cfg, lib.path, source.symbols[0]
+
+
+@pytest.fixture
+def composed(winner):
+    loaded, captured, matches = captured_model()
+    fc1 = next(m for m in matches if m.rule == "linear_bias_act")
+    return loaded, compose(captured, matches, {fc1.key: winner}, Precision.FP32), fc1
+
+
+@pytest.fixture
+def artifact(composed, tmp_path):
+    _, module, _ = composed
+    return save(module, tmp_path / "art", allow_unchecked=True)
+
+
+def targets(graph_module) -> list[str]:
+    return [str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"]
+
+
+# --------------------------------------------------------------------------------------------- without nvcc
+
+
+def test_importing_fact_ray_imports_no_torch():
+    code = "import sys, fact_ray; assert callable(fact_ray.load); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+def test_compose_without_winners_keeps_every_op_and_runs_like_the_original():
+    loaded, captured, matches = captured_model()
+    module = compose(captured, matches, {}, Precision.FP32)
+    assert sorted(module.fact_ray.kept) == sorted(m.key for m in matches) and module.fact_ray.replacements == ()
+    assert "aten.gelu.default" in targets(module)
+    assert list(module.state_dict()) == list(loaded.module.state_dict())
+    assert all(a is b for a, b in zip(module.parameters(), loaded.module.parameters()))
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), loaded.module(x), rtol=0, atol=0)
+
+
+def test_check_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_compose_gpu checks for real")
+    loaded, captured, matches = captured_model()
+    module = compose(captured, matches, {}, Precision.FP32)
+    with pytest.raises(NotAvailable, match="no CUDA GPU"):
+        check(loaded.module, module, Precision.FP32)
+
+
+def test_not_an_artifact_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        read_manifest(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        read_manifest(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------- compose
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_composed_graph_calls_the_kernel_instead_of_the_subgraph(composed):
+    loaded, module, fc1 = composed
+    calls = targets(module)
+    (rep,) = module.fact_ray.replacements
+    assert f"fact_ray.{rep.op}.default" in calls
+    assert "aten.gelu.default" not in calls, "the GELU is fused into the kernel"
+    assert calls.count("aten.linear.default") == 1, "fc2 (no winner) keeps its PyTorch op"
+    assert module.fact_ray.kept == tuple(m.key for m in captured_model()[2] if m.key != fc1.key)
+    assert rep.match_key == fc1.key and rep.library_sha256 == sha256_file(rep.library_path)
+    assert rep.problem.epilogue == "bias_act" and rep.problem.layout_b == "col" and rep.problem.M == 16
+    # The original's parameters, the very objects, under the same names.
+    assert list(module.state_dict()) == list(loaded.module.state_dict())
+    assert module.fc1.weight is loaded.module.fc1.weight and module.fc2.bias is loaded.module.fc2.bias
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_composed_module_traces_under_fake_tensors(composed):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, module, _ = composed
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = module(torch.empty(2, 8, 64))
+    assert tuple(y.shape) == (2, 8, 64) and y.dtype == torch.float32
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_kernel_runs_only_on_cuda_tensors(composed):
+    # On a CPU the op must fail loudly (never fall back to PyTorch silently).
+    _, module, _ = composed
+    with pytest.raises(Exception, match="runs on cuda tensors"):
+        module(torch.randn(2, 8, 64))
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_compose_refuses_what_it_cannot_rewrite(winner):
+    _, captured, matches = captured_model()
+    fc1 = next(m for m in matches if m.rule == "linear_bias_act")
+    ghost = replace(fc1, anchor="no_such_node", nodes=("linear", "no_such_node"))
+    with pytest.raises(ComposeError, match="no_such_node is not in the graph"):
+        compose(captured, [ghost], {fc1.key: winner}, Precision.FP32)
+    with pytest.raises(ComposeError, match="tuned under fp32.*under tf32"):
+        compose(captured, matches, {fc1.key: winner}, Precision.TF32)
+    fc2 = next(m for m in matches if m.rule == "linear_bias_residual")
+    with pytest.raises(ComposeError, match="computes epilogue bias_act .* needs bias_residual"):
+        compose(captured, matches, {fc2.key: winner}, Precision.FP32)
+    overlapping = replace(fc1, anchor="linear", nodes=("linear",), rule="linear_bias", family="gemm_bias")
+    with pytest.raises(ComposeError, match="both cover node linear"):
+        compose(captured, [fc1, overlapping], {fc1.key: winner, overlapping.key: winner}, Precision.FP32)
+
+
+# --------------------------------------------------------------------------------------------- artifact
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_manifest_records_the_composition(artifact, composed, winner):
+    _, module, fc1 = composed
+    cfg, lib_path, symbol = winner
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["arch"] == "sm80" and m["policy"] == "fp32"
+    assert m["model"]["name"] == "compose_mlp" and m["model"]["hash"] == module.fact_ray.model_hash
+    assert m["toolchain"]["torch"] == torch.__version__ and m["toolchain"]["cutlass"] == "4.2.0.0"
+    assert "release" in m["toolchain"]["nvcc"] and m["toolchain"]["bench_method"]
+    assert m["check"] is None, "saved unchecked, and says so"
+    (pat,) = m["patterns"]
+    digest = sha256_file(lib_path)
+    assert pat["match_key"] == fc1.key and pat["rule"] == "linear_bias_act" and pat["symbol"] == symbol
+    assert pat["config"]["name"] == cfg.name and pat["sha256"] == digest
+    assert pat["library"] == f"libs/{digest}.so"
+    assert [p.name for p in (artifact / "libs").iterdir()] == [f"{digest}.so"]
+    assert sha256_file(str(artifact / pat["library"])) == digest
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".tmp-")], "no temp folder left"
+    text = load_report(artifact)
+    assert "NOT CHECKED" in text and cfg.name in text and "1 kept" in text
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_save_refuses_an_unchecked_or_failed_composition(composed, tmp_path):
+    from fact_ray.compose import CheckReport
+
+    _, module, _ = composed
+    with pytest.raises(ComposeError, match="not passed the end-to-end check"):
+        save(module, tmp_path / "a")
+    failed = CheckReport(passed=False, policy=Precision.FP32, tolerance=1e-5, seeds=(0,), rel_errs=(0.5,),
+                         max_abs_errs=(1.0,), reason="seed 0: relative error 0.5 exceeds the fp32 tolerance 1e-05")
+    setattr(module, CHECK_ATTR, failed)
+    with pytest.raises(ComposeError, match="failed its end-to-end check"):
+        save(module, tmp_path / "b", allow_unchecked=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_load_restores_the_composition(artifact, composed):
+    loaded, original, _ = composed
+    module = load(artifact, MODEL, expect_arch="sm80")
+    assert targets(module) == targets(original)
+    assert module.fact_ray.replacements[0].op == original.fact_ray.replacements[0].op
+    assert module.fact_ray.replacements[0].library_path.startswith(str(artifact))
+    # The loaded module runs the given model's parameters.
+    again = load(artifact, loaded.module, inputs=loaded.inputs, expect_arch="sm80")
+    assert again.fc1.weight is loaded.module.fc1.weight
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_damaged_library_is_refused(artifact):
+    (lib,) = (artifact / "libs").iterdir()
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="is damaged"):
+        load(artifact, MODEL, expect_arch="sm80")
+    lib.unlink()
+    with pytest.raises(ArtifactError, match="is missing"):
+        load(artifact, MODEL, expect_arch="sm80")
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_arch_and_toolchain_mismatches_are_refused_naming_both(artifact):
+    with pytest.raises(ArtifactError, match=r"built for sm80.*expected target is sm90"):
+        load(artifact, MODEL, expect_arch="sm90")
+    if not torch.cuda.is_available():
+        with pytest.raises(ArtifactError, match=r"built for sm80; this machine \(no CUDA GPU\) cannot run"):
+            load(artifact, MODEL)
+    torch_version = re.escape(torch.__version__)
+    with pytest.raises(ArtifactError, match=rf"made with torch {torch_version}.*has torch 2\.0\.0\+cu999"):
+        load(artifact, MODEL, expect_arch="sm80", expect_toolchain={"torch": "2.0.0+cu999"})
+    with pytest.raises(ArtifactError, match=r"made with CUTLASS 4\.2\.0\.0.*has CUTLASS 3\.5\.1"):
+        load(artifact, MODEL, expect_arch="sm80", expect_toolchain={"cutlass": "3.5.1"})
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_another_model_is_refused(artifact):
+    with pytest.raises(ArtifactError, match=r"is for model compose_mlp \(hash [0-9a-f]{12}\), not farm_tiny"):
+        load(artifact, OTHER_MODEL, expect_arch="sm80")
+    other = load_model(OTHER_MODEL)
+    with pytest.raises(ArtifactError, match="graph of Model differs"):
+        load(artifact, other.module, inputs=other.inputs, expect_arch="sm80")
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_loading_in_a_fresh_process_never_compiles(artifact, tmp_path):
+    # An nvcc first on PATH (and named by FACT_RAY_NVCC) that records any call and fails: loading must not call it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "nvcc-was-called"
+    fake = bin_dir / "nvcc"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
+    fake.chmod(0o755)
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        t0 = time.perf_counter()
+        import fact_ray
+        module = fact_ray.load({str(artifact)!r}, {MODEL!r}, expect_arch="sm80")
+        seconds = time.perf_counter() - t0
+        print(json.dumps({{"seconds": seconds, "ops": [r.op for r in module.fact_ray.replacements],
+                          "table": any("pattern_table" in m for m in sys.modules),
+                          "build": "fact_ray.realize.build" in sys.modules}}))
+    """)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", FACT_RAY_NVCC=str(fake))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not marker.exists(), f"nvcc was called: {marker.read_text()}"
+    assert not result["table"] and not result["build"], "loading touches neither the table nor the build step"
+    assert result["ops"] == [p["op"] for p in read_manifest(artifact)["patterns"]]
+    assert result["seconds"] < 5.0, f"loading took {result['seconds']:.1f} s"
+
+
+def test_compose_from_table_without_gpu_or_arch_is_not_available(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from fact_ray.artifact import compose_from_table
+    from fact_ray.config import Settings
+
+    with pytest.raises(NotAvailable, match="no CUDA GPU"):
+        compose_from_table(MODEL, Settings(home=str(tmp_path)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
