@@ -32,6 +32,13 @@ MODEL_HELP = ("A KernelBench-format file (defines Model, get_inputs, get_init_in
               "returning (module, example_inputs).")
 POLICY_HELP = "Precision policy: fp32 (fp32-class accuracy), tf32, bf16 or fp16."
 ARCH_HELP = "Target architecture: sm80 (A100) or sm90 (H100/H200). Default: the local GPU's, else sm90."
+_ADDRESS = typer.Option(None, "--address", help="Ray cluster: ray://host:10001 or auto. Default: a local Ray.")
+_TABLE = typer.Option(None, "--table", help="Pattern table URI (path, s3://, gs://, hdfs://).")
+_TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///.fact-ray/mlflow.db).")
+_BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
+_LLM = typer.Option(None, "--llm", help="LLM discovery agent: off (default: the rules rank alone), rank, or propose. "
+                    "Needs OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server.")
+_LLM_MODEL = typer.Option(None, "--llm-model", help="Model name to ask at the OpenAI-compatible endpoint.")
 
 
 @app.callback()
@@ -92,6 +99,9 @@ def discover(
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the ranked matches as JSON."),
     profile: bool = typer.Option(False, help="On a GPU, replace estimates by a measured eager profile."),
+    llm: Optional[str] = _LLM,
+    llm_model: Optional[str] = _LLM_MODEL,
+    table: Optional[str] = _TABLE,
 ) -> None:
     """Capture MODEL's graph and list the patterns worth replacing, ranked by estimated time share.
 
@@ -99,16 +109,28 @@ def discover(
     """
 
     def body() -> None:
-        s = _settings(arch=arch, policy=policy)
+        s = _settings(arch=arch, policy=policy, llm=llm, llm_model=llm_model, table_uri=table)
         from fact_ray import capture as cap
         from fact_ray import discover as disc
 
+        agent = None
+        if s.llm != "off":
+            from fact_ray.actors.discovery import make_ranker
+
+            agent = make_ranker(s.llm, s)  # a missing endpoint or model fails here, before any work
         target = _default_arch(s)
         loaded = cap.load_model(model)
         captured = cap.capture(loaded)
         matches = disc.discover(captured.graph, target, s.policy)
         if profile:
             matches = disc.profile(captured, matches)
+        ranked = None
+        if agent is not None:
+            from fact_ray.actors.discovery import rank_matches
+
+            ranked = rank_matches(agent, captured.graph, matches, target, s.policy, captured.method,
+                                  tuple(captured.notes))
+            matches = list(ranked.matches)
         if as_json:
             typer.echo(json.dumps({"model": loaded.name, "arch": target.value, "policy": s.policy.value,
                                    "capture": captured.method, "notes": list(captured.notes),
@@ -120,6 +142,10 @@ def discover(
         con.print(f"{loaded.name}: {len(captured.graph.nodes)} graph nodes captured with {captured.method}; "
                   f"{len(matches)} matches for {target.value}, policy {s.policy.value}")
         con.print(disc.format_matches(matches))
+        if ranked is not None:
+            from fact_ray.actors.llm_agent import format_agent_changes
+
+            con.print(format_agent_changes(ranked))
 
     _guard(body)
 
@@ -192,13 +218,6 @@ def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri:
     _guard(body)
 
 
-_ADDRESS = typer.Option(None, "--address", help="Ray cluster: ray://host:10001 or auto. Default: a local Ray.")
-_TABLE = typer.Option(None, "--table", help="Pattern table URI (path, s3://, gs://, hdfs://).")
-_TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///.fact-ray/mlflow.db).")
-_BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
-_LLM = typer.Option(None, "--llm", help="LLM discovery agent: off (default: the rules rank alone), rank, or propose. "
-                    "Needs OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server.")
-_LLM_MODEL = typer.Option(None, "--llm-model", help="Model name to ask at the OpenAI-compatible endpoint.")
 
 
 @app.command()

@@ -5,6 +5,7 @@ MLflow tracking, the console progress view and tests are listeners. An event is 
 in this order for one run:
 
     RunStarted
+      AgentReport?      (only when the LLM discovery agent was asked: --llm rank | propose)
       (PatternStarted  CompileFinished*  TrialFinished*  ArtifactProduced*  PatternFinished)*
       ArtifactProduced*
     RunFinished
@@ -62,6 +63,32 @@ class RunStarted:
              **fields: Any) -> "RunStarted":
         """Build from plain mappings (they are frozen here)."""
         return RunStarted(versions=freeze(versions or {}), extra=freeze(extra or {}), **fields)
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What the LLM discovery agent did in this run: tokens, latency, what it changed, its proposals.
+
+    `detail_json` holds the whole record (moves, proposals with verdicts, hints, notes) as JSON text: the
+    artifact agent.json. Plain values only, so listeners need nothing of the actors.
+    """
+
+    mode: str  # rank | propose
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    requests: int = 0
+    moves: int = 0  # matches placed differently from the rules
+    accepted: int = 0  # proposals accepted
+    rejected: int = 0  # proposals rejected
+    used: bool = False  # the agent's answer was used (False: the rules' ranking stands)
+    notes: tuple[str, ...] = ()
+    detail_json: str = "{}"
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        return json.loads(self.detail_json)
 
 
 @dataclass(frozen=True)
@@ -154,7 +181,8 @@ class RunFinished:
         return json.loads(self.report_json)
 
 
-Event = RunStarted | PatternStarted | CompileFinished | TrialFinished | PatternFinished | ArtifactProduced | RunFinished
+Event = (RunStarted | AgentReport | PatternStarted | CompileFinished | TrialFinished | PatternFinished
+         | ArtifactProduced | RunFinished)
 
 
 # --------------------------------------------------------------------------------------------- listeners

@@ -25,11 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from fact_ray.config import Settings
 from fact_ray.errors import CannotImplement, ModelNotFound
 from fact_ray.events import (
+    AgentReport,
     Broadcaster,
     CompileFinished,
     Listener,
@@ -184,8 +185,11 @@ class _Pattern:
         return self.match.key
 
 
-def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int) -> None:
-    """Problem -> search space -> translation units, in the driver (pure functions, no GPU)."""
+def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinted: Sequence[str] = ()) -> None:
+    """Problem -> search space -> translation units, in the driver (pure functions, no GPU).
+
+    `hinted`: config names the LLM agent asked to try first (vetted: each is in this problem's space); they lead
+    the candidates, the space's own order fills the rest of the budget."""
     from fact_ray.realize.emit import emit
     from fact_ray.realize.problem import problem_from_match
     from fact_ray.search_spaces import space
@@ -195,7 +199,12 @@ def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int) -> No
         return
     try:
         p.problem = problem_from_match(p.match, policy)
-        p.configs = list(space(p.problem, arch, policy, budget))
+        if hinted:
+            full = space(p.problem, arch, policy)
+            first = [c for name in hinted for c in full if c.name == name]
+            p.configs = (first + [c for c in full if c.name not in set(hinted)])[:budget]
+        else:
+            p.configs = list(space(p.problem, arch, policy, budget))
     except CannotImplement as e:
         p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
         return
@@ -206,6 +215,18 @@ def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int) -> No
     for src in p.sources:
         for cfg in src.configs:
             p.source_of.setdefault(cfg.name, src)
+
+
+def _agent_report(disc: Any, mode: str, model: str) -> AgentReport:
+    """The farm event for what the LLM agent did in discovery (MLflow logs it; see tracking.py)."""
+    from fact_ray.actors.llm_agent import agent_report_json
+
+    accepted = sum(p.accepted for p in disc.proposals)
+    return AgentReport(mode=mode, model=model, prompt_tokens=disc.prompt_tokens,
+                       completion_tokens=disc.completion_tokens, latency_s=disc.latency_s, requests=disc.requests,
+                       moves=len(disc.moves), accepted=accepted, rejected=len(disc.proposals) - accepted,
+                       used=disc.answer_used,
+                       notes=tuple(disc.agent_notes), detail_json=agent_report_json(disc))
 
 
 def _excerpt(log: str, lines: int = 40) -> str:
@@ -233,7 +254,7 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
     from fact_ray.pattern_table import PatternTable
 
     t0 = time.monotonic()
-    make_ranker(settings.llm)  # an unavailable --llm mode fails here, before anything starts
+    make_ranker(settings.llm, settings)  # a missing endpoint/model for --llm fails here, before anything starts
     _check_model_path(ref)
     if settings.ray_address:
         cluster.probe(settings.ray_address)
@@ -323,7 +344,7 @@ class _Driver:
 
         from fact_ray.actors import cluster
         from fact_ray.actors.compile import unwrap_user_error
-        from fact_ray.actors.discovery import DiscoveryAgent
+        from fact_ray.actors.discovery import DiscoveryAgent, llm_config
         from fact_ray.pattern_table import RowContext, TableKey, Toolchain
 
         s = self.s
@@ -335,7 +356,9 @@ class _Driver:
         # configured one (sm90 by default) and runs again in the rare cluster whose GPUs say otherwise.
         tc_ref = cluster.toolchain_info.remote(s.nvcc)
         guess = s.arch or Arch.SM90
-        agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm)
+        # The agent's endpoint settings are read here, on the driver, where the user set OPENAI_* for this run.
+        llm_cfg = llm_config(s.llm, s) if s.llm != "off" else None
+        agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm, llm_cfg)
         disc_ref = agent.discover.remote(ref, guess, self.policy)
         gpus = cluster.gpu_count()
         gpu_name, host, torch_on_gpu = "", "", ""
@@ -380,6 +403,8 @@ class _Driver:
                       "bench_method": toolchain.bench_method, "ray": versions.get("ray", "")},
             extra={"ray_address": s.ray_address or "local", "gpus": gpus, "table": self.table.uri,
                    "retune": self.retune, "llm": s.llm, "capture": disc.method}))
+        if disc.agent_used:
+            self.bus.emit(_agent_report(disc, s.llm, s.llm_model))
 
         # One tuning problem per match key; later matches with the same key share its result.
         patterns: list[_Pattern] = []
@@ -403,7 +428,7 @@ class _Driver:
                     p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
                     self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=True))
                     continue
-            _plan_pattern(p, self.policy, arch, s.budget)
+            _plan_pattern(p, self.policy, arch, s.budget, disc.hinted(p.key))
             if p.status == NOT_REALIZABLE:
                 self.bus.emit(PatternFinished(match_key=p.key, winner=None, reason=p.reason))
                 continue

@@ -6,6 +6,9 @@ Layout of one `fact-ray run` in MLflow (experiment "fact-ray" by default):
         params   model_name, model_hash, model_ref, policy, arch, gpu, budget, version.<name>, setting.<name>
         metrics  run_seconds, patterns
         artifacts report.json, report.txt, summary.csv, <kind>/... (ArtifactProduced)
+        with the LLM agent (AgentReport): params llm.mode, llm.model; metrics llm_tokens, llm_prompt_tokens,
+                 llm_completion_tokens, llm_latency_s, llm_requests, llm_moves, llm_accepted, llm_rejected;
+                 artifact agent.json
       child run "<index> <rule>"               tags fact_ray.kind=pattern, fact_ray.match_key, mlflow.parentRunId
         params   rule, family, match_key, shapes, dtype, anchor, index, policy, arch, match_params, winner
         metrics  per trial step: time_ms, trial_baseline_ms, trial_speedup, best_so_far_ms;
@@ -37,6 +40,7 @@ from typing import Any, Iterable
 
 from fact_ray.errors import RunNotFound, ServiceUnreachable
 from fact_ray.events import (
+    AgentReport,
     ArtifactProduced,
     CompileFinished,
     Event,
@@ -231,6 +235,16 @@ class MlflowListener:
         self._batch(self._parent, params=params)
         self._policy_arch = {"policy": ev.policy.value, "arch": ev.arch.value}
 
+    def _agent_report(self, ev: AgentReport) -> None:
+        assert self._parent is not None
+        self._batch(self._parent, params={"llm.mode": ev.mode, "llm.model": ev.model},
+                    metrics={"llm_tokens": ev.prompt_tokens + ev.completion_tokens,
+                             "llm_prompt_tokens": ev.prompt_tokens, "llm_completion_tokens": ev.completion_tokens,
+                             "llm_latency_s": ev.latency_s, "llm_requests": ev.requests, "llm_moves": ev.moves,
+                             "llm_accepted": ev.accepted, "llm_rejected": ev.rejected},
+                    tags={"fact_ray.llm_used": str(ev.used).lower()})
+        self._client.log_text(self._parent, json.dumps(ev.detail, indent=1, sort_keys=True), "agent.json")
+
     def _pattern_started(self, ev: PatternStarted) -> None:
         m = ev.match
         if m.key in self._patterns:
@@ -337,7 +351,8 @@ class MlflowListener:
         self._finished = True
 
     _HANDLERS = {
-        RunStarted: _run_started, PatternStarted: _pattern_started, CompileFinished: _compile_finished,
+        RunStarted: _run_started, AgentReport: _agent_report, PatternStarted: _pattern_started,
+        CompileFinished: _compile_finished,
         TrialFinished: _trial_finished, PatternFinished: _pattern_finished, ArtifactProduced: _artifact_produced,
         RunFinished: _run_finished,
     }
