@@ -433,3 +433,25 @@ def test_cli_discover_llm_rank_prints_what_the_agent_changed(endpoint, block):
     # the agent's first pick leads the printed ranking
     first_row = next(line for line in r.stdout.splitlines() if line.startswith("│ 1 "))
     assert matches[2].rule in first_row
+
+
+@pytest.mark.nvcc
+def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_path, monkeypatch):
+    """`fact-ray run --llm rank` through the Ray discovery actor: the agent is asked, its report reaches MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from fact_ray import farm
+    from fact_ray.config import Settings
+
+    ep = endpoint((200, answer(ranking=[match_id(1), match_id(0)], why="the activation GEMM first"), 0))
+    monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    s = Settings(home=str(tmp_path / "home"), table_uri=str(tmp_path / "table"),
+                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cache_dir=str(tmp_path / "cache"),
+                 arch=ARCH, policy=POLICY, budget=1, llm="rank", llm_model="test-model")
+    summary = farm.run(str(MODELS / "farm_tiny.py"), s)
+    assert summary.exit_code == 0
+    assert ep.requests and ep.requests[0]["body"]["model"] == "test-model"
+    run = MlflowClient(s.tracking_uri).get_run(summary.mlflow_run_id)
+    assert run.data.params.get("llm.mode") == "rank" and run.data.params.get("llm.model") == "test-model"
+    assert run.data.metrics.get("llm_tokens", 0) > 0
