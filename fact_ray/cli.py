@@ -386,11 +386,19 @@ def compare(
         rows = compare_runs(s.resolved_tracking_uri, run_ids=tuple(runs or ()), last=last)
         if not rows:
             raise UserError(f"no fact-ray runs in {s.resolved_tracking_uri}")
-        t = Table(title="fact-ray runs compared")
-        for col in rows[0]:
-            t.add_column(str(col))
+        # The rows carry every field (for --json later and for tests); a person needs these, grouped by pattern.
+        cols = [("run", lambda r: r["run"][:8]), ("started", lambda r: r["started"][:19].replace("T", " ")),
+                ("model", lambda r: r["model"]), ("policy", lambda r: r["policy"]), ("gpu", lambda r: r["gpu"]),
+                ("pattern", lambda r: r["rule"]), ("winner", lambda r: r["winner"] or "-"),
+                ("best ms", lambda r: f"{r['best_ms']:.3g}"), ("PyTorch ms", lambda r: f"{r['baseline_ms']:.3g}"),
+                ("speedup", lambda r: f"{r['speedup']:.2f}x"), ("trials", lambda r: str(r["trials"])),
+                ("from table", lambda r: "yes" if r["from_table"] else ""),
+                ("best so far", lambda r: "*" if r["is_best"] else "")]
+        t = Table(title=f"fact-ray runs compared ({len({r['run'] for r in rows})} runs)")
+        for name, _ in cols:
+            t.add_column(name, overflow="fold")
         for r in rows:
-            t.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
+            t.add_row(*(f(r) for _, f in cols))
         _console().print(t)
 
     _guard(body)

@@ -339,3 +339,21 @@ def test_full_run_logged_over_http(mlflow_server, tmp_path):
     _check_logged(MlflowClient(mlflow_server), listener.parent_run_id, facts, tmp_path)
     rows = compare_runs(mlflow_server, ["http1"])
     assert {r["match_key"] for r in rows} == {facts["m1"].key, facts["m2"].key}
+
+
+def test_cli_compare_prints_the_runs_side_by_side(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for rid, times in (("ra", [0.9]), ("rb", [0.5])):
+        _emit_run(Broadcaster([MlflowListener(uri)], strict=True), tmp_path, rid, 1.0, times)
+    fr = str(Path(sys.executable).parent / "fact-ray")
+    env = {**os.environ, "COLUMNS": "250"}
+    r = subprocess.run([fr, "compare", "--last", "2", "--tracking-uri", uri], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "2 runs" in r.stdout and "2.00x" in r.stdout and "1.11x" in r.stdout  # 1.0/0.5 and 1.0/0.9
+    r = subprocess.run([fr, "compare", "nope", "--tracking-uri", uri], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "nope" in r.stderr
