@@ -82,6 +82,15 @@ def content_hash(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: Any) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (compiled libraries are a few MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------- capture
 
 

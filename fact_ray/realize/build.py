@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fact_ray.errors import NotAvailable
-from fact_ray.types import Library, Source
+from fact_ray.types import Library, Source, file_sha256
 
 BASE_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-shared",
               "-Xcompiler", "-fvisibility=hidden")  # see FR_EXPORT in fr_abi.h
@@ -124,12 +124,6 @@ def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / key[:2] / key
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_entry(cache_dir: str | os.PathLike, key: str) -> dict | None:
@@ -146,7 +140,7 @@ def read_entry(cache_dir: str | os.PathLike, key: str) -> dict | None:
     if meta.get("ok"):
         so = d / "lib.so"
         try:
-            if so.stat().st_size != meta.get("so_size") or _sha256_file(so) != meta.get("so_sha256"):
+            if so.stat().st_size != meta.get("so_size") or file_sha256(so) != meta.get("so_sha256"):
                 return None
         except OSError:
             return None
@@ -195,7 +189,7 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
                 "cutlass_version": cutlass_version(), "flags": list(flags), "arch": arch_targets(source),
                 "seconds": round(seconds, 3), "exit_status": rc, "built_at": time.time()}
         if ok:
-            meta |= {"so_size": (tmp / "lib.so").stat().st_size, "so_sha256": _sha256_file(tmp / "lib.so")}
+            meta |= {"so_size": (tmp / "lib.so").stat().st_size, "so_sha256": file_sha256(tmp / "lib.so")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if not cacheable:
             return Library(source=source, key=key, ok=False, log=header + log, seconds=seconds)
