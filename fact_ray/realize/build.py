@@ -40,6 +40,10 @@ GENCODES = {
     "sm80_gemm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
     "sm90_gemm": ("-gencode=arch=compute_90a,code=sm_90a",),
     "sm90_tf32x3": ("-gencode=arch=compute_90a,code=sm_90a",),  # WGMMA/TMA as sm90_gemm; headers are embedded
+    # Standalone norm and attention TUs (realize/norm.py, realize/attention.py): plain CUDA and CUTLASS 2.x
+    # (example 41's Sm80 attention), so A100 and Hopper alike.
+    "norm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
+    "attention_sm80": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
 }
 
 META_VERSION = 1
@@ -154,9 +158,10 @@ def _library(source: Source, key: str, meta: dict, cache_dir: str | os.PathLike,
                    log=log, seconds=0.0 if cached else float(meta["seconds"]), cached=cached)
 
 
-def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float = DEFAULT_TIMEOUT_S) -> Library:
+def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float = DEFAULT_TIMEOUT_S,
+          include_dirs: Sequence[str] = ()) -> Library:
     """Compile one Source (or fetch it from the cache). Never raises for bad C++; raises NotAvailable if the
-    toolchain is missing."""
+    toolchain is missing. `include_dirs` come after CUTLASS's and, like them, are not keyed (machine paths)."""
     nvcc_path = _resolve_nvcc(nvcc)
     flags = flags_for(source)
     key = build_key(source.code, nvcc_version(nvcc), flags, cutlass_version(), arch_targets(source))
@@ -169,7 +174,8 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
     try:
         (tmp / f"{source.name}.cu").write_text(source.code)
-        cmd = [nvcc_path, *flags, *(f"-I{p}" for p in include_paths()), "-o", "lib.so", f"{source.name}.cu"]
+        includes = (f"-I{p}" for p in (*include_paths(), *include_dirs))
+        cmd = [nvcc_path, *flags, *includes, "-o", "lib.so", f"{source.name}.cu"]
         t0 = time.monotonic()
         cacheable = True
         try:

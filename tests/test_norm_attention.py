@@ -1,0 +1,229 @@
+"""Our LayerNorm/RMSNorm kernels and example 41's causal attention: rendering, real nvcc compiles of both TUs
+(sm_80 + sm_90a), their C ABIs' argument checks (which answer before any CUDA call, so they run here), and on a
+GPU their numbers against float64 torch.
+
+The attention compile needs cuRAND's headers (kernel_forward.h includes <curand_kernel.h>): it finds them in the
+toolkit or an installed nvidia-curand wheel, or in the folder named by FACT_RAY_CURAND_INCLUDE, and skips saying
+so when there are none.
+"""
+
+import ctypes
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from fact_ray.errors import CannotImplement, NotAvailable, UnsupportedDtype
+from fact_ray.realize import attention as A
+from fact_ray.realize import norm as N
+from fact_ray.realize.build import exported_symbols
+from fact_ray.types import Precision
+
+nvcc_present = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+NORM_DTYPES = ("float32", "bfloat16", "float16")
+POLICY = {"float32": Precision.FP32, "bfloat16": Precision.BF16, "float16": Precision.FP16}
+
+
+def _curand_hints() -> list[str]:
+    env = os.environ.get("FACT_RAY_CURAND_INCLUDE")
+    return [env] if env else []
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def test_emit_norm_fills_every_slot_and_differs_per_dtype():
+    sources = [N.emit_norm(d) for d in NORM_DTYPES]
+    for s, ctype in zip(sources, ("float", "__nv_bfloat16", "__half")):
+        assert "{{" not in s.code
+        assert f"using Element = {ctype};" in s.code
+        assert s.configs[0].template == "norm" and s.symbols == ("fr_norm_run",)
+    assert len({s.name for s in sources}) == 3
+    assert N.emit_norm("bfloat16") == N.emit_norm("bfloat16")  # deterministic: same text, same cache key
+
+
+def test_emit_rejects_unknown_dtypes():
+    with pytest.raises(UnsupportedDtype):
+        N.emit_norm("float64")
+    with pytest.raises(UnsupportedDtype):
+        A.emit_attention(["float32", "int8"])
+    with pytest.raises(UnsupportedDtype):
+        A.emit_attention([])
+
+
+def test_emit_attention_selects_dtypes_in_a_fixed_order():
+    s = A.emit_attention(["bfloat16", "float32"])
+    assert s.code == A.emit_attention(["float32", "bfloat16"]).code
+    assert "{{" not in s.code
+    assert re.search(r"#define FR_ATTN_HAS_F32 1\b", s.code) and re.search(r"#define FR_ATTN_HAS_F16 0\b", s.code)
+    assert [c.precision for c in s.configs] == [Precision.FP32, Precision.BF16]
+
+
+# --------------------------------------------------------------------------------------------- compiles
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("norm_attn_cache"))
+
+
+@pytest.fixture(scope="module")
+def norm_libs(cache):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    return {d: N.build_norm(d, cache) for d in NORM_DTYPES}
+
+
+@pytest.fixture(scope="module")
+def attn_lib(cache):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    if A.curand_include_dir(_curand_hints()) is None:
+        pytest.skip("curand_kernel.h not found (toolkit, nvidia-curand wheel or FACT_RAY_CURAND_INCLUDE): "
+                    "example 41 cannot compile")
+    return A.build_attention(["float32", "bfloat16"], cache, curand_hints=_curand_hints())
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_norm_compiles_for_sm80_and_sm90a_with_its_abi(norm_libs):
+    for dtype, lib in norm_libs.items():
+        assert lib.ok, lib.log[-3000:]
+        assert {"fr_abi_version", "fr_norm_element", "fr_norm_run"} <= exported_symbols(lib.path)
+        assert "code=sm_80" in lib.log and "code=sm_90a" in lib.log
+        handle = N.load_norm(lib)  # dlopen works without a GPU: cudart is static, the driver loads lazily
+        assert handle.fr_abi_version() == N.NORM_ABI_VERSION
+        assert handle.fr_norm_element() == N._DTYPES[dtype][1]
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_norm_run_refuses_bad_arguments_before_touching_cuda(norm_libs):
+    run = N.load_norm(norm_libs["float32"]).fr_norm_run
+    buf = (ctypes.c_float * 64)()
+
+    def args(**kw):
+        a = N.FrNormArgs(x=ctypes.addressof(buf), y=ctypes.addressof(buf), rows=4, cols=16, ld_x=16, ld_y=16,
+                         eps=1e-5, kind=N.KIND["layernorm"])
+        for k, v in kw.items():
+            setattr(a, k, v)
+        return ctypes.byref(a)
+
+    assert run(None) == N.EINVAL
+    assert run(args(cols=0)) == N.EINVAL
+    assert run(args(ld_x=8)) == N.EINVAL  # rows would overlap
+    assert run(args(kind=7)) == N.EINVAL
+    assert run(args(eps=float("nan"))) == N.EINVAL
+    assert run(args(kind=N.KIND["rmsnorm"], bias=ctypes.addressof(buf))) == N.EINVAL  # RMSNorm has no bias
+    assert run(args(rows=0)) == 0  # nothing to do is success, and launches nothing
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_attention_compiles_with_its_abi_and_refuses_what_it_cannot_run(attn_lib):
+    assert attn_lib.ok, attn_lib.log[-3000:]
+    assert {"fr_abi_version", "fr_attn_supports", "fr_attn_workspace", "fr_attn_run"} <= exported_symbols(
+        attn_lib.path)
+    assert "code=sm_80" in attn_lib.log and "code=sm_90a" in attn_lib.log
+    h = A.load_attention(attn_lib)
+    assert h.fr_abi_version() == A.ATTN_ABI_VERSION
+    assert [h.fr_attn_supports(c) for c in (0, 1, 2)] == [1, 1, 0]
+
+    def args(**kw):
+        B, S, H, D = 1, 77, 2, 96
+        a = A.FrAttnArgs(q=16, k=16, v=16, o=16, B=B, H=H, S_q=S, S_k=S, D=D, scale=D ** -0.5, causal=1, dtype=1)
+        for n in "qkvo":  # contiguous BMHK
+            setattr(a, f"{n}_stride_b", S * H * D)
+            setattr(a, f"{n}_stride_s", H * D)
+            setattr(a, f"{n}_stride_h", D)
+        for k, v in kw.items():
+            setattr(a, k, v)
+        return ctypes.byref(a)
+
+    # 32 queries x 128 keys with kMaxK = 128 keeps the output in registers: no workspace.
+    assert h.fr_attn_workspace(args()) == 0
+    assert h.fr_attn_run(args(q=None)) == A.EINVAL
+    assert h.fr_attn_run(args(D=160)) == A.ENOTSUP
+    assert h.fr_attn_run(args(dtype=2)) == A.ENOTSUP  # fp16 not in this TU
+    assert h.fr_attn_run(args(o_stride_h=1)) == A.ENOTSUP  # the kernel writes O as BMHK
+    assert h.fr_attn_run(args(q=18)) == A.ENOTSUP  # misaligned pointer: refused, never run unaligned
+    assert h.fr_attn_run(args(D=90, q_stride_h=90, k_stride_h=90, v_stride_h=90, o_stride_h=90)) == A.ENOTSUP
+
+
+def test_missing_curand_headers_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "curand_include_dir", lambda hints=(), nvcc="nvcc": None)
+    with pytest.raises(NotAvailable, match="curand_kernel.h not found"):
+        A.build_attention(["bfloat16"], str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- GPU numbers
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+@gpu
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+@pytest.mark.parametrize("cols", [768, 1000, 4096])
+def test_norms_match_float64(norm_libs, dtype, cols):
+    kernel = N.NormKernel(norm_libs[dtype])
+    dt = getattr(torch, dtype)
+    tol = POLICY[dtype].tolerance
+    for seed in (0, 1):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        rows = 37  # not a multiple of anything the kernel blocks by
+        x = (torch.randn(rows, cols, device="cuda", generator=g) * 3 + 1.5).to(dt)  # a mean to subtract
+        w = torch.randn(cols, device="cuda", generator=g).to(dt)
+        b = torch.randn(cols, device="cuda", generator=g).to(dt)
+        for kind, call, ref in (
+            ("layernorm", lambda o: kernel.layer_norm(x, w, b, 1e-5, out=o), N.reference(x, w, b, 1e-5, "layernorm")),
+            ("layernorm_plain", lambda o: kernel.layer_norm(x, None, None, 1e-3, out=o),
+             N.reference(x, None, None, 1e-3, "layernorm")),
+            ("rmsnorm", lambda o: kernel.rms_norm(x, w, 1e-6, out=o), N.reference(x, w, None, 1e-6, "rmsnorm")),
+        ):
+            out = torch.full_like(x, float("nan"))
+            call(out)
+            torch.cuda.synchronize()
+            assert not out.isnan().any(), kind
+            assert rel_err(out, ref) < tol, (kind, rel_err(out, ref))
+    # A strided row view (every other row of a wider buffer) folds into ld_x; vectorised path off for 1000 cols.
+    wide = torch.randn(2 * 37, cols + 8, device="cuda").to(dt)[::2, :cols]
+    out = kernel.layer_norm(wide, w, b)
+    assert rel_err(out, N.reference(wide, w, b, 1e-5, "layernorm")) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_causal_attention_matches_float64(attn_lib, dtype, head_dim):
+    kernel = A.AttentionKernel(attn_lib)
+    dt = getattr(torch, dtype)
+    B, H, S = 1, 3, 77  # S not a multiple of the 32-query or 128-key blocks
+    for seed in (0, 1):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (torch.randn(B, S, H, head_dim, device="cuda", generator=g).to(dt) for _ in range(3))
+        out = torch.full((B, S, H, head_dim), float("nan"), dtype=dt, device="cuda")
+        kernel(q, k, v, causal=True, out=out)
+        torch.cuda.synchronize()
+        ref = A.reference(q, k, v, causal=True)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < POLICY[dtype].tolerance, rel_err(out, ref)
+    # [B, H, S, D] tensors as the usual transposed views: strides, no copies.
+    qh, kh, vh = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    out2 = kernel(qh, kh, vh, causal=True)
+    assert rel_err(out2, A.reference(q, k, v, causal=True)) < POLICY[dtype].tolerance
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_norm_kernel_refuses_cpu_tensors(norm_libs):
+    with pytest.raises(CannotImplement):
+        N.NormKernel(norm_libs["float32"]).layer_norm(torch.randn(4, 8))
