@@ -218,8 +218,6 @@ def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri:
     _guard(body)
 
 
-
-
 @app.command()
 def run(
     model: str = typer.Argument(..., help=MODEL_HELP),
