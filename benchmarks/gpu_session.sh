@@ -12,7 +12,7 @@ for step in "$@"; do
   echo "=== $step ($(date -u +%T))"
   case "$name" in
     pytest) timeout 240 python3 -m pytest -q -m gpu "$a" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-$(basename "$a" .py).log" | tail -15 ;;
-    gputests) timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -15 ;;
+    gputests) timeout "${a:-300}" python3 -m pytest -q -m gpu tests --durations=15 -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -60 ;;
     gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \
             | tee "$OUT/gemm-${a//,/-}.log" | tail -40 ;;
     scaling) timeout 400 python3 benchmarks/compile_scaling.py --units "$a" --base-units "${b:-0}" --arch sm80 --out "$OUT/compile-scaling.json" 2>&1 \

@@ -282,7 +282,7 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     if loaded.model_hash and loaded.model_hash != want["hash"]:
         raise ArtifactError(f"{where} is for model {want['name']} (hash {want['hash'][:12]}), not {loaded.name} "
                             f"(hash {loaded.model_hash[:12]})")
-    captured = capture(loaded)
+    captured = capture(_inputs_beside_parameters(loaded))
     if graph_hash_of(captured.graph) != want["graph_hash"]:
         raise ArtifactError(f"{where} is for model {want['name']}: the graph of {loaded.name} differs from it "
                             "(other code, shapes or dtypes)")
@@ -302,6 +302,20 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     if device is not None:
         composed.to(device)
     return composed
+
+
+def _inputs_beside_parameters(loaded: Any) -> Any:
+    """The same model with its example inputs moved to where its parameters live: a module that was composed and
+    moved to a GPU keeps CPU example inputs, and tracing it would mix devices."""
+    import dataclasses
+
+    import torch
+
+    where = next((t.device for t in (*loaded.module.parameters(), *loaded.module.buffers())), None)
+    if where is None:
+        return loaded
+    inputs = tuple(x.to(where) if isinstance(x, torch.Tensor) else x for x in loaded.inputs)
+    return dataclasses.replace(loaded, inputs=inputs)
 
 
 def load_report(path: str | os.PathLike) -> str:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -38,6 +40,7 @@ from fact_ray.types import (
     Source,
     TensorMeta,
     content_hash,
+    to_jsonable,
 )
 
 # What compose returns: the rewritten, runnable graph module, with `.fact_ray` (a Composition) attached.
@@ -109,10 +112,15 @@ class CheckReport:
 # --------------------------------------------------------------------------------------------- helpers
 
 
+_DEVICE_ARG = re.compile(r"device=[a-z]+(:[0-9]+)?")
+
+
 def graph_hash(graph: Any) -> str:
     """A content hash of a fact_ray Graph without its model name and hash: two captures of the same model code
-    at the same shapes give the same value, in any process."""
-    return content_hash("graph", graph.capture, graph.nodes)
+    at the same shapes give the same value, in any process and on any device (a model captured on the CPU when it
+    was composed is often loaded onto a GPU, and `torch.arange(..., device=x.device)` records where it ran)."""
+    nodes = json.dumps(to_jsonable(graph.nodes), sort_keys=True, default=str)
+    return content_hash("graph", graph.capture, _DEVICE_ARG.sub("device", nodes))
 
 
 sha256_file = file_sha256  # the artifact and its tests name it so

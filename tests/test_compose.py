@@ -300,3 +300,18 @@ def test_compose_from_table_without_gpu_or_arch_is_not_available(tmp_path):
     with pytest.raises(NotAvailable, match="no CUDA GPU"):
         compose_from_table(MODEL, Settings(home=str(tmp_path)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_graph_hash_ignores_where_the_model_was_captured():
+    """An artifact composed from a CPU capture must load onto a GPU: device arguments do not change the hash,
+    anything else does."""
+    from fact_ray.compose import graph_hash
+    from fact_ray.types import Graph, Node
+
+    def graph(device: str, end: int) -> Graph:
+        node = Node(name="arange", op="call_function", target="aten.arange.start",
+                    args=(0, end), kwargs=(("device", f"device={device}"),))
+        return Graph(model_name="m", model_hash="h", capture="export", nodes=(node,))
+
+    assert graph_hash(graph("cpu", 8)) == graph_hash(graph("cuda:0", 8))
+    assert graph_hash(graph("cpu", 8)) != graph_hash(graph("cpu", 9))
