@@ -102,10 +102,10 @@ class DiscoveryAgent:
 
     def discover(self, ref: str, arch: Arch, policy: Precision) -> Discovery:
         # Imported here: the driver never needs torch for discovery, the worker does.
-        from fact_ray.capture import capture, load_model
+        from fact_ray.capture import capture, load_model, under_policy
         from fact_ray.discover import discover
 
-        captured = capture(load_model(ref))
+        captured = capture(under_policy(load_model(ref), policy))
         graph = captured.graph
         matches = discover(graph, arch, policy)
         return rank_matches(self._ranker, graph, matches, arch, policy, captured.method, tuple(captured.notes))

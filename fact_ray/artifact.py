@@ -258,7 +258,7 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     """Restore a composed module from an artifact folder, for `model`: a model reference (file or
     `pkg.mod:factory`), a `fact_ray.capture.LoadedModel`, or an `nn.Module` together with `inputs`.
     The module runs the model's own parameters; no nvcc, no tuning, no pattern table."""
-    from fact_ray.capture import LoadedModel, capture, load_model
+    from fact_ray.capture import LoadedModel, capture, load_model, under_policy
     from fact_ray.compose import KernelChoice, compose
     from fact_ray.compose import graph_hash as graph_hash_of
     from fact_ray.discover import discover
@@ -282,6 +282,7 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     if loaded.model_hash and loaded.model_hash != want["hash"]:
         raise ArtifactError(f"{where} is for model {want['name']} (hash {want['hash'][:12]}), not {loaded.name} "
                             f"(hash {loaded.model_hash[:12]})")
+    loaded = under_policy(loaded, manifest["policy"])  # the dtype the artifact was composed in
     captured = capture(_inputs_beside_parameters(loaded))
     if graph_hash_of(captured.graph) != want["graph_hash"]:
         raise ArtifactError(f"{where} is for model {want['name']}: the graph of {loaded.name} differs from it "
@@ -354,7 +355,7 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike) -> P
     on the local GPU and saved to `out_dir`. Without a GPU nothing is saved (an unchecked composition never is)."""
     import torch
 
-    from fact_ray.capture import capture, load_model
+    from fact_ray.capture import capture, load_model, under_policy
     from fact_ray.compose import KernelChoice, check, compose, composition_of
     from fact_ray.config import arch_for
     from fact_ray.discover import discover
@@ -372,7 +373,7 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike) -> P
     else:
         raise NotAvailable("no CUDA GPU: composing needs one to check the result end to end (pass --arch to see "
                            "what the table holds for a GPU elsewhere)")
-    loaded = load_model(ref)
+    loaded = under_policy(load_model(ref), policy)
     captured = capture(loaded)
     matches = discover(captured.graph, arch, policy)
     # The toolchain the table keys on is the one the libraries were built with; `nvcc --version` names it here.

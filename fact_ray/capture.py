@@ -97,6 +97,28 @@ def load_model(ref: str) -> LoadedModel:
     return _load_file(ref)
 
 
+# The dtype a precision policy runs the whole model in (measuring.md: bf16 weights and inputs under bf16). fp32 and
+# tf32 keep float32; they differ in what math the kernels may use, not in the model's dtype.
+POLICY_MODEL_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def under_policy(loaded: LoadedModel, policy: Any) -> LoadedModel:
+    """The model as `policy` runs it: under bf16/fp16 its floating parameters, buffers and example inputs are
+    converted (in place for the module), so discovery sees bf16 GEMMs and composition needs no casts around them.
+    Integer and boolean tensors are left alone."""
+    name = getattr(policy, "value", policy)
+    if name not in POLICY_MODEL_DTYPE:
+        raise ValueError(f"unknown precision policy {policy!r} (one of {', '.join(POLICY_MODEL_DTYPE)})")
+    dtype = POLICY_MODEL_DTYPE[name]
+    if dtype == torch.float32:
+        return loaded
+    loaded.module.to(dtype)
+    inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                   for x in loaded.inputs)
+    return LoadedModel(module=loaded.module, inputs=inputs, name=loaded.name, model_hash=loaded.model_hash,
+                       ref=loaded.ref)
+
+
 def _one_line(e: BaseException, limit: int = 160) -> str:
     """An exception as 'Type: first line of its message', cut to `limit` characters."""
     text = str(e).strip()

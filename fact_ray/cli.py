@@ -119,7 +119,7 @@ def discover(
 
             agent = make_ranker(s.llm, s)  # a missing endpoint or model fails here, before any work
         target = _default_arch(s)
-        loaded = cap.load_model(model)
+        loaded = cap.under_policy(cap.load_model(model), s.policy)
         captured = cap.capture(loaded)
         matches = disc.discover(captured.graph, target, s.policy)
         if profile:
@@ -171,7 +171,7 @@ def tune(
         from fact_ray.realize import tune as tn
 
         target = _default_arch(s)
-        captured = cap.capture(cap.load_model(model))
+        captured = cap.capture(cap.under_policy(cap.load_model(model), s.policy))
         matches = disc.discover(captured.graph, target, s.policy)
         if not 1 <= pattern <= len(matches):
             raise UserError(f"--pattern {pattern}: the model has {len(matches)} matches (see `fact-ray discover`)")

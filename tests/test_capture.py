@@ -166,3 +166,19 @@ def test_untraceable_model_is_capture_error(capfd):
     assert isinstance(info.value, UserError)
     # torch's own dumps of the failed trace stay off the terminal
     assert "def forward" not in capfd.readouterr().err
+
+
+def test_bf16_policy_runs_the_model_in_bf16_and_fp32_leaves_it_alone():
+    from fact_ray.discover import discover
+    from fact_ray.types import Arch
+
+    loaded = cap.load_model(str(MODELS / "small_block.py"))
+    assert cap.under_policy(loaded, "fp32") is loaded
+    assert cap.under_policy(loaded, "tf32") is loaded
+    bf = cap.under_policy(loaded, "bf16")
+    assert {p.dtype for p in bf.module.parameters()} == {torch.bfloat16}
+    assert all(x.dtype == torch.bfloat16 for x in bf.inputs if isinstance(x, torch.Tensor) and x.is_floating_point())
+    matches = discover(cap.capture(bf).graph, Arch.SM90, "bf16")
+    assert matches and {m.dtype for m in matches if m.family.startswith("gemm")} == {"bfloat16"}
+    with pytest.raises(ValueError, match="unknown precision policy"):
+        cap.under_policy(loaded, "int8")
