@@ -100,6 +100,7 @@ class RunSummary:
     table_commits: tuple[str, ...] = ()
     listener_failures: tuple[str, ...] = ()
     mlflow_run_id: str = ""
+    phases: tuple[tuple[str, float], ...] = ()  # (step, seconds) in order: where the run's time went
 
     @property
     def exit_code(self) -> int:
@@ -153,6 +154,8 @@ def summary_text(summary: RunSummary) -> str:
     con.print(format_summary(summary))
     for n in summary.notes:
         con.print(n)
+    if summary.phases:
+        con.print("time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in summary.phases))
     return buf.getvalue()
 
 
@@ -269,12 +272,25 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         mlflow_listener = MlflowListener(settings.resolved_tracking_uri, check=False)
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
 
+    # A local run against a table that may already hold this model's winners first discovers in this process:
+    # when the table serves every pattern, Ray (seconds to start and stop, plus a worker per GPU) is not needed.
+    pre = _setup_here(ref, settings) if not (settings.ray_address or retune or table.is_empty()) else None
+    if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
+                                     pre.toolchain, settings.budget, pre.disc, retune):
+        return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False).go(),
+                           mlflow_listener)
+    if settings.llm != "off":
+        pre = None  # the agent ranks the matches in its actor, on the Ray path
     conn = cluster.connect(settings.ray_address)
     try:
-        driver = _Driver(ref, settings, bus, table, retune, t0)
+        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre)
         summary = driver.go()
     finally:
         cluster.disconnect(conn)
+    return _finish_run(summary, mlflow_listener)
+
+
+def _finish_run(summary: RunSummary, mlflow_listener: Any) -> RunSummary:
     if mlflow_listener is not None and mlflow_listener.parent_run_id:
         summary = _with(summary, mlflow_run_id=mlflow_listener.parent_run_id)
     return summary
@@ -293,11 +309,92 @@ def _with(summary: RunSummary, **kw: Any) -> RunSummary:
     return replace(summary, **kw)
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What the run knows before it looks at the table: the ranked matches, the target and the toolchain."""
+
+    disc: Any  # fact_ray.actors.discovery.Discovery
+    arch: Arch
+    toolchain: Any  # fact_ray.pattern_table.Toolchain
+    gpu_name: str = ""
+    host: str = ""
+    gpus: int = 0
+    ray_version: str = ""
+
+
+def _patterns_of(matches: Sequence[Match]) -> list[_Pattern]:
+    """One tuning problem per match key; later matches with the same key share its result."""
+    patterns: list[_Pattern] = []
+    by_key: dict[str, _Pattern] = {}
+    for i, m in enumerate(matches):
+        if m.key in by_key:
+            by_key[m.key].duplicates.append((i + 1, m))
+            continue
+        by_key[m.key] = _Pattern(i + 1, m)
+        patterns.append(by_key[m.key])
+    return patterns
+
+
+def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, toolchain: Any, budget: int,
+          disc: Any, retune: bool) -> list[_Pattern]:
+    """Serve what the table has (status FROM_TABLE), mark what no template realizes (NOT_REALIZABLE), plan the
+    rest: the patterns that need compiles and trials."""
+    from fact_ray.pattern_table import TableKey
+
+    todo: list[_Pattern] = []
+    for p in patterns:
+        if p.match.family in GEMM_FAMILIES and not retune:
+            row = table.best(TableKey.of(p.key, policy, arch, toolchain))
+            if row is not None and row.valid:
+                p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
+                continue
+        _plan_pattern(p, policy, arch, budget, disc.hinted(p.key))
+        if p.status != NOT_REALIZABLE:
+            todo.append(p)
+    return todo
+
+
+def _setup_here(ref: str, settings: Settings) -> _Setup | None:
+    """Discovery in this process, for the local GPU: a run whose every pattern the table already serves needs no
+    Ray, no workers and no compiles, and finishes in seconds. None when this machine has no CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from fact_ray.actors.discovery import make_ranker, rank_matches
+    from fact_ray.capture import capture, load_model, under_policy
+    from fact_ray.config import arch_for
+    from fact_ray.discover import discover
+    from fact_ray.pattern_table import Toolchain
+    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+    from fact_ray.realize.build import toolchain
+
+    policy = Precision(settings.policy)
+    gpu_name = torch.cuda.get_device_name()
+    arch = arch_for(torch.cuda.get_device_capability(), gpu_name, settings.arch)
+    tc = toolchain(settings.nvcc)
+    captured = capture(under_policy(load_model(ref), policy))
+    matches = discover(captured.graph, arch, policy)
+    disc = rank_matches(make_ranker("off", settings), captured.graph, matches, arch, policy, captured.method,
+                        tuple(captured.notes))
+    tools = Toolchain(cuda=str(tc.get("nvcc_version") or tc.get("nvcc") or ""),
+                      cutlass=str(tc.get("cutlass_version") or tc.get("cutlass") or ""), torch=torch.__version__,
+                      bench_method=str(BENCH_METHOD_VERSION))
+    import socket
+
+    return _Setup(disc=disc, arch=arch, toolchain=tools, gpu_name=gpu_name, host=socket.gethostname(), gpus=1)
+
+
 class _Driver:
     """One run's orchestration. Holds the Ray handles; `go` always ends them."""
 
-    def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float) -> None:
+    def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float,
+                 pre: _Setup | None = None, on_ray: bool = True) -> None:
         self.ref = ref
+        self.pre = pre  # discovery already done in this process (see _setup_here)
+        self.on_ray = on_ray
+        self.phases: list[tuple[str, float]] = []
+        self._mark = t0
         self.s = settings
         self.bus = bus
         self.table = table
@@ -332,20 +429,32 @@ class _Driver:
             self.bus.emit(RunFinished.make(status=status, seconds=time.monotonic() - self.t0, error=error[:500]))
 
     def _close(self) -> None:
-        import ray
-
         if self.pool is not None:
             self.pool.close()
         if self.writer is not None:
+            import ray
+
             ray.kill(self.writer)
 
     def _go(self) -> RunSummary:
+        setup = self.pre if self.pre is not None else self._setup_on_ray()
+        self._phase("setup")
+        self._announce(setup)
+        return self._realize(setup)
+
+    def _phase(self, name: str) -> None:
+        """Record how long the step that just ended took (the summary shows where a run's time went)."""
+        now = time.monotonic()
+        self.phases.append((name, now - self._mark))
+        self._mark = now
+
+    def _setup_on_ray(self) -> _Setup:
         import ray
 
         from fact_ray.actors import cluster
         from fact_ray.actors.compile import unwrap_user_error
         from fact_ray.actors.discovery import DiscoveryAgent, llm_config
-        from fact_ray.pattern_table import RowContext, TableKey, Toolchain
+        from fact_ray.pattern_table import Toolchain
 
         s = self.s
         ref = self.ref
@@ -360,30 +469,13 @@ class _Driver:
         llm_cfg = llm_config(s.llm, s) if s.llm != "off" else None
         agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm, llm_cfg)
         disc_ref = agent.discover.remote(ref, guess, self.policy)
-        gpus = cluster.gpu_count()
-        gpu_name, host, torch_on_gpu = "", "", ""
-        if gpus:
-            from fact_ray.actors.gpu_trial import run_trial
-            from fact_ray.actors.trial_worker import TrialPool
-
-            self.pool = TrialPool(run_trial, gpus, timeout_s=s.trial_timeout_s)
-            infos = self.pool.infos()
-            gpu_name, host, torch_on_gpu = infos[0].gpu_name, infos[0].host, infos[0].torch_version
-            arch = cluster.arch_for(infos[0].capability, gpu_name, s.arch)
-            if len({i.gpu_name for i in infos}) > 1:
-                self.notes.append(f"mixed GPUs in the cluster ({', '.join(sorted({i.gpu_name for i in infos}))}): "
-                                  f"timings are each measured against the PyTorch op on the same GPU")
-        else:
-            arch = s.arch or Arch.SM90
+        gpus = self._start_pool()
+        arch = self._pool_arch() if gpus else (s.arch or Arch.SM90)
         try:
             versions = ray.get(tc_ref)
         except ray.exceptions.RayTaskError as e:
             unwrap_user_error(e)
             raise
-        toolchain = Toolchain(cuda=versions["nvcc"], cutlass=versions["cutlass"],
-                              torch=torch_on_gpu or versions["torch"], bench_method=versions["bench_method"])
-        self.toolchain = toolchain
-
         try:
             disc = ray.get(disc_ref)
             if arch != guess:
@@ -393,46 +485,70 @@ class _Driver:
             raise
         finally:
             ray.kill(agent)
-        self.notes.extend(disc.notes)
+        info = self.pool.infos()[0] if self.pool is not None else None
+        toolchain = Toolchain(cuda=versions["nvcc"], cutlass=versions["cutlass"],
+                              torch=info.torch_version if info else versions["torch"],
+                              bench_method=versions["bench_method"])
+        return _Setup(disc=disc, arch=arch, toolchain=toolchain, gpu_name=info.gpu_name if info else "",
+                      host=info.host if info else "", gpus=gpus, ray_version=versions.get("ray", ""))
 
+    def _start_pool(self) -> int:
+        """One trial worker per GPU of the cluster (they start in the background); the number of GPUs."""
+        from fact_ray.actors import cluster
+
+        gpus = cluster.gpu_count()
+        if gpus and self.pool is None:
+            from fact_ray.actors.gpu_trial import run_trial
+            from fact_ray.actors.trial_worker import TrialPool
+
+            self.pool = TrialPool(run_trial, gpus, timeout_s=self.s.trial_timeout_s)
+        return gpus
+
+    def _pool_arch(self) -> Arch:
+        from fact_ray.actors import cluster
+
+        infos = self.pool.infos()
+        if len({i.gpu_name for i in infos}) > 1:
+            self.notes.append(f"mixed GPUs in the cluster ({', '.join(sorted({i.gpu_name for i in infos}))}): "
+                              f"timings are each measured against the PyTorch op on the same GPU")
+        return cluster.arch_for(infos[0].capability, infos[0].gpu_name, self.s.arch)
+
+    def _announce(self, setup: _Setup) -> None:
+        s, disc, toolchain = self.s, setup.disc, setup.toolchain
+        self.toolchain = toolchain
+        self.notes.extend(disc.notes)
         self.started = True
         self.bus.emit(RunStarted.make(
             run_id=self.run_id, model_name=disc.model_name, model_hash=disc.model_hash, policy=self.policy,
-            arch=arch, gpu=gpu_name, budget=s.budget, model_ref=self.ref,
+            arch=setup.arch, gpu=setup.gpu_name, budget=s.budget, model_ref=self.ref,
             versions={"nvcc": toolchain.cuda, "cutlass": toolchain.cutlass, "torch": toolchain.torch,
-                      "bench_method": toolchain.bench_method, "ray": versions.get("ray", "")},
-            extra={"ray_address": s.ray_address or "local", "gpus": gpus, "table": self.table.uri,
-                   "retune": self.retune, "llm": s.llm, "capture": disc.method}))
+                      "bench_method": toolchain.bench_method, "ray": setup.ray_version},
+            extra={"ray_address": s.ray_address or ("local" if self.on_ray else "not started: all from the table"),
+                   "gpus": setup.gpus, "table": self.table.uri, "retune": self.retune, "llm": s.llm,
+                   "capture": disc.method}))
         if disc.agent_used:
             self.bus.emit(_agent_report(disc, s.llm, s.llm_model))
 
-        # One tuning problem per match key; later matches with the same key share its result.
-        patterns: list[_Pattern] = []
-        by_key: dict[str, _Pattern] = {}
-        for i, m in enumerate(disc.matches):
-            if m.key in by_key:
-                by_key[m.key].duplicates.append((i + 1, m))
-                continue
-            p = _Pattern(i + 1, m)
-            by_key[m.key] = p
-            patterns.append(p)
+    def _realize(self, setup: _Setup) -> RunSummary:
+        from fact_ray.pattern_table import RowContext
+
+        s, disc, arch, toolchain = self.s, setup.disc, setup.arch, setup.toolchain
+        gpu_name, host = setup.gpu_name, setup.host
+        patterns = _patterns_of(disc.matches)
         for p in patterns:
             self.bus.emit(PatternStarted(match=p.match, index=p.index - 1, total=len(patterns)))
-
         ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None)
-        todo: list[_Pattern] = []
+        todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune)
         for p in patterns:
-            if p.match.family in GEMM_FAMILIES and not self.retune:
-                row = self.table.best(TableKey.of(p.key, self.policy, arch, toolchain))
-                if row is not None and row.valid:
-                    p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
-                    self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=True))
-                    continue
-            _plan_pattern(p, self.policy, arch, s.budget, disc.hinted(p.key))
-            if p.status == NOT_REALIZABLE:
-                self.bus.emit(PatternFinished(match_key=p.key, winner=None, reason=p.reason))
-                continue
-            todo.append(p)
+            if p.status in (FROM_TABLE, NOT_REALIZABLE):
+                self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=p.from_table,
+                                              reason=p.reason))
+        self._phase("table")
+        if todo and not self.on_ray:
+            raise RuntimeError("internal: patterns to tune, but Ray was not started")  # run() decides; never here
+        gpus = setup.gpus
+        if todo and self.pool is None:
+            gpus = self._start_pool()  # found here only when discovery ran without Ray (setup_here)
 
         # Compile every translation unit of every pattern at once; a unit shared by patterns compiles once.
         unique: dict[str, Source] = {}
@@ -447,6 +563,7 @@ class _Driver:
             if callable(plan):
                 plan(compiles=len(unique), trials=n_trials)
         outcomes = self._compile(list(unique.values()), users)
+        self._phase("compile")
 
         if not gpus:
             built = sum(o.ok for o in outcomes)
@@ -462,22 +579,32 @@ class _Driver:
                 self.bus.emit(PatternFinished(match_key=p.key, winner=None, failures=failed, reason=msg))
         else:
             self._trials(todo, {o.source.name: o for o in outcomes}, arch, ctx)
-
-        try:
-            ray.get(self.commits)
-            commits = tuple(ray.get(self.writer.commits.remote())) if self.writer is not None else ()
-        except ray.exceptions.RayTaskError as e:
-            unwrap_user_error(e)  # a table that stopped being writable mid-run: one line, not a traceback
-            raise
+        commits = self._wait_commits()
+        self._phase("trials + commit")
         summary = self._summary(disc, patterns, outcomes, arch, gpu_name, gpus, commits)
         report = {"run_id": self.run_id, "model": disc.model_name, "model_hash": disc.model_hash,
                   "policy": self.policy.value, "arch": arch.value, "gpu": gpu_name, "gpus": gpus,
                   "patterns": summary.rows(), "notes": list(summary.notes), "table_commits": list(commits),
                   "compiled": summary.compiled, "compile_failed": summary.compile_failed,
-                  "compile_lost": summary.compile_lost, "trials": summary.trials}
+                  "compile_lost": summary.compile_lost, "trials": summary.trials,
+                  "phases_s": {k: round(v, 3) for k, v in summary.phases}, "ray": self.on_ray}
         self.bus.emit(RunFinished.make(status="ok", seconds=summary.seconds, rows=summary.rows(), report=report,
                                        report_text=summary_text(summary)))
         return _with(summary, listener_failures=tuple(f"{f.listener}: {f.error}" for f in self.bus.failures))
+
+    def _wait_commits(self) -> tuple[str, ...]:
+        if self.writer is None and not self.commits:
+            return ()
+        import ray
+
+        from fact_ray.actors.compile import unwrap_user_error
+
+        try:
+            ray.get(self.commits)
+            return tuple(ray.get(self.writer.commits.remote())) if self.writer is not None else ()
+        except ray.exceptions.RayTaskError as e:
+            unwrap_user_error(e)  # a table that stopped being writable mid-run: one line, not a traceback
+            raise
 
     # ------------------------------------------------------------------ compile
 
@@ -608,7 +735,8 @@ class _Driver:
             compiled=sum(o.ok for o in outcomes), compile_failed=sum(not o.ok and not o.lost for o in outcomes),
             compile_lost=sum(o.lost for o in outcomes), cached=sum(o.ok and o.library.cached for o in outcomes),
             trials=sum(len(p.trials) for p in patterns), seconds=time.monotonic() - self.t0,
-            toolchain=self.toolchain, notes=tuple(dict.fromkeys(self.notes)), table_commits=commits)
+            toolchain=self.toolchain, notes=tuple(dict.fromkeys(self.notes)), table_commits=commits,
+            phases=tuple(self.phases))
 
 
 def _pattern_summary(p: _Pattern, index: int, m: Match, same_as: int = 0) -> PatternSummary:

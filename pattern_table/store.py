@@ -236,6 +236,10 @@ class PatternTable:
         top = self.top_k(key, 1)
         return top[0] if top else None
 
+    def is_empty(self) -> bool:
+        """No rows at all (a first run): nothing can be served, so there is nothing to look up."""
+        return not self._ordered()
+
     def keys(self, by_gpu: bool = False) -> list[TableKey]:
         """The distinct reuse keys, in order of first appearance (per GPU name when `by_gpu`)."""
         seen: dict[TableKey, None] = {}

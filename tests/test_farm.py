@@ -213,6 +213,10 @@ def test_run_on_a_gpu_tunes_commits_the_winner_and_serves_it_next_time(tmp_path)
     q = next(q for q in again.patterns if q.match_key == p.match_key)
     assert q.status == farm.FROM_TABLE and q.winner == p.winner
     assert not [e for e in rec.of(CompileFinished) + rec.of(TrialFinished) if e.match_key == p.match_key]
+    if all(x.status in (farm.TUNED, farm.NOT_REALIZABLE) for x in summary.patterns):
+        # every pattern is served or has no kernel family: the run needs no Ray, no workers, no compiles
+        assert rec.of(RunFinished)[-1].report["ray"] is False
+        assert [name for name, _ in again.phases] == ["setup", "table", "compile", "trials + commit"]
 
 
 # --------------------------------------------------------------------------------------------- trial workers
