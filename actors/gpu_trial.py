@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fact_ray.actors.compile import Compiled
 from fact_ray.actors.trial_worker import WorkerContext
@@ -45,12 +46,16 @@ def local_library_path(ctx: WorkerContext, data: bytes, digest: str) -> str:
     return path
 
 
-def run_trial(ctx: WorkerContext, problem: GemmProblem, config: KernelConfig, policy: Precision,
+def run_trial(ctx: WorkerContext, problem: Any, config: KernelConfig, policy: Precision,
               compiled: Compiled, data: bytes) -> TrialResult:
-    from fact_ray.realize.tune import tune_problem  # torch and CUDA load on the worker only
-
     path = local_library_path(ctx, data, compiled.so_sha256)
     library = replace(compiled.library, path=path)
+    if not isinstance(problem, GemmProblem):  # attention or a norm: one kernel against the model's own op
+        from fact_ray.realize.fused import trial
+
+        return TrialResult(*trial(problem, config, library, policy, ctx.device))
+    from fact_ray.realize.tune import tune_problem  # torch and CUDA load on the worker only
+
     _, trials = tune_problem(problem, [config], [library], policy, ctx.device)
     torch_trial = trials[0]
     trial = next(t for t in trials[1:] if t.candidate_name == config.name)

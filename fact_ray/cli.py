@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from fact_ray import config
-from fact_ray.errors import NotAvailable, UserError
+from fact_ray.errors import UserError
 
 app = typer.Typer(
     name="fact-ray",
@@ -212,6 +212,8 @@ def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri:
         con.print(farm.format_summary(summary))
         for note in summary.notes:
             con.print(f"[yellow]note:[/] {note}")
+        if summary.phases:
+            con.print("[dim]time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.phases) + "[/]")
         if summary.exit_code:
             raise typer.Exit(summary.exit_code)
 
@@ -255,14 +257,7 @@ def retune(
     _run(model, address, table, tracking_uri, policy, arch, budget, True, llm, llm_model)
 
 
-# ---------------------------------------------------------------------------------------------- not yet landed
-
-
-def _not_yet(what: str, issue: str) -> None:
-    def body() -> None:
-        raise NotAvailable(f"{what} is not implemented yet (it arrives with the {issue} work); nothing was done")
-
-    _guard(body)
+# ---------------------------------------------------------------------------------------------- compose / bench
 
 
 @app.command()
@@ -298,10 +293,48 @@ def compose(
 @app.command()
 def bench(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    artifact: Optional[str] = typer.Option(None, "--artifact", help="A composed artifact to compare."),
+    artifact: Optional[str] = typer.Option(None, "--artifact", help="A composed artifact to bench (made under the "
+                                           "same policy). Default: compose MODEL from the pattern table."),
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
+    table: Optional[str] = _TABLE,
+    tracking_uri: Optional[str] = _TRACK,
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the JSON, PNG and text table "
+                                      "(default: bench/ under the fact-ray home, .fact-ray/bench)."),
+    reps: int = typer.Option(50, "--reps", help="Interleaved timing rounds."),
+    warmup: int = typer.Option(10, "--warmup", help="Warm-up rounds before timing."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma list of eager, compile-default, "
+                                           "compile-max-autotune, composed (default: all four; eager is required)."),
 ) -> None:
-    """Compare eager, torch.compile and the composed module under one precision policy."""
-    _not_yet("fact-ray bench", "composition")
+    """Compare eager, torch.compile (default, max-autotune) and the composed module under one precision policy.
+
+    Same weights, same inputs, interleaved in one process on the local GPU: median times, spread, speedups over
+    eager, errors against float64. Writes JSON, a PNG plot and the table, and logs them to MLflow.
+    """
+
+    def body() -> None:
+        from pathlib import Path
+
+        s = _settings(policy=policy, table_uri=table, tracking_uri=tracking_uri)
+        from fact_ray import bench as bn
+        from fact_ray.tracking import check_reachable
+
+        chosen = bn.parse_variants(variants)
+        bn.require_gpu()  # before any model loading or compiling
+        bn.require_plotting()
+        check_reachable(s.resolved_tracking_uri)
+        con = _console()
+        result = bn.run_bench(model, s, artifact=artifact, variants=chosen, reps=reps, warmup=warmup,
+                              say=lambda line: con.print(line, markup=False))
+        outputs = bn.write_outputs(result, out or Path(s.home) / "bench")
+        # The table and files come first: a tracking server that fails now costs the MLflow record, not the numbers.
+        con.print(bn.format_table(result))
+        for note in result.notes:
+            con.print(f"note: {note}", markup=False)
+        con.print(f"json  {outputs.json}\nplot  {outputs.png}\ntable {outputs.text}", markup=False)
+        run_id = bn.log_to_mlflow(result, outputs, s.resolved_tracking_uri)
+        con.print(f"mlflow run {run_id} in {s.resolved_tracking_uri}", markup=False)
+
+    _guard(body)
 
 
 # ---------------------------------------------------------------------------------------------- table

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from fact_ray.errors import CannotImplement, ComposeError, NotAvailable
+from fact_ray.realize import fused
 from fact_ray.realize.kernel import GemmKernel, has_bias, has_residual, op_name, output_shape, register_op
 from fact_ray.types import (
     Arch,
@@ -71,7 +72,7 @@ class Replacement:
     nodes: tuple[str, ...]
     op: str  # torch.ops.fact_ray.<op>
     config: KernelConfig
-    problem: GemmProblem
+    problem: Any  # GemmProblem, or fused.AttentionProblem / NormProblem
     symbol: str
     library_path: str
     library_sha256: str
@@ -237,6 +238,29 @@ def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: M
             out = graph.call_function(torch.ops.aten.reshape.default, (out, list(anchor_meta[0])))
         if anchor_meta[1] != kernel_dtype:
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": anchor_meta[1]})
+    _replace_subgraph(graph, index, match, anchor, out, [index[operands[r]] for r in roles])
+
+
+def _rewrite_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, roles: Sequence[str],
+                   op: Any) -> None:
+    """Attention or a norm: the op takes the match's operands as the graph holds them (absent ones as None)."""
+    graph = gm.graph
+    operands = dict(match.param("operands", ()) or ())
+    wanted = [*match.nodes, match.anchor, *(operands[r] for r in roles if operands.get(r))]
+    missing = [n for n in wanted if n not in index]
+    if missing:
+        raise ComposeError(f"{match.rule} at {match.anchor}: node {missing[0]} is not in the graph (overlapping "
+                           "matches, or a match from another capture)")
+    anchor = index[match.anchor]
+    args = [index[operands[r]] if operands.get(r) else None for r in roles]
+    with graph.inserting_before(anchor):
+        out = graph.call_function(op, tuple(args))
+    _replace_subgraph(graph, index, match, anchor, out, [a for a in args if a is not None])
+
+
+def _replace_subgraph(graph: torch.fx.Graph, index: dict[str, torch.fx.Node], match: Match, anchor: torch.fx.Node,
+                      out: torch.fx.Node, operand_nodes: Sequence[torch.fx.Node]) -> None:
+    """Route the anchor's users to `out`, then erase the subgraph's nodes the kernel made dead."""
     if "val" in anchor.meta:
         out.meta["val"] = anchor.meta["val"]
     anchor.replace_all_uses_with(out)
@@ -245,7 +269,7 @@ def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: M
         members.append(anchor)
     # Nodes of the subgraph that feed the kernel (a view of A, a transpose of the weight) stay; the rest must be
     # dead now, or the kernel would not be computing everything the subgraph did.
-    keep = _ancestors_within([index[operands[r]] for r in roles], set(members))
+    keep = _ancestors_within(list(operand_nodes), set(members))
     for node in reversed(members):
         if node in keep:
             continue
@@ -291,6 +315,9 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         if Precision(cfg.precision) != policy:
             raise ComposeError(f"kernel {cfg.name} was tuned under {cfg.precision.value}, the composition runs "
                                f"under {policy.value}")
+        if m.family in fused.FUSED_FAMILIES:
+            replacements.append(_compose_fused(gm, index, m, choice, policy, digests))
+            continue
         try:
             problem = problem_from_match(m, policy)
         except CannotImplement as e:
@@ -312,6 +339,7 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
             config=cfg, problem=problem, symbol=choice.symbol, library_path=choice.library_path,
             library_sha256=digest, speedup=float(choice.speedup)))
 
+    gm.graph.eliminate_dead_code()  # what only fed a replaced subgraph (a causal mask's slice and compare)
     gm.graph.lint()
     gm.recompile()
     kept = tuple(dict.fromkeys(m.key for m in matches if m.key not in winners))
@@ -321,6 +349,25 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         graph_hash=graph_hash(captured.graph), capture=captured.method, policy=policy,
         arch=wanted_arch, replacements=tuple(replacements), kept=kept, inputs=user_inputs))
     return gm
+
+
+def _compose_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], m: Match, choice: KernelChoice,
+                   policy: Precision, digests: dict[str, str]) -> Replacement:
+    cfg = choice.config
+    try:
+        problem = fused.problem_of(m, policy)
+    except CannotImplement as e:
+        raise ComposeError(f"{m.rule} at {m.anchor}: {e}") from None
+    if cfg.template not in ("attention_sm80", "norm") or (cfg.template == "norm") == (m.family == "attention"):
+        raise ComposeError(f"{m.rule} at {m.anchor}: kernel {cfg.name} ({cfg.template}) does not compute {m.family}")
+    digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
+    digests[choice.library_path] = digest
+    library = library_for(choice, digest)
+    name, op = fused.register_op(cfg, problem, library)
+    _rewrite_fused(gm, index, m, fused.roles(problem), getattr(torch.ops.fact_ray, name).default)
+    return Replacement(match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes), op=name,
+                       config=cfg, problem=problem, symbol=choice.symbol, library_path=choice.library_path,
+                       library_sha256=digest, speedup=float(choice.speedup))
 
 
 def composition_of(module: Any) -> Composition:

@@ -16,7 +16,6 @@ Everything a person or MLflow sees comes from events (fact_ray.events) sent to t
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from fact_ray.types import Arch, GemmProblem, KernelConfig, Match, Precision, So
 log = logging.getLogger("fact_ray.farm")
 
 GEMM_FAMILIES = ("gemm", "gemm_bias", "gemm_bias_act", "gemm_bias_residual", "bmm")
+FUSED_FAMILIES = ("attention", "layernorm", "rmsnorm")  # fact_ray.realize.fused (kept here: no import of it)
 
 # PatternSummary.status values
 TUNED = "tuned"
@@ -147,16 +147,12 @@ def format_summary(summary: RunSummary):
 
 
 def summary_text(summary: RunSummary) -> str:
-    from rich.console import Console
+    from fact_ray.progress import plain_text
 
-    buf = io.StringIO()
-    con = Console(file=buf, width=160, no_color=True)
-    con.print(format_summary(summary))
-    for n in summary.notes:
-        con.print(n)
+    lines = list(summary.notes)
     if summary.phases:
-        con.print("time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in summary.phases))
-    return buf.getvalue()
+        lines.append("time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in summary.phases))
+    return plain_text(format_summary(summary), lines)
 
 
 # --------------------------------------------------------------------------------------------- per pattern
@@ -193,12 +189,23 @@ def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinte
 
     `hinted`: config names the LLM agent asked to try first (vetted: each is in this problem's space); they lead
     the candidates, the space's own order fills the rest of the budget."""
+    from fact_ray.realize import fused
     from fact_ray.realize.emit import emit
     from fact_ray.realize.problem import problem_from_match
     from fact_ray.search_spaces import space
 
-    if p.match.family not in GEMM_FAMILIES:
+    if p.match.family not in (*GEMM_FAMILIES, *FUSED_FAMILIES):
         p.status, p.reason = NOT_REALIZABLE, f"{p.match.family}: no kernel family yet; the PyTorch op stays"
+        return
+    if p.match.family in FUSED_FAMILIES:
+        try:
+            p.problem = fused.problem_of(p.match, policy)
+        except CannotImplement as e:
+            p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
+            return
+        p.sources = fused.sources_for(p.problem, arch)
+        p.configs = [c for src in p.sources for c in src.configs]
+        p.source_of = {c.name: src for src in p.sources for c in src.configs}
         return
     try:
         p.problem = problem_from_match(p.match, policy)
@@ -343,7 +350,7 @@ def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, t
 
     todo: list[_Pattern] = []
     for p in patterns:
-        if p.match.family in GEMM_FAMILIES and not retune:
+        if p.match.family in (*GEMM_FAMILIES, *FUSED_FAMILIES) and not retune:
             row = table.best(TableKey.of(p.key, policy, arch, toolchain))
             if row is not None and row.valid:
                 p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()

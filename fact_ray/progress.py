@@ -119,3 +119,15 @@ class ConsoleProgress:
         speed = f" {sp:.2f}x" if not math.isnan(sp) else ""
         src = " [dim](from table)[/]" if event.from_table else ""
         self._progress.console.print(f"{label}: [green]{name}[/]{speed}{src}")
+
+
+def plain_text(table: Any, lines: Any = (), width: int = 160) -> str:
+    """A rich table and lines under it as plain text, for files and MLflow artifacts (no colour, fixed width)."""
+    import io
+
+    buf = io.StringIO()
+    con = Console(file=buf, width=width, no_color=True)
+    con.print(table)
+    for line in lines:
+        con.print(line, markup=False)
+    return buf.getvalue()

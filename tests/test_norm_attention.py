@@ -227,3 +227,116 @@ def test_causal_attention_matches_float64(attn_lib, dtype, head_dim):
 def test_norm_kernel_refuses_cpu_tensors(norm_libs):
     with pytest.raises(CannotImplement):
         N.NormKernel(norm_libs["float32"]).layer_norm(torch.randn(4, 8))
+
+
+# --------------------------------------------------------------------------------------------- in the pipeline
+
+from pathlib import Path  # noqa: E402
+
+SMALL_BLOCK = str(Path(__file__).parent / "models" / "small_block.py")
+
+
+def _small_block(policy: str = "fp32"):
+    from fact_ray.capture import capture, load_model, under_policy
+    from fact_ray.discover import discover
+    from fact_ray.types import Arch
+
+    loaded = under_policy(load_model(SMALL_BLOCK), policy)
+    captured = capture(loaded)
+    return loaded, captured, discover(captured.graph, Arch.SM90, policy)
+
+
+def test_attention_and_norm_matches_become_kernel_problems():
+    from fact_ray.realize import fused
+
+    _, _, matches = _small_block()
+    attn = next(m for m in matches if m.family == "attention")
+    assert fused.problem_of(attn, "fp32") == fused.AttentionProblem(
+        B=2, H=4, S=8, D=8, dtype="float32", causal=True, scale=pytest.approx(8 ** -0.5), spelling="explicit")
+    ln = next(m for m in matches if m.family == "layernorm")
+    assert fused.problem_of(ln, "tf32") == fused.NormProblem(rows=16, cols=32, kind="layernorm", dtype="float32",
+                                                             eps=1e-5, has_weight=True, has_bias=True)
+    with pytest.raises(CannotImplement, match="runs float32 here, the bf16 policy bfloat16"):
+        fused.problem_of(attn, "bf16")  # the farm runs the model in bf16 under bf16; a float32 match is not that
+    _, _, bf = _small_block("bf16")
+    assert fused.problem_of(next(m for m in bf if m.family == "attention"), "bf16").dtype == "bfloat16"
+
+
+def test_farm_plans_one_kernel_per_fused_pattern_for_the_target_arch():
+    from fact_ray import farm
+    from fact_ray.types import Arch
+
+    _, _, matches = _small_block()
+    for family, template in (("attention", "attention_sm80"), ("layernorm", "norm")):
+        p = farm._Pattern(1, next(m for m in matches if m.family == family))
+        farm._plan_pattern(p, Precision.FP32, Arch.SM90, budget=8)
+        assert p.status == "" and len(p.configs) == 1 and len(p.sources) == 1, p.reason
+        assert p.configs[0].template == template and p.configs[0].arch == Arch.SM90
+        assert p.source_of[p.configs[0].name] is p.sources[0]
+
+
+@pytest.fixture(scope="module")
+def fused_winners(norm_libs, attn_lib):
+    """KernelChoices for the small block's attention and LayerNorms, from the libraries built above."""
+    from fact_ray.compose import KernelChoice
+
+    _, _, matches = _small_block()
+    winners = {}
+    for m in matches:
+        if m.family == "attention":
+            cfg = next(c for c in attn_lib.source.configs if c.precision == Precision.FP32)
+            winners[m.key] = KernelChoice(cfg, attn_lib.path, "fr_attn_run", 3.0)
+        elif m.family == "layernorm":
+            lib = norm_libs["float32"]
+            winners[m.key] = KernelChoice(lib.source.configs[0], lib.path, "fr_norm_run", 1.5)
+    return winners
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_compose_replaces_attention_and_norms_and_still_traces(fused_winners):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fact_ray.compose import compose
+
+    loaded, captured, matches = _small_block()
+    module = compose(captured, matches, fused_winners, Precision.FP32)
+    calls = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
+    ops = [c for c in calls if c.startswith("fact_ray.")]
+    assert sum(c.startswith("fact_ray.attn_") for c in ops) == 1
+    assert sum(c.startswith("fact_ray.layernorm_") for c in ops) == 2
+    for gone in ("aten.softmax.int", "aten.layer_norm.default", "aten.masked_fill.Scalar", "aten.eq.Scalar"):
+        assert gone not in calls, f"{gone} should be replaced (or dead and removed)"
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = module(torch.empty(2, 8, 32))
+    assert tuple(y.shape) == (2, 8, 32) and y.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@gpu
+def test_composed_attention_and_norms_match_the_model_in_float64(fused_winners):
+    from fact_ray.compose import check, compose
+
+    loaded, captured, matches = _small_block()
+    module = compose(captured, matches, fused_winners, Precision.FP32)
+    report = check(loaded.module, module, Precision.FP32, seeds=(0, 1, 2), example_inputs=loaded.inputs)
+    assert report.passed and report.worst_rel_err < 1e-5, report
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("spelling", ["explicit", "sdpa"])
+def test_fused_trial_verifies_and_times_against_the_models_op(attn_lib, norm_libs, spelling):
+    from fact_ray.realize import fused
+
+    problem = fused.AttentionProblem(B=2, H=8, S=200, D=96, dtype="float32", causal=True, scale=96 ** -0.5,
+                                     spelling=spelling)
+    cfg = next(c for c in attn_lib.source.configs if c.precision == Precision.FP32)
+    torch_trial, trial = fused.trial(problem, cfg, attn_lib, Precision.FP32, "cuda", reps=10)
+    assert torch_trial.status == "ok" and torch_trial.time.median_ms > 0
+    assert trial.status in ("ok", "slower") and trial.rel_err < 1e-5 and trial.speedup > 0, trial
+    norm = fused.NormProblem(rows=1000, cols=768, kind="layernorm", dtype="float32", eps=1e-5, has_weight=True,
+                             has_bias=False)
+    lib = norm_libs["float32"]
+    _, t = fused.trial(norm, lib.source.configs[0], lib, Precision.FP32, "cuda", reps=10)
+    assert t.status in ("ok", "slower") and t.rel_err < 1e-5, t

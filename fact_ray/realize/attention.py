@@ -55,8 +55,9 @@ class FrAttnArgs(ctypes.Structure):
     ]
 
 
-def emit_attention(dtypes: Iterable[str]) -> Source:
-    """One TU holding the causal forward kernel for each of `dtypes` (torch names: float32|bfloat16|float16)."""
+def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80) -> Source:
+    """One TU holding the causal forward kernel for each of `dtypes` (torch names: float32|bfloat16|float16).
+    The same text builds for sm_80 and sm_90a (2.x components); `arch` only names the target it is tuned for."""
     asked = set(dtypes)
     bad = sorted(asked - set(_DTYPES))
     wanted = [d for d in _DTYPES if d in asked]  # a fixed order: the same set renders the same text
@@ -70,11 +71,11 @@ def emit_attention(dtypes: Iterable[str]) -> Source:
     name = f"fr_attn_{'_'.join(wanted)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
     configs = tuple(KernelConfig(template=TEMPLATE, name=f"attn_causal_{d}_q32_k128_d{MAX_HEAD_DIM}",
-                                 arch=Arch.SM80, precision=_DTYPES[d][2], element=_DTYPES[d][1],
+                                 arch=arch, precision=_DTYPES[d][2], element=_DTYPES[d][1],
                                  opclass="tensorop", math_op="multiply_add", instruction=(1, 1, 1),
                                  tile=(32, 128, MAX_HEAD_DIM))
                     for d in wanted)
-    return Source(name=name, arch=Arch.SM80, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs))
+    return Source(name=name, arch=arch, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs))
 
 
 def example_dir() -> str:
@@ -103,15 +104,20 @@ def curand_include_dir(hints: Sequence[str] = (), nvcc: str = "nvcc") -> Optiona
     return None
 
 
-def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
-                    curand_hints: Sequence[str] = ()) -> Library:
-    """emit_attention + build.build with example 41's folder and the cuRAND headers on the include path."""
-    source = emit_attention(dtypes)
+def include_dirs(nvcc: str = "nvcc", curand_hints: Sequence[str] = ()) -> tuple[str, ...]:
+    """What an attention TU needs on the include path beyond CUTLASS: example 41's folder and cuRAND's headers."""
     curand = curand_include_dir(curand_hints, nvcc)
     if curand is None:
         raise NotAvailable("curand_kernel.h not found (CUTLASS example 41 includes it): pip install "
                            "nvidia-curand (CUDA 13) or nvidia-curand-cu12, or pass its include folder")
-    return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=(example_dir(), curand))
+    return example_dir(), curand
+
+
+def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
+                    curand_hints: Sequence[str] = ()) -> Library:
+    """emit_attention + build.build with example 41's folder and the cuRAND headers on the include path."""
+    source = emit_attention(dtypes)
+    return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=include_dirs(nvcc, curand_hints))
 
 
 _LOADED: dict[str, ctypes.CDLL] = {}

@@ -168,6 +168,12 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
     meta = read_entry(cache_dir, key)
     if meta is not None:
         return _library(source, key, meta, cache_dir, cached=True)
+    if source_template(source) == "attention_sm80":
+        # Example 41's headers and cuRAND's: found here so that every caller (the compile actor included) builds
+        # attention TUs the same way. Imported late: attention.py imports this module.
+        from fact_ray.realize.attention import include_dirs as attention_include_dirs
+
+        include_dirs = tuple(dict.fromkeys((*include_dirs, *attention_include_dirs(nvcc))))
 
     final = entry_dir(cache_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -54,16 +54,16 @@ def _dtype_entry(dtype: str):
         raise UnsupportedDtype(f"norm kernels take {', '.join(_DTYPES)}, not {dtype!r}") from None
 
 
-def emit_norm(dtype: str) -> Source:
+def emit_norm(dtype: str, arch: Arch = Arch.SM80) -> Source:
     """The LayerNorm/RMSNorm translation unit for one element type (a torch dtype name: float32|bfloat16|float16)."""
     ctype, code, element, precision = _dtype_entry(dtype)
     text = render(template_text("layernorm.cu.in"), {"element": dtype, "element_type": ctype, "element_code": code})
     name = f"fr_norm_{dtype}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    cfg = KernelConfig(template=TEMPLATE, name=f"norm_{dtype}", arch=Arch.SM80, precision=precision,
+    cfg = KernelConfig(template=TEMPLATE, name=f"norm_{dtype}", arch=arch, precision=precision,
                        element=element, opclass="simt", math_op="multiply_add", instruction=(1, 1, 1),
                        tile=(1, 1, 1))
-    return Source(name=name, arch=Arch.SM80, code=text, configs=(cfg,), symbols=("fr_norm_run",))
+    return Source(name=name, arch=arch, code=text, configs=(cfg,), symbols=("fr_norm_run",))
 
 
 def build_norm(dtype: str, cache_dir: str, nvcc: str = "nvcc") -> Library:

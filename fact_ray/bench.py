@@ -1,0 +1,549 @@
+"""`fact-ray bench`: eager, `torch.compile` (default and max-autotune) and the composed module, side by side.
+
+Every variant runs the same module weights on the same input tensors, under the same precision policy (the
+model's dtype from `capture.under_policy`, TF32 math only under `tf32`, for timing and for compile warm-up
+alike), timed interleaved in one process (`fact_ray.realize.bench.time_interleaved`: CUDA events, L2 flush,
+median of many rounds). Errors are measured against the original module in float64 on the same inputs.
+
+A variant that cannot be built or run (Inductor missing, a composition that fails its check) becomes a `failed`
+row with its one-line reason; the others go on. Results: `format_table` (rich), `to_json` / `from_json`, `plot`
+(a PNG bar chart), `write_outputs` (all three as files) and `log_to_mlflow` (one run tagged fact_ray.kind=bench).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from fact_ray.errors import ArtifactError, ModelRaised, NotAvailable, UserError
+from fact_ray.types import Precision, TimeStats, to_jsonable
+
+EAGER, COMPILE_DEFAULT, COMPILE_MAX, COMPOSED = "eager", "compile-default", "compile-max-autotune", "composed"
+VARIANTS = (EAGER, COMPILE_DEFAULT, COMPILE_MAX, COMPOSED)
+_COMPILE_MODE = {COMPILE_DEFAULT: None, COMPILE_MAX: "max-autotune"}
+
+OK, INACCURATE, FAILED = "ok", "inaccurate", "failed"
+SCHEMA_VERSION = 1
+KIND = "fact-ray-bench"
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    """One variant's outcome. Absent values are None (a failed variant has no time), never invented."""
+
+    name: str
+    status: str  # ok | inaccurate (ran, error above the policy tolerance or not finite) | failed (did not run)
+    reason: str = ""  # one line: why failed / inaccurate, or a note
+    time: Optional[TimeStats] = None
+    speedup: Optional[float] = None  # eager median / this median, both from the same interleaved rounds
+    rel_err: Optional[float] = None  # ||out - ref|| / ||ref|| against float64; None when outputs are not finite
+    max_abs_err: Optional[float] = None
+    allclose: Optional[bool] = None  # KernelBench's torch.allclose(atol = rtol = policy.allclose_tol)
+    compile_s: Optional[float] = None  # compiled variants: the first call (compile + one run), wall seconds
+    kernels: Optional[int] = None  # composed: patterns that call a fact-ray kernel
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    model_ref: str
+    policy: Precision
+    gpu: str
+    versions: tuple[tuple[str, str], ...]
+    artifact: str  # the composed artifact that was benched ("" when composed was not asked for or failed)
+    reps: int
+    warmup: int
+    tolerance: float  # the policy's relative Frobenius tolerance
+    allclose_tol: float
+    created_at: str
+    rows: tuple[VariantRow, ...]
+    notes: tuple[str, ...] = ()
+
+    def row(self, name: str) -> VariantRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A runnable variant: `fn(*inputs)`; `compiled` makes its first call count as compile time."""
+
+    fn: Callable[..., Any]
+    compiled: bool = False
+    kernels: Optional[int] = None
+
+
+Builder = Callable[[], Variant]
+
+
+# --------------------------------------------------------------------------------------------- pure helpers
+
+
+def parse_variants(text: str | None) -> tuple[str, ...]:
+    """A comma list of variant names, in the canonical order. Eager is required: speedups are over eager."""
+    if not text:
+        return VARIANTS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+    if EAGER not in names:
+        raise UserError("--variants must include eager: every speedup is measured over it")
+    return tuple(v for v in VARIANTS if v in names)
+
+
+def speedups(times: Mapping[str, TimeStats], baseline: str = EAGER) -> dict[str, float]:
+    """baseline median / each median. Only meaningful for times from the same interleaved rounds."""
+    base = times[baseline].median_ms
+    return {n: base / t.median_ms for n, t in times.items() if t.median_ms > 0}
+
+
+def check_artifact_policy(manifest: Mapping[str, Any], policy: Precision | str, where: str) -> None:
+    """An artifact runs in the dtype and math of the policy it was composed under; benching it beside variants
+    of another policy would compare different numerics."""
+    theirs, ours = str(manifest.get("policy")), Precision(policy).value
+    if theirs != ours:
+        raise ArtifactError(f"{where} was composed under policy {theirs}, the bench runs under {ours}: pass "
+                            f"--policy {theirs}, or compose it again under {ours}")
+
+
+def output_errors(out: Any, ref: Any, policy: Precision) -> tuple[Optional[float], Optional[float], bool]:
+    """(worst relative Frobenius error, worst max abs error, allclose) of `out` against the float64 `ref`, over
+    every output tensor. A non-finite output has no errors (None, None) and never passes allclose."""
+    from fact_ray.compose import _leaves
+
+    import torch
+
+    outs, refs = _leaves(out), _leaves(ref)
+    if len(outs) != len(refs):
+        raise ValueError(f"the variant returns {len(outs)} tensors, the original {len(refs)}")
+    worst_rel, worst_abs, close = 0.0, 0.0, True
+    # KernelBench's atol = rtol, one value per policy for all of fact-ray (Precision.allclose_tol): 1e-4 fp32 and
+    # 1e-2 bf16 as measuring.md says; 1e-2 for fp16 and tf32 too (1xTF32 errs about 1e-2 near zero outputs
+    # at K = 768 even in cuBLAS, see realize/verify.py), so eager itself passes under its own policy.
+    tol = policy.allclose_tol
+    for o, r in zip(outs, refs):
+        if tuple(o.shape) != tuple(r.shape):
+            raise ValueError(f"output shape {tuple(o.shape)} != original {tuple(r.shape)}")
+        o64, r64 = o.detach().to(torch.float64), r.detach().to(torch.float64)
+        if not bool(torch.isfinite(o64).all()):
+            return None, None, False
+        diff = o64 - r64
+        norm = float(torch.linalg.vector_norm(r64))
+        rel = float(torch.linalg.vector_norm(diff)) / (norm if norm > 0 else 1.0)
+        worst_rel = max(worst_rel, rel)
+        worst_abs = max(worst_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+        close = close and bool(torch.allclose(o64, r64, rtol=tol, atol=tol))
+    return worst_rel, worst_abs, close
+
+
+def _status(rel_err: Optional[float], policy: Precision) -> tuple[str, str]:
+    if rel_err is None:
+        return INACCURATE, "outputs are not finite"
+    if rel_err > policy.tolerance:
+        return INACCURATE, f"relative error {rel_err:.3g} exceeds the {policy.value} tolerance {policy.tolerance:g}"
+    return OK, ""
+
+
+def _one_line(e: BaseException) -> str:
+    from fact_ray.capture import _one_line as one_line
+
+    return one_line(e, limit=240)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, device: Any, reps: int,
+            warmup: int, timer: Any = None, say: Say = lambda _: None) -> tuple[VariantRow, ...]:
+    """Build each variant, run it once (compile time for compiled ones), time all that run interleaved on the
+    same inputs, then measure each one's error against `loaded.module` in float64.
+
+    `loaded.module` and `loaded.inputs` must already be on `device` and in the policy's dtype. `timer` replaces
+    CUDA events (see `time_interleaved`); tests pass one to run on a CPU.
+    """
+    import torch
+
+    from fact_ray.compose import _policy_math
+    from fact_ray.realize.bench import time_interleaved
+
+    inputs = loaded.inputs
+    failed: dict[str, VariantRow] = {}
+    ready: dict[str, Variant] = {}
+    first: dict[str, float] = {}
+    with torch.no_grad(), _policy_math(policy):
+        reference = _reference_outputs(loaded.module, inputs, device)
+        for name, build in builders.items():
+            say(f"{name}: building and running once")
+            try:
+                v = build()
+                first[name] = _timed_call(v.fn, inputs, device)
+                ready[name] = v
+            except Exception as e:  # reported as a failed row with its reason; the other variants go on
+                if name == EAGER:
+                    raise ModelRaised(f"{loaded.name}: the eager module raised on {device}: {_one_line(e)}") from e
+                failed[name] = VariantRow(name, FAILED, reason=_one_line(e))
+        say(f"timing {', '.join(ready)}: {warmup} warm-up and {reps} interleaved rounds")
+        fns = {n: (lambda f=v.fn: f(*inputs)) for n, v in ready.items()}
+        times = time_interleaved(fns, warmup=warmup, reps=reps, timer=timer)
+        # Errors come from one more call after timing: the steady state (CUDA-graph replay under max-autotune),
+        # each compared at once, before another call could reuse its output buffers.
+        errors = {n: _errors_of(v.fn, inputs, reference, policy) for n, v in ready.items()}
+    ups = speedups(times)
+    rows = []
+    for name in builders:
+        if name in failed:
+            rows.append(failed[name])
+            continue
+        v, err = ready[name], errors[name]
+        if isinstance(err, str):  # its outputs do not line up with the original's: timed, but not comparable
+            rows.append(VariantRow(name, INACCURATE, reason=err, time=times[name], speedup=ups.get(name),
+                                   compile_s=first[name] if v.compiled else None, kernels=v.kernels))
+            continue
+        rel, mx, close = err
+        status, reason = _status(rel, policy)
+        rows.append(VariantRow(name, status, reason=reason, time=times[name], speedup=ups.get(name), rel_err=rel,
+                               max_abs_err=mx, allclose=close, compile_s=first[name] if v.compiled else None,
+                               kernels=v.kernels))
+    return tuple(rows)
+
+
+def _errors_of(fn: Callable[..., Any], inputs: Sequence[Any], reference: Any,
+               policy: Precision) -> tuple[Optional[float], Optional[float], bool] | str:
+    try:
+        return output_errors(fn(*inputs), reference, policy)
+    except ValueError as e:
+        return str(e)
+
+
+def _reference_outputs(module: Any, inputs: Sequence[Any], device: Any) -> Any:
+    """The original module in float64 on the same inputs (measuring.md); the copy is dropped at once."""
+    import torch
+
+    reference = copy.deepcopy(module).to(device=device, dtype=torch.float64).eval()
+    out = reference(*[x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs])
+    del reference
+    return out
+
+
+def _timed_call(fn: Callable[..., Any], inputs: Sequence[Any], device: Any) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    fn(*inputs)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _compiled(module: Any, mode: Optional[str]) -> Builder:
+    def build() -> Variant:
+        import torch
+
+        return Variant(torch.compile(module, mode=mode), compiled=True)
+
+    return build
+
+
+def _composed_variant(composed: Any) -> Variant:
+    from fact_ray.compose import composition_of
+
+    return Variant(composed, kernels=len(composition_of(composed).replacements))
+
+
+# --------------------------------------------------------------------------------------------- the bench
+
+
+def require_gpu() -> str:
+    """The local GPU's name; NotAvailable before any work where there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NotAvailable("no CUDA GPU: fact-ray bench times every variant on a GPU; nothing was done")
+    return torch.cuda.get_device_name()
+
+
+def require_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise NotAvailable("matplotlib is not installed, so the comparison cannot be plotted: "
+                           "pip install 'fact-ray[plot]'") from None
+
+
+def safe_name(name: str) -> str:
+    from fact_ray.tracking import _safe
+
+    return _safe(name)
+
+
+def artifact_dir(settings: Any, model_name: str, policy: Precision) -> Path:
+    """Where a bench without --artifact saves the composition it makes from the table."""
+    return Path(settings.home) / "artifacts" / f"{safe_name(model_name)}-{Precision(policy).value}"
+
+
+def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants: Sequence[str] = VARIANTS,
+              reps: int = 50, warmup: int = 10, say: Say = lambda _: None) -> BenchResult:
+    """Bench `ref` under `settings.policy` on the local GPU; see the module docstring.
+
+    With `artifact`, the composed variant is that artifact (its policy must be the bench's); without, it is
+    composed from the pattern table (`artifact.compose_from_table`) into `artifact_dir(...)`.
+    """
+    from fact_ray import artifact as art
+    from fact_ray.capture import load_model, under_policy
+
+    if reps < 1 or warmup < 0:
+        raise UserError(f"--reps must be at least 1 and --warmup at least 0 (got {reps} and {warmup})")
+    if artifact and COMPOSED not in variants:
+        raise UserError(f"--artifact {artifact} is benched as the composed variant, which --variants leaves out")
+    gpu = require_gpu()
+    policy = Precision(settings.policy)
+    if artifact:
+        check_artifact_policy(art.read_manifest(artifact), policy, f"artifact {artifact}")
+    loaded = _on_cuda(under_policy(load_model(ref), policy))
+    notes: list[str] = []
+    builders: dict[str, Builder] = {EAGER: lambda: Variant(loaded.module)}
+    for name in variants:
+        if name in _COMPILE_MODE:
+            builders[name] = _compiled(loaded.module, _COMPILE_MODE[name])
+    used = {"path": ""}
+    if COMPOSED in variants:
+        if artifact:
+            # A given artifact that does not fit (another model, arch, torch) is the user's error: it stops here.
+            composed = art.load(artifact, loaded, device="cuda")
+            used["path"] = str(artifact)
+            builders[COMPOSED] = lambda: _composed_variant(composed)
+        else:
+            builders[COMPOSED] = _from_table(ref, settings, loaded, policy, used, say)
+    order = {n: builders[n] for n in VARIANTS if n in builders}
+    rows = measure(loaded, policy, order, device="cuda", reps=reps, warmup=warmup, say=say)
+    notes += _notes(rows, policy, bool(artifact))
+    return BenchResult(
+        model=loaded.name, model_ref=str(ref), policy=policy, gpu=gpu, versions=tuple(sorted(_versions().items())),
+        artifact=used["path"], reps=reps, warmup=warmup, tolerance=policy.tolerance,
+        allclose_tol=policy.allclose_tol, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        rows=rows, notes=tuple(notes))
+
+
+def _on_cuda(loaded: Any) -> Any:
+    import torch
+
+    loaded.module.to("cuda")
+    inputs = tuple(x.to("cuda") if isinstance(x, torch.Tensor) else x for x in loaded.inputs)
+    return dataclasses.replace(loaded, inputs=inputs)
+
+
+def _from_table(ref: str, settings: Any, loaded: Any, policy: Precision, used: dict[str, str], say: Say) -> Builder:
+    def build() -> Variant:
+        from fact_ray import artifact as art
+
+        out = artifact_dir(settings, loaded.name, policy)
+        say(f"composed: composing {loaded.name} from the table {settings.resolved_table_uri} into {out}")
+        path = art.compose_from_table(ref, settings, out)  # checked end to end on this GPU before it is saved
+        composed = art.load(path, loaded, device="cuda")  # on the very weights the other variants run
+        used["path"] = str(path)
+        return _composed_variant(composed)
+
+    return build
+
+
+def _notes(rows: Sequence[VariantRow], policy: Precision, given_artifact: bool) -> list[str]:
+    notes = []
+    for r in rows:
+        if r.name == COMPOSED and r.kernels == 0:
+            where = "the artifact" if given_artifact else "the pattern table"
+            notes.append(f"composed: 0 kernels; {where} holds no faster verified kernel for this model under "
+                         f"{policy.value}, so the composed module runs every PyTorch op")
+    return notes
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    from fact_ray.artifact import local_toolchain
+    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+
+    def dist(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    return {**local_toolchain(), "cuda": str(torch.version.cuda or ""), "triton": dist("triton"),
+            "python": platform.python_version(), "fact_ray": dist("fact-ray"),
+            "bench_method": str(BENCH_METHOD_VERSION)}
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def _ms(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def format_table(result: BenchResult):
+    """The comparison as a rich Table: one row per variant."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(f"{result.model}  {result.policy.value}  {result.gpu}  (median of {result.reps} interleaved "
+                         f"rounds; errors vs float64, tolerance {result.tolerance:g}, allclose {result.allclose_tol:g})"))
+    for col, kw in (("variant", {}), ("status", {}), ("median ms", {"justify": "right"}),
+                    ("p10-p90 ms", {"justify": "right"}), ("speedup", {"justify": "right"}),
+                    ("rel err", {"justify": "right"}), ("max abs err", {"justify": "right"}), ("allclose", {}),
+                    ("compile s", {"justify": "right"}), ("kernels", {"justify": "right"}),
+                    ("note", {"overflow": "fold"})):
+        t.add_column(col, **kw)
+    style = {OK: "green", INACCURATE: "yellow", FAILED: "red"}
+    for r in result.rows:
+        tm = r.time
+        t.add_row(r.name, Text(r.status, style=style.get(r.status, "")), _ms(tm and tm.median_ms),
+                  "-" if tm is None else f"{tm.p10_ms:.4g}-{tm.p90_ms:.4g}",
+                  "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                  "-" if r.rel_err is None else f"{r.rel_err:.2e}",
+                  "-" if r.max_abs_err is None else f"{r.max_abs_err:.2e}",
+                  "-" if r.allclose is None else ("yes" if r.allclose else "NO"),
+                  "-" if r.compile_s is None else f"{r.compile_s:.1f}",
+                  "-" if r.kernels is None else str(r.kernels), Text(r.reason))
+    return t
+
+
+def table_text(result: BenchResult) -> str:
+    """The table and the notes as plain text (for MLflow and files)."""
+    from fact_ray.progress import plain_text
+
+    return plain_text(format_table(result), result.notes, width=180)
+
+
+def to_json(result: BenchResult) -> dict[str, Any]:
+    return {"kind": KIND, "schema_version": SCHEMA_VERSION, **to_jsonable(result),
+            "versions": dict(result.versions)}
+
+
+def from_json(data: Mapping[str, Any]) -> BenchResult:
+    if data.get("kind") != KIND or data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"not a {KIND} result of schema version {SCHEMA_VERSION}")
+    rows = tuple(VariantRow(**{**r, "time": None if r["time"] is None else TimeStats(**r["time"])})
+                 for r in data["rows"])
+    fields = {f.name for f in dataclasses.fields(BenchResult)}
+    kw = {k: v for k, v in data.items() if k in fields}
+    kw.update(policy=Precision(data["policy"]), versions=tuple(sorted(data["versions"].items())), rows=rows,
+              notes=tuple(data["notes"]))
+    return BenchResult(**kw)
+
+
+def plot(result: BenchResult, png_path: str | Path) -> Path:
+    """A bar chart of median ms per variant (p10-p90 as error bars), labelled with the speedup over eager;
+    failed variants stand as an empty slot labelled 'failed'."""
+    from matplotlib.figure import Figure
+
+    rows = result.rows
+    x = list(range(len(rows)))
+    timed = [(i, r.time) for i, r in enumerate(rows) if r.time is not None]
+    colors = {OK: "tab:blue", INACCURATE: "tab:orange", FAILED: "tab:gray"}
+    fig = Figure(figsize=(1.8 * len(rows) + 3, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    ax.bar(x, [r.time.median_ms if r.time else 0.0 for r in rows],
+           color=[colors.get(r.status, "tab:blue") for r in rows])
+    ax.errorbar([i for i, _ in timed], [t.median_ms for _, t in timed], fmt="none", ecolor="black", capsize=4,
+                yerr=[[t.median_ms - t.p10_ms for _, t in timed], [t.p90_ms - t.median_ms for _, t in timed]])
+    top = max((t.p90_ms for _, t in timed), default=0.0) or 1.0
+    for i, r in enumerate(rows):
+        label = ("failed" if r.status == FAILED else
+                 f"{r.speedup:.2f}x" if r.speedup is not None else "-")
+        if r.status == INACCURATE:
+            label += "\n(inaccurate)"
+        ax.text(i, (r.time.p90_ms if r.time else 0.0) + 0.02 * top, label, ha="center", va="bottom")
+    ax.set_xticks(x, [r.name for r in rows])
+    ax.set_ylabel("median time per call (ms)")
+    ax.set_ylim(0, top * 1.25)
+    ax.set_title(f"{result.model}, policy {result.policy.value}, {result.gpu}\n"
+                 f"speedup over eager, median of {result.reps} interleaved rounds", fontsize=10)
+    fig.tight_layout()
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+@dataclass(frozen=True)
+class Outputs:
+    json: Path
+    png: Path
+    text: Path
+
+
+def write_outputs(result: BenchResult, out_dir: str | Path) -> Outputs:
+    """`<out>/bench-<model>-<policy>.{json,png,txt}`."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write bench results to {out}: {e.strerror or e}") from None
+    stem = out / f"bench-{safe_name(result.model)}-{result.policy.value}"
+    paths = Outputs(json=stem.with_suffix(".json"), png=stem.with_suffix(".png"), text=stem.with_suffix(".txt"))
+    paths.json.write_text(json.dumps(to_json(result), indent=1, sort_keys=True, allow_nan=False))
+    paths.text.write_text(table_text(result))
+    plot(result, paths.png)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- MLflow
+
+
+def log_to_mlflow(result: BenchResult, outputs: Outputs, tracking_uri: str,
+                  experiment: str = "fact-ray") -> str:
+    """One MLflow run, tagged fact_ray.kind=bench: params, per-variant metrics, and the JSON, PNG and text table
+    as artifacts. Returns the MLflow run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from fact_ray.tracking import _HTTP_ENV_DEFAULTS, TAG_KIND, _client, _experiment_id, _is_http, check_reachable
+
+    if _is_http(tracking_uri):  # short retries, as for `fact-ray run`: a dead server is one line, not minutes
+        for k, v in _HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+    check_reachable(tracking_uri)
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, experiment, create=True)
+    run = client.create_run(exp_id, run_name=f"bench {result.model} {result.policy.value}",
+                            tags={TAG_KIND: "bench"})
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    params = {"model": result.model, "model_ref": result.model_ref, "policy": result.policy.value,
+              "gpu": result.gpu, "artifact": result.artifact or "none", "reps": result.reps,
+              "warmup": result.warmup, **{f"version.{k}": v for k, v in result.versions}}
+    metrics = [Metric(k, v, now, 0) for k, v in _metrics(result).items()]
+    tags = [RunTag(f"fact_ray.status.{r.name}", r.status) for r in result.rows]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)
+    for p in (outputs.json, outputs.png, outputs.text):
+        client.log_artifact(run_id, str(p))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _metrics(result: BenchResult) -> dict[str, float]:
+    """Per variant `<variant>.<metric>`; a value that was not measured is left out, never logged as a number."""
+    out: dict[str, float] = {}
+    for r in result.rows:
+        values = {"median_ms": r.time.median_ms if r.time else None, "p10_ms": r.time.p10_ms if r.time else None,
+                  "p90_ms": r.time.p90_ms if r.time else None, "speedup": r.speedup, "rel_err": r.rel_err,
+                  "max_abs_err": r.max_abs_err, "compile_s": r.compile_s,
+                  "allclose": None if r.allclose is None else float(r.allclose),
+                  "kernels": None if r.kernels is None else float(r.kernels)}
+        out.update({f"{r.name}.{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(v)})
+    return out

@@ -1,0 +1,244 @@
+"""`fact-ray bench`: the pure parts on a CPU (variants, speedups, errors against float64, measuring with an
+injected timer, table, JSON, PNG, MLflow), and the whole bench on a GPU."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fact_ray import bench as bn
+from fact_ray.capture import load_model
+from fact_ray.errors import ArtifactError, ModelRaised, NotAvailable, UserError
+from fact_ray.types import Precision, TimeStats
+
+ROOT = Path(__file__).parents[1]
+MLP = str(ROOT / "tests" / "models" / "compose_mlp.py")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def hand_made() -> bn.BenchResult:
+    """A result built by hand, for the formatting code only: these numbers were not measured."""
+    rows = (
+        bn.VariantRow("eager", bn.OK, time=TimeStats(2.0, 1.9, 2.2, 20), speedup=1.0, rel_err=3e-7,
+                      max_abs_err=1e-6, allclose=True),
+        bn.VariantRow("compile-default", bn.OK, time=TimeStats(1.0, 0.9, 1.1, 20), speedup=2.0, rel_err=4e-7,
+                      max_abs_err=2e-6, allclose=True, compile_s=12.5),
+        bn.VariantRow("compile-max-autotune", bn.FAILED, reason="BackendCompilerFailed: no [triton] here"),
+        bn.VariantRow("composed", bn.OK, time=TimeStats(1.6, 1.5, 1.8, 20), speedup=1.25, rel_err=5e-7,
+                      max_abs_err=2e-6, allclose=True, kernels=0),
+    )
+    return bn.BenchResult(
+        model="compose_mlp", model_ref="tests/models/compose_mlp.py", policy=Precision.FP32, gpu="Hand GPU",
+        versions=(("cutlass", "4.2.0.0"), ("torch", "2.13.0")), artifact="/tmp/art", reps=20, warmup=3,
+        tolerance=Precision.FP32.tolerance, allclose_tol=Precision.FP32.allclose_tol,
+        created_at="2026-01-01T00:00:00+00:00", rows=rows, notes=("composed: 0 kernels; hand-made",))
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def test_parse_variants_keeps_the_canonical_order_and_needs_eager():
+    assert bn.parse_variants(None) == bn.VARIANTS
+    assert bn.parse_variants("composed, eager") == ("eager", "composed")
+    with pytest.raises(UserError, match="unknown variant 'jit'"):
+        bn.parse_variants("eager,jit")
+    with pytest.raises(UserError, match="must include eager"):
+        bn.parse_variants("composed")
+
+
+def test_speedups_are_eager_median_over_each_median():
+    times = {"eager": TimeStats(3.0, 2.0, 4.0, 5), "fast": TimeStats(1.5, 1.0, 2.0, 5),
+             "slow": TimeStats(6.0, 5.0, 7.0, 5)}
+    assert bn.speedups(times) == {"eager": 1.0, "fast": 2.0, "slow": 0.5}
+
+
+def test_artifact_of_another_policy_is_refused_naming_both():
+    bn.check_artifact_policy({"policy": "bf16"}, Precision.BF16, "artifact a")
+    with pytest.raises(ArtifactError) as e:
+        bn.check_artifact_policy({"policy": "bf16"}, Precision.FP32, "artifact a")
+    msg = str(e.value)
+    assert "bf16" in msg and "fp32" in msg and "\n" not in msg
+
+
+def test_output_errors_against_float64():
+    ref = torch.tensor([1.0, -2.0, 2.0], dtype=torch.float64)
+    rel, mx, close = bn.output_errors(torch.tensor([1.0, -2.0, 2.0]), ref, Precision.FP32)
+    assert (rel, mx, close) == (0.0, 0.0, True)
+    rel, mx, close = bn.output_errors(torch.tensor([1.0, -2.0, 2.3]), (ref,), Precision.FP32)
+    assert rel == pytest.approx(0.1, rel=1e-5) and mx == pytest.approx(0.3, rel=1e-5) and close is False
+    assert bn.output_errors(torch.tensor([1.0, float("nan"), 2.0]), ref, Precision.BF16) == (None, None, False)
+    with pytest.raises(ValueError, match="shape"):
+        bn.output_errors(torch.zeros(2), ref, Precision.FP32)
+
+
+def cpu_timer(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def test_measure_on_cpu_times_compares_and_reports_a_failed_variant():
+    loaded = load_model(MLP)
+    m = loaded.module
+
+    def broken():
+        raise RuntimeError("inductor is not here")
+
+    builders = {
+        "eager": lambda: bn.Variant(m),
+        "noisy": lambda: bn.Variant(lambda x: m(x) + 1e-3, compiled=True),
+        "broken": broken,
+    }
+    rows = {r.name: r for r in bn.measure(loaded, Precision.FP32, builders, device="cpu", reps=5, warmup=1,
+                                          timer=cpu_timer)}
+    eager, noisy, failed = rows["eager"], rows["noisy"], rows["broken"]
+    assert eager.status == bn.OK and eager.speedup == 1.0 and eager.rel_err < 1e-6 and eager.allclose
+    assert eager.time.reps == 5 and eager.compile_s is None
+    assert noisy.status == bn.INACCURATE and "tolerance" in noisy.reason and noisy.rel_err > 1e-5
+    assert noisy.max_abs_err == pytest.approx(1e-3, rel=1e-2) and noisy.compile_s > 0 and noisy.speedup > 0
+    assert failed.status == bn.FAILED and failed.time is None and failed.speedup is None
+    assert failed.reason == "RuntimeError: inductor is not here"
+
+
+def test_measure_stops_when_eager_itself_raises():
+    loaded = load_model(MLP)
+
+    def raising(x):
+        raise RuntimeError("boom")
+
+    with pytest.raises(ModelRaised, match="eager module raised"):
+        bn.measure(loaded, Precision.FP32, {"eager": lambda: bn.Variant(raising)}, device="cpu", reps=1, warmup=0,
+                   timer=cpu_timer)
+
+
+def test_run_bench_checks_its_arguments_then_the_gpu_before_any_work(tmp_path):
+    from fact_ray import config
+
+    s = config.load({"home": str(tmp_path / "home")}, env={}, file=str(tmp_path / "none.toml"))
+    with pytest.raises(UserError, match="--variants leaves out"):
+        bn.run_bench(MLP, s, artifact=str(tmp_path), variants=("eager",))
+    with pytest.raises(UserError, match="--reps"):
+        bn.run_bench(MLP, s, reps=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(NotAvailable, match="no CUDA GPU"):
+            bn.run_bench(MLP, s)
+    assert not (tmp_path / "home").exists()
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def test_table_shows_every_variant_speedups_and_reasons():
+    text = bn.table_text(hand_made())
+    for s in ("eager", "compile-default", "compile-max-autotune", "composed", "2.00x", "1.25x", "12.5",
+              "failed", "no [triton] here", "Hand GPU", "composed: 0 kernels"):
+        assert s in text, s
+
+
+def test_json_round_trip_and_files(tmp_path):
+    result = hand_made()
+    data = bn.to_json(result)
+    assert data["kind"] == "fact-ray-bench" and data["versions"]["torch"] == "2.13.0"
+    assert bn.from_json(json.loads(json.dumps(data))) == result
+
+    out = bn.write_outputs(result, tmp_path / "out")
+    assert out.json.name == "bench-compose_mlp-fp32.json"
+    assert bn.from_json(json.loads(out.json.read_text())) == result
+    assert "compile-max-autotune" in out.text.read_text()
+    assert out.png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_from_json_refuses_something_else():
+    with pytest.raises(UserError, match="not a fact-ray-bench result"):
+        bn.from_json({"kind": "other"})
+
+
+def test_plot_writes_a_real_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    path = bn.plot(hand_made(), tmp_path / "p" / "bench.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    img = imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 400
+    assert img[..., :3].std() > 0.05  # bars and labels, not a blank canvas
+
+
+def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    result = hand_made()
+    out = bn.write_outputs(result, tmp_path / "out")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = bn.log_to_mlflow(result, out, uri)
+
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.tags["fact_ray.kind"] == "bench" and run.info.status == "FINISHED"
+    assert run.data.tags["fact_ray.status.compile-max-autotune"] == "failed"
+    assert run.data.params["model"] == "compose_mlp" and run.data.params["policy"] == "fp32"
+    assert run.data.params["gpu"] == "Hand GPU" and run.data.params["artifact"] == "/tmp/art"
+    m = run.data.metrics
+    assert m["eager.median_ms"] == 2.0 and m["compile-default.speedup"] == 2.0 and m["composed.rel_err"] == 5e-7
+    assert m["composed.kernels"] == 0.0
+    assert not any(k.startswith("compile-max-autotune.") for k in m)  # nothing measured, nothing logged
+    files = {f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id)}
+    assert files == {out.json.name, out.png.name, out.text.name}
+
+
+def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_path, monkeypatch):
+    """The command after the measurement, with run_bench stubbed by the hand-made result (no GPU here)."""
+    from typer.testing import CliRunner
+
+    from fact_ray import cli
+
+    seen = {}
+
+    def fake_run_bench(ref, settings, **kw):
+        seen.update(kw, ref=ref, policy=settings.policy)
+        return hand_made()
+
+    monkeypatch.setattr(bn, "require_gpu", lambda: "Hand GPU")
+    monkeypatch.setattr(bn, "run_bench", fake_run_bench)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = CliRunner().invoke(cli.app, ["bench", MLP, "--variants", "eager,composed", "--reps", "7",
+                                     "--tracking-uri", uri, "--out", "res"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"ref": MLP, "policy": Precision.FP32, "artifact": None, "variants": ("eager", "composed"),
+                    "reps": 7, "warmup": 10, "say": seen["say"]}
+    assert "compile-max-autotune" in r.output and "note: composed: 0 kernels" in r.output
+    assert (tmp_path / "res" / "bench-compose_mlp-fp32.json").is_file()
+    assert (tmp_path / "res" / "bench-compose_mlp-fp32.png").is_file() and "mlflow run " in r.output
+
+
+# --------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (compose asks it for the toolchain)")
+def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_path):
+    from fact_ray import config
+
+    s = config.load({"home": str(tmp_path / "home"), "policy": "fp32"}, env={}, file=str(tmp_path / "none.toml"))
+    result = bn.run_bench(MLP, s, variants=("eager", "compile-default", "composed"), reps=10, warmup=2)
+
+    assert [r.name for r in result.rows] == ["eager", "compile-default", "composed"]
+    for r in result.rows:
+        assert r.status == bn.OK, (r.name, r.reason)
+        assert r.rel_err <= Precision.FP32.tolerance and r.allclose, r
+        assert r.time.median_ms > 0 and r.speedup > 0
+    assert result.row("eager").speedup == 1.0
+    assert result.row("compile-default").compile_s > 0
+    assert result.row("composed").kernels == 0  # the table in the fresh home is empty
+    assert any("0 kernels" in n for n in result.notes)
+    assert Path(result.artifact, "manifest.json").is_file()
+
+    out = bn.write_outputs(result, tmp_path / "out")
+    assert out.json.is_file() and out.png.read_bytes().startswith(PNG_MAGIC)
+    run_id = bn.log_to_mlflow(result, out, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run_id
