@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # One GPU call: set up the carried packages, then run the named steps, each under its own time limit, logging
-# under $OUT. Steps: gputests, pytest:<file>, gemm:<policies>:<budget>, scaling:<units>, farm:<policy>
+# under $OUT. Steps: gputests[:<timeout>], pytest:<file>[,<file>...], gemm:<policies>:<budget>,
+# scaling:<units>:<base>, farm:<policy>:<budget> (MiniGPT twice from an empty table), run:<model>:<policy>:<budget>
+# (into the same table), bench:<model>:<policy>
 #   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
+#   bash benchmarks/gpu_session.sh farm:fp32:8 bench:examples/minigpt.py:fp32
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip -e failed"; exit 1; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 date=$(date -u +%Y-%m-%d)
 for step in "$@"; do
-  IFS=: read -r name a b <<<"$step"
+  IFS=: read -r name a b c <<<"$step"
   echo "=== $step ($(date -u +%T))"
   case "$name" in
-    pytest) timeout 240 python3 -m pytest -q -m gpu "$a" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-$(basename "$a" .py).log" | tail -15 ;;
+    pytest) timeout 400 python3 -m pytest -q -m gpu ${a//,/ } -rfEs --durations=8 -p no:cacheprovider 2>&1 \
+              | tee "$OUT/pytest-$(basename "${a%%,*}" .py).log" | tail -40 ;;
     gputests) timeout "${a:-300}" python3 -m pytest -q -m gpu tests --durations=15 -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -60 ;;
     gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \
             | tee "$OUT/gemm-${a//,/-}.log" | tail -40 ;;
@@ -24,6 +28,11 @@ for step in "$@"; do
           done
           fact-ray table list 2>&1 | tee "$OUT/farm-table.log" | tail -12
           fact-ray compare --last 2 2>&1 | tee "$OUT/farm-compare.log" | tail -12 ;;
+    run) m=$(basename "$a" .py)
+         /usr/bin/time -f "run wall %e s" timeout 400 fact-ray run "$a" --policy "$b" --budget "${c:-8}" 2>&1 \
+           | tee "$OUT/run-$m-$b.log" | tail -25 ;;
+    bench) m=$(basename "$a" .py)
+           timeout 500 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" 2>&1 | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
     *) echo "unknown step $step" ;;
   esac
 done

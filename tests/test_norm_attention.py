@@ -340,3 +340,24 @@ def test_fused_trial_verifies_and_times_against_the_models_op(attn_lib, norm_lib
     lib = norm_libs["float32"]
     _, t = fused.trial(norm, lib.source.configs[0], lib, Precision.FP32, "cuda", reps=10)
     assert t.status in ("ok", "slower") and t.rel_err < 1e-5, t
+
+
+@pytest.mark.gpu
+@gpu
+def test_sdpa_spelling_composes_onto_the_same_kernel(attn_lib):
+    from fact_ray.capture import capture, load_model
+    from fact_ray.compose import KernelChoice, check, compose
+    from fact_ray.discover import discover
+    from fact_ray.types import Arch
+
+    loaded = load_model(str(Path(__file__).parent / "models" / "sdpa_attention.py"))
+    captured = capture(loaded)
+    matches = discover(captured.graph, Arch.SM90, Precision.FP32)
+    attn = next(m for m in matches if m.family == "attention")
+    assert attn.param("spelling") == "sdpa" and attn.param("causal") is True
+    cfg = next(c for c in attn_lib.source.configs if c.precision == Precision.FP32)
+    module = compose(captured, matches, {attn.key: KernelChoice(cfg, attn_lib.path, "fr_attn_run", 2.0)},
+                     Precision.FP32)
+    assert not any("scaled_dot_product" in str(n.target) for n in module.graph.nodes)
+    report = check(loaded.module, module, Precision.FP32, seeds=(0, 1), example_inputs=loaded.inputs)
+    assert report.passed, report
