@@ -14,7 +14,7 @@ for step in "$@"; do
   IFS=: read -r name a b c <<<"$step"
   echo "=== $step ($(date -u +%T))"
   case "$name" in
-    pytest) timeout 400 python3 -m pytest -q -m gpu ${a//,/ } -rfEs --durations=8 -p no:cacheprovider 2>&1 \
+    pytest) timeout "${b:-400}" python3 -m pytest -q -m gpu ${a//,/ } -rfEs --durations=8 -p no:cacheprovider 2>&1 \
               | tee "$OUT/pytest-$(basename "${a%%,*}" .py).log" | tail -40 ;;
     gputests) timeout "${a:-300}" python3 -m pytest -q -m gpu tests --durations=15 -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -60 ;;
     gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \

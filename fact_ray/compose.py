@@ -278,6 +278,9 @@ def _replace_subgraph(graph: torch.fx.Graph, index: dict[str, torch.fx.Node], ma
             raise ComposeError(f"{match.rule} at {match.anchor}: intermediate {node.name} is also used by {users}; "
                                "the kernel does not produce it")
         graph.erase_node(node)
+    # A later match may read this one's output as an operand (ln_2 reads the attention block's residual add, the
+    # MLP projection reads the FC's GELU): by name, which from now on means the kernel's output.
+    index[match.anchor] = out
 
 
 def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any], policy: Precision | str, *,

@@ -21,6 +21,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -275,13 +276,15 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         check_reachable(settings.resolved_tracking_uri)
     table = PatternTable(settings.resolved_table_uri)
     table.check_writable()
-    if track:
-        mlflow_listener = MlflowListener(settings.resolved_tracking_uri, check=False)
+    # The MLflow store takes seconds to open (imports, schema check): it opens in a thread while discovery runs.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fact-ray-mlflow") as opener:
+        opening = opener.submit(MlflowListener, settings.resolved_tracking_uri, check=False) if track else None
+        # A local run against a table that may already hold this model's winners first discovers in this
+        # process: when the table serves every pattern, Ray (seconds to start and stop, a worker per GPU) is
+        # not needed.
+        pre = _setup_here(ref, settings) if not (settings.ray_address or retune or table.is_empty()) else None
+        mlflow_listener = opening.result() if opening is not None else None
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
-
-    # A local run against a table that may already hold this model's winners first discovers in this process:
-    # when the table serves every pattern, Ray (seconds to start and stop, plus a worker per GPU) is not needed.
-    pre = _setup_here(ref, settings) if not (settings.ray_address or retune or table.is_empty()) else None
     if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
                                      pre.toolchain, settings.budget, pre.disc, retune):
         return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False).go(),

@@ -276,12 +276,25 @@ def test_farm_plans_one_kernel_per_fused_pattern_for_the_target_arch():
 
 
 @pytest.fixture(scope="module")
-def fused_winners(norm_libs, attn_lib):
-    """KernelChoices for the small block's attention and LayerNorms, from the libraries built above."""
+def fused_winners(norm_libs, attn_lib, cache):
+    """KernelChoices for the small block's attention and LayerNorms, from the libraries built above, and for the
+    attention projection + residual (one sm80 SIMT GEMM): ln_2 then reads that kernel's output, a chain."""
     from fact_ray.compose import KernelChoice
+    from fact_ray.realize.build import build
+    from fact_ray.realize.emit import emit
+    from fact_ray.realize.problem import problem_from_match
+    from fact_ray.search_spaces import space
+    from fact_ray.types import Arch
 
     _, _, matches = _small_block()
-    winners = {}
+    proj = next(m for m in matches if m.rule == "linear_bias_residual" and m.param("operands") and
+                dict(m.param("operands"))["residual"] == "x")
+    cfg = next(c for c in space(problem_from_match(proj, Precision.FP32), Arch.SM80, Precision.FP32)
+               if c.opclass == "simt" and c.split_k == 1)
+    (source,) = emit([cfg], Arch.SM80)
+    lib = build(source, cache)
+    assert lib.ok, lib.log[-2000:]
+    winners = {proj.key: KernelChoice(cfg, lib.path, source.symbols[0], 1.2)}
     for m in matches:
         if m.family == "attention":
             cfg = next(c for c in attn_lib.source.configs if c.precision == Precision.FP32)
@@ -303,7 +316,7 @@ def test_compose_replaces_attention_and_norms_and_still_traces(fused_winners):
     module = compose(captured, matches, fused_winners, Precision.FP32)
     calls = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
     ops = [c for c in calls if c.startswith("fact_ray.")]
-    assert sum(c.startswith("fact_ray.attn_") for c in ops) == 1
+    assert len(ops) == 4 and sum(c.startswith("fact_ray.attn_") for c in ops) == 1
     assert sum(c.startswith("fact_ray.layernorm_") for c in ops) == 2
     for gone in ("aten.softmax.int", "aten.layer_norm.default", "aten.masked_fill.Scalar", "aten.eq.Scalar"):
         assert gone not in calls, f"{gone} should be replaced (or dead and removed)"
