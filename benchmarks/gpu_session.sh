@@ -23,7 +23,7 @@ for step in "$@"; do
             | tee "$OUT/scaling.log" | tail -15 ;;
     farm) rm -rf .fact-ray/pattern_table .fact-ray/mlflow.db
           for i in 1 2; do
-            /usr/bin/time -f "run $i wall %e s" timeout 400 fact-ray run examples/minigpt.py --policy "$a" --budget "${b:-6}" 2>&1 \
+            /usr/bin/time -f "run $i wall %e s" timeout 400 fact-ray run examples/minigpt.py --policy "$a" ${b:+--budget "$b"} 2>&1 \
               | tee "$OUT/farm-$a-run$i.log" | tail -25
           done
           fact-ray table list 2>&1 | tee "$OUT/farm-table.log" | tail -12
