@@ -36,3 +36,6 @@ for step in "$@"; do
     *) echo "unknown step $step" ;;
   esac
 done
+# The device returns only a handful of files per call: everything goes back as one archive (unpack it here with
+# tar xzf session.tgz).
+tar -C "$OUT" -czf /tmp/session.tgz . && rm -rf "${OUT:?}"/* && mv /tmp/session.tgz "$OUT/"
