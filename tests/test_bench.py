@@ -242,3 +242,20 @@ def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_path):
     assert out.json.is_file() and out.png.read_bytes().startswith(PNG_MAGIC)
     run_id = bn.log_to_mlflow(result, out, f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run_id
+
+
+def test_a_printed_bench_table_parses_back_to_its_numbers():
+    """benchmarks/replot_bench_log.py rebuilds a result from a bench log: every printed number comes back."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("replot", root / "benchmarks" / "replot_bench_log.py")
+    replot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replot)
+    log = root / "benchmarks/results/2026-11-21-h200-s2/4-level1-fp32/bench-matmul_square-fp32.log"
+    result = replot.parse(log.read_text(), "examples/matmul_square.py")
+    assert (result.model, result.policy.value, result.gpu, result.reps) == ("matmul_square", "fp32", "NVIDIA H200", 50)
+    composed = result.row("composed")
+    assert composed.time.median_ms == 1.269 and (composed.time.p10_ms, composed.time.p90_ms) == (1.26, 1.276)
+    assert composed.speedup == 2.11 and composed.rel_err == 6.50e-07 and composed.allclose and composed.kernels == 1
+    assert result.row("compile-max-autotune").compile_s == 7.0 and result.row("eager").compile_s is None

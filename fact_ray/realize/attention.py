@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError, NotAvailable, UnsupportedDtype
-from fact_ray.realize import build as build_mod
 from fact_ray.realize.emit import render, template_text
 from fact_ray.types import Arch, KernelConfig, Library, Precision, Source
 
@@ -80,6 +79,8 @@ def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80) -> Source:
 
 def example_dir() -> str:
     """example 41's folder inside the nvidia-cutlass package (header-only use)."""
+    from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
+
     root = Path(build_mod.include_paths()[0]).parent
     d = root.joinpath(*EXAMPLE_DIR)
     if not (d / "kernel_forward.h").is_file():
@@ -117,6 +118,8 @@ def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
                     curand_hints: Sequence[str] = ()) -> Library:
     """emit_attention + build.build with example 41's folder and the cuRAND headers on the include path."""
     source = emit_attention(dtypes)
+    from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
+
     return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=include_dirs(nvcc, curand_hints))
 
 
