@@ -224,7 +224,7 @@ def trial(problem: FusedProblem, config: KernelConfig, library: Library, policy:
     """(the PyTorch op's trial, the kernel's trial): verified in float64, then timed interleaved."""
     import torch
 
-    from fact_ray.errors import CandidateError, LaunchError
+    from fact_ray.errors import CandidateError, CompileError, LaunchError
     from fact_ray.realize.bench import clearly_faster, time_interleaved
     from fact_ray.realize.tune import precision_mode
 
@@ -236,6 +236,8 @@ def trial(problem: FusedProblem, config: KernelConfig, library: Library, policy:
         try:
             status, err, rel, mx = _check(kernel_fn(problem, library, poison=True), problem, policy, device, seeds)
             kernel = kernel_fn(problem, library)
+        except CompileError as e:  # the library did not build (or is not one of ours): that candidate's verdict
+            status, err, rel, mx = "compile_error", str(e).splitlines()[0][:300], math.nan, math.nan
         except LaunchError as e:  # a CUDA error: the worker pool replaces this process (TrialResult)
             status, err, rel, mx = "crashed", str(e).splitlines()[0][:300], math.nan, math.nan
         except CandidateError as e:

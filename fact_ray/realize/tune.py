@@ -15,13 +15,14 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from rich.table import Table
 
 from fact_ray.config import Settings, arch_for
 from fact_ray.errors import CandidateError, CannotImplement, NotAvailable
+from fact_ray.realize import fused
 from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
 from fact_ray.realize.build import build_many
 from fact_ray.realize.emit import emit
@@ -64,7 +65,7 @@ class Choice:
 @dataclass(frozen=True)
 class TuneResult:
     match: Match
-    problem: GemmProblem
+    problem: Any  # GemmProblem, or fused.AttentionProblem / NormProblem
     winner: Winner
     trials: tuple[Trial, ...]
     gpu: str
@@ -268,6 +269,8 @@ def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress]
     device = torch.device("cuda", torch.cuda.current_device())
     arch = local_arch(device, settings.arch)
     policy = Precision(settings.policy)
+    if match.family in fused.FUSED_FAMILIES:
+        return _tune_fused(match, settings, device, arch, policy, report)
     try:
         problem = problem_from_match(match, policy)
         configs = list(space(problem, arch, policy, settings.budget))
@@ -286,6 +289,32 @@ def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress]
     return TuneResult(match=match, problem=problem, winner=winner, trials=tuple(trials),
                       gpu=torch.cuda.get_device_name(device), configs=len(configs), libraries=len(libraries),
                       libraries_ok=n_ok, compile_seconds=sum(lib.seconds for lib in libraries))
+
+
+def _tune_fused(match: Match, settings: Settings, device: torch.device, arch: Arch, policy: Precision,
+                report: Progress) -> TuneResult:
+    """Attention or a norm: its one kernel for this dtype, built, verified and timed against the model's op."""
+    try:
+        problem = fused.problem_of(match, policy)
+    except CannotImplement as e:
+        raise NotAvailable(f"cannot tune {match.rule}: {e}") from None
+    sources = fused.sources_for(problem, arch)
+    report(TuneProgress("compile", 0, len(sources), f"{len(sources)} translation unit"))
+    libraries = build_many(sources, settings.resolved_cache_dir, settings.jobs or os.cpu_count() or 1,
+                           nvcc=settings.nvcc)
+    n_ok = sum(lib.ok for lib in libraries)
+    report(TuneProgress("compile", len(libraries), len(sources), f"{n_ok} built"))
+    config, library = sources[0].configs[0], libraries[0]
+    torch_trial, trial = fused.trial(problem, config, library, policy, device)
+    trials = (torch_trial, trial)
+    chosen = select(list(trials))
+    winner = Winner(match_key=match.key, rule=match.rule, precision=policy, arch=arch,
+                    config=config if chosen is trial else None, trial=chosen,
+                    library_key=library.key if chosen is trial else "", trials=trials)
+    report(TuneProgress("done", 1, 1, f"best: {chosen.candidate_name}"))
+    return TuneResult(match=match, problem=problem, winner=winner, trials=trials,
+                      gpu=torch.cuda.get_device_name(device), configs=1, libraries=len(libraries), libraries_ok=n_ok,
+                      compile_seconds=sum(lib.seconds for lib in libraries))
 
 
 # --------------------------------------------------------------------------------------------- reporting
