@@ -78,6 +78,16 @@ def check_cutlass() -> list[Check]:
                   "reinstall nvidia-cutlass: its wheel ships the headers under cutlass_library/source")]
 
 
+def check_attention_headers(nvcc: str) -> Check:
+    """CUTLASS example 41 (our attention kernels) includes <curand_kernel.h>; CUDA 13 toolkits may not ship it."""
+    from fact_ray.realize.attention import curand_include_dir
+
+    found = curand_include_dir((), nvcc)
+    return Check("cuRAND headers", found is not None, found or "curand_kernel.h not found (attention kernels "
+                 "cannot compile; GEMMs and norms can)", "" if found else "pip install nvidia-curand",
+                 optional=True)
+
+
 def check_torch() -> Check:
     try:
         import torch
@@ -154,6 +164,7 @@ def check_llm(settings: Settings) -> Check:
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    return [*check_gpu(), check_nvcc(settings.nvcc), *check_cutlass(), check_torch(),
+    return [*check_gpu(), check_nvcc(settings.nvcc), *check_cutlass(), check_attention_headers(settings.nvcc),
+            check_torch(),
             check_ray(settings.ray_address), check_tracking(settings.resolved_tracking_uri),
             check_table(settings.resolved_table_uri), check_llm(settings)]

@@ -40,8 +40,8 @@ def test_bench_without_gpu_is_one_line(tmp_path):
 
 def test_doctor_reports_each_item(tmp_path):
     r = sh("doctor", cwd=tmp_path)
-    for item in ("GPU", "nvcc", "CUTLASS package", "CUTLASS headers", "torch", "Ray", "MLflow tracking",
-                 "pattern table", "LLM endpoint"):
+    for item in ("GPU", "nvcc", "CUTLASS package", "CUTLASS headers", "cuRAND headers", "torch", "Ray",
+                 "MLflow tracking", "pattern table", "LLM endpoint"):
         assert item in r.stdout, item
     # no GPU here is allowed (optional); everything required is installed by make setup
     assert r.returncode == 0, r.stdout
