@@ -372,7 +372,8 @@ def _setup_here(ref: str, settings: Settings) -> _Setup | None:
     if not torch.cuda.is_available():
         return None
     from fact_ray.actors.discovery import make_ranker, rank_matches
-    from fact_ray.capture import capture, load_model, under_policy
+    from fact_ray.capture import load_model, under_policy
+    from fact_ray.capture_cache import captured
     from fact_ray.config import arch_for
     from fact_ray.discover import discover
     from fact_ray.pattern_table import Toolchain
@@ -383,10 +384,10 @@ def _setup_here(ref: str, settings: Settings) -> _Setup | None:
     gpu_name = torch.cuda.get_device_name()
     arch = arch_for(torch.cuda.get_device_capability(), gpu_name, settings.arch)
     tc = toolchain(settings.nvcc)
-    captured = capture(under_policy(load_model(ref), policy))
-    matches = discover(captured.graph, arch, policy)
-    disc = rank_matches(make_ranker("off", settings), captured.graph, matches, arch, policy, captured.method,
-                        tuple(captured.notes))
+    # The graph from the capture cache when the model's code, inputs and toolchain are unchanged (see there).
+    cap, _ = captured(under_policy(load_model(ref), policy), Path(settings.home) / "captures")
+    matches = discover(cap.graph, arch, policy)
+    disc = rank_matches(make_ranker("off", settings), cap.graph, matches, arch, policy, cap.method, cap.notes)
     tools = Toolchain(cuda=str(tc.get("nvcc_version") or tc.get("nvcc") or ""),
                       cutlass=str(tc.get("cutlass_version") or tc.get("cutlass") or ""), torch=torch.__version__,
                       bench_method=str(BENCH_METHOD_VERSION))
