@@ -100,15 +100,17 @@ class DiscoveryAgent:
     def __init__(self, llm: str = "off", config: Any = None) -> None:
         self._ranker = make_ranker(llm, config=config)
 
-    def discover(self, ref: str, arch: Arch, policy: Precision) -> Discovery:
+    def discover(self, ref: str, arch: Arch, policy: Precision, capture_dir: str = "") -> Discovery:
+        """`capture_dir`: the capture cache to read and fill (this actor runs on the driver's node); "" for none."""
         # Imported here: the driver never needs torch for discovery, the worker does.
         from fact_ray.capture import capture, load_model, under_policy
+        from fact_ray.capture_cache import captured
         from fact_ray.discover import discover
 
-        captured = capture(under_policy(load_model(ref), policy))
-        graph = captured.graph
-        matches = discover(graph, arch, policy)
-        return rank_matches(self._ranker, graph, matches, arch, policy, captured.method, tuple(captured.notes))
+        loaded = under_policy(load_model(ref), policy)
+        cap = captured(loaded, capture_dir)[0] if capture_dir else capture(loaded)
+        matches = discover(cap.graph, arch, policy)
+        return rank_matches(self._ranker, cap.graph, matches, arch, policy, cap.method, tuple(cap.notes))
 
 
 def rank_matches(ranker: Ranker, graph: Graph, matches: Sequence[Match], arch: Arch, policy: Precision,

@@ -479,7 +479,8 @@ class _Driver:
         # The agent's endpoint settings are read here, on the driver, where the user set OPENAI_* for this run.
         llm_cfg = llm_config(s.llm, s) if s.llm != "off" else None
         agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm, llm_cfg)
-        disc_ref = agent.discover.remote(ref, guess, self.policy)
+        captures = str(Path(s.home).absolute() / "captures")  # the agent runs on this node (driver affinity)
+        disc_ref = agent.discover.remote(ref, guess, self.policy, captures)
         gpus = self._start_pool()
         arch = self._pool_arch() if gpus else (s.arch or Arch.SM90)
         try:
@@ -490,7 +491,7 @@ class _Driver:
         try:
             disc = ray.get(disc_ref)
             if arch != guess:
-                disc = ray.get(agent.discover.remote(ref, arch, self.policy))
+                disc = ray.get(agent.discover.remote(ref, arch, self.policy, captures))
         except ray.exceptions.RayTaskError as e:
             unwrap_user_error(e)
             raise

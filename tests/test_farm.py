@@ -144,6 +144,8 @@ def test_second_run_reuses_the_build_cache(first_run):
     compiles = rec.of(CompileFinished)
     assert compiles and all(c.cached and c.ok for c in compiles)
     assert summary.cached == summary.compiled == first.compiled
+    # Discovery filled the capture cache on the first run (the all-from-table path of later runs reads it).
+    assert len(list((root / "home" / "captures").glob("*.pkl"))) == 1
 
 
 @pytest.mark.nvcc
