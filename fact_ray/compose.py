@@ -361,7 +361,8 @@ def _compose_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], m:
         problem = fused.problem_of(m, policy)
     except CannotImplement as e:
         raise ComposeError(f"{m.rule} at {m.anchor}: {e}") from None
-    if cfg.template not in ("attention_sm80", "norm") or (cfg.template == "norm") == (m.family == "attention"):
+    if cfg.template not in ("attention_sm80", "fmha_sm90", "norm") or \
+            (cfg.template == "norm") == (m.family == "attention"):
         raise ComposeError(f"{m.rule} at {m.anchor}: kernel {cfg.name} ({cfg.template}) does not compute {m.family}")
     digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
     digests[choice.library_path] = digest

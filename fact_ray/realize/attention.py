@@ -156,6 +156,8 @@ class AttentionKernel:
     `x.transpose(1, 2)` works without a copy). o is `out` (contiguous [B, S_q, H, D]) when given, else new.
     """
 
+    RUN_NAME = "fr_attn_run"  # named in errors; a subclass with the same argument struct names its own
+
     def __init__(self, library: Library) -> None:
         self.library = library
         self._handle = load_attention(library)
@@ -212,10 +214,10 @@ class AttentionKernel:
         a.stream = torch.cuda.current_stream(q.device).cuda_stream
         status = int(self._handle.fr_attn_run(ctypes.byref(a)))
         if status in (EINVAL, ENOTSUP):
-            raise CannotImplement(f"fr_attn_run refused B={B} H={H} S_q={S_q} S_k={S_k} D={D} {name} "
+            raise CannotImplement(f"{self.RUN_NAME} refused B={B} H={H} S_q={S_q} S_k={S_k} D={D} {name} "
                                   f"strides q={tuple(q.stride())} ({'invalid' if status == EINVAL else 'unsupported'})")
         if status != 0:
-            raise LaunchError(f"fr_attn_run: CUDA error {status} (B={B} H={H} S_q={S_q} D={D} {name})")
+            raise LaunchError(f"{self.RUN_NAME}: CUDA error {status} (B={B} H={H} S_q={S_q} D={D} {name})")
         return o
 
 

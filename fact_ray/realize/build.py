@@ -44,6 +44,9 @@ GENCODES = {
     # (example 41's Sm80 attention), so A100 and Hopper alike.
     "norm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
     "attention_sm80": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
+    # Example 88's Hopper FMHA (realize/fmha.py): TMA + WGMMA, sm_90a only. Without the example's --use_fast_math:
+    # its softmax calls exp2f/__logf, and the accurate exp2f costs little next to the two GEMMs.
+    "fmha_sm90": ("-gencode=arch=compute_90a,code=sm_90a",),
 }
 
 META_VERSION = 1
@@ -174,6 +177,10 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
         from fact_ray.realize.attention import include_dirs as attention_include_dirs
 
         include_dirs = tuple(dict.fromkeys((*include_dirs, *attention_include_dirs(nvcc))))
+    elif source_template(source) == "fmha_sm90":
+        from fact_ray.realize.fmha import include_dirs as fmha_include_dirs  # late, as above
+
+        include_dirs = tuple(dict.fromkeys((*include_dirs, *fmha_include_dirs())))
 
     final = entry_dir(cache_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Fused families that are not GEMMs: causal attention (CUTLASS example 41) and row LayerNorm/RMSNorm (ours).
+"""Fused families that are not GEMMs: causal attention (CUTLASS example 41; on sm90 also example 88) and row
+LayerNorm/RMSNorm (ours).
 
 The GEMM families search a space of configurations; these have one kernel per element type for now (example 41's
 32x128 block, our one-pass norm), so their "search" is the kernel against the PyTorch op the model already runs:
@@ -92,9 +93,15 @@ def problem_of(match: Match, policy: Precision | str) -> FusedProblem:
 def sources_for(problem: FusedProblem, arch: Arch) -> list[Source]:
     """The translation unit(s) holding this problem's kernel (one config each, for `arch`)."""
     if isinstance(problem, AttentionProblem):
+        from fact_ray.realize import fmha
         from fact_ray.realize.attention import emit_attention
 
-        return [emit_attention([problem.dtype], arch)]
+        sources = [emit_attention([problem.dtype], arch)]
+        # On Hopper the FMHA (example 88) is a second candidate: the trial keeps the faster verified one.
+        p = problem
+        if Arch(arch) == Arch.SM90 and fmha.fits(p.dtype, p.D, p.S, p.causal):
+            sources.append(fmha.emit_fmha(problem.dtype, arch))
+        return sources
     from fact_ray.realize.norm import emit_norm
 
     return [emit_norm(problem.dtype, arch)]
@@ -118,8 +125,11 @@ def kernel_fn(problem: FusedProblem, library: Library, poison: bool = False) -> 
 
     if isinstance(problem, AttentionProblem):
         from fact_ray.realize.attention import AttentionKernel
+        from fact_ray.realize.fmha import TEMPLATE as FMHA_TEMPLATE, FmhaKernel
 
-        k = AttentionKernel(library)
+        # Both take the same call; the library's config says which ABI its .so speaks.
+        kind = FmhaKernel if library.source.configs[0].template == FMHA_TEMPLATE else AttentionKernel
+        k = kind(library)
         p = problem
 
         def attention(q, kk, v):

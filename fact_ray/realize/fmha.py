@@ -1,0 +1,149 @@
+"""Causal multi-head attention from CUTLASS example 88, the Hopper FMHA (templates/fmha_sm90.cu.in): render,
+build, load, call. The second attention candidate beside example 41 (realize/attention.py) on sm90: TMA and
+warp-specialized WGMMA where example 41 runs Ampere mma.sync, so expected much faster in bf16/fp16.
+
+What it serves (`fits`): bf16/fp16, head dim a multiple of 8 up to 128 (one 128-wide head-dim tile; D = 96 pads
+inside the kernel), S_q a multiple of 8, causal from the top left (the example's CausalFusion, torch's is_causal)
+with S_k >= S_q, and no mask when the TU carries the non-causal kernel (HAS_FULL). The TU is header-only use of the
+example's folder inside the nvidia-cutlass package; unlike example 41 it needs no cuRAND headers.
+
+The C ABI takes the same argument layout and dtype codes as example 41's, so `FmhaKernel` is `AttentionKernel`
+calling other symbols: one place checks shapes, strides and workspaces for both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+from fact_ray.errors import CannotImplement, CompileError, NotAvailable, UnsupportedDtype
+from fact_ray.realize import attention
+from fact_ray.realize.emit import render, template_text
+from fact_ray.types import Arch, KernelConfig, Library, Source
+
+TEMPLATE = "fmha_sm90"  # build.GENCODES key: sm_90a only (WGMMA/TMA)
+FMHA_ABI_VERSION = 1
+HEAD_DIM_TILE = 128
+Q_TILE, K_TILE = 128, 128  # the example's "tma ws cooperative 128x128x128" for head dim 128
+ALIGN = 8  # 16 bytes of bf16/fp16: TMA's vector, and example 88's can_implement on D and S_q
+EINVAL, ENOTSUP = attention.EINVAL, attention.ENOTSUP
+EXAMPLE_DIR = ("examples", "88_hopper_fmha")
+# The non-causal kernel (ResidualFusion) is a second instantiation in the same TU.
+HAS_FULL = True
+
+# torch dtype name -> (FR_FMHA_* code, cutlass element, precision): example 41's codes minus fp32, which example 88
+# has no kernel for (the tf32 GMMA's K-major operands do not fit its PV GEMM).
+_DTYPES = {d: v for d, v in attention._DTYPES.items() if d in ("bfloat16", "float16")}
+
+
+class FrFmhaArgs(attention.FrAttnArgs):
+    """Mirror of `fr_fmha_args` in fmha_sm90.cu.in: the very layout of `fr_attn_args`, so no fields of its own."""
+
+
+def fits(dtype: str, head_dim: int, seq_q: int, causal: bool, seq_k: Optional[int] = None) -> bool:
+    """Whether the FMHA kernel runs this problem (what fr_fmha_run would not refuse on shapes alone)."""
+    seq_k = seq_q if seq_k is None else seq_k
+    return (dtype in _DTYPES and 0 < head_dim <= HEAD_DIM_TILE and head_dim % ALIGN == 0 and seq_q % ALIGN == 0
+            and (seq_k >= seq_q if causal else HAS_FULL))
+
+
+def emit_fmha(dtype: str, arch: Arch = Arch.SM90) -> Source:
+    """One TU holding the causal (and, with HAS_FULL, the non-causal) forward kernel for `dtype`."""
+    if dtype not in _DTYPES:
+        raise UnsupportedDtype(f"the Hopper FMHA takes {', '.join(_DTYPES)}, got {dtype!r}")
+    if Arch(arch) != Arch.SM90:
+        raise CannotImplement(f"the Hopper FMHA (CUTLASS example 88) runs on sm90 only, not {Arch(arch).value}")
+    code, element, precision = _DTYPES[dtype]
+    text = render(template_text("fmha_sm90.cu.in"), {
+        "dtype": dtype, "element": f"cutlass::{element}", "dtype_code": code, "has_full": int(HAS_FULL),
+    })
+    name = f"fr_fmha_{dtype}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
+    config = KernelConfig(template=TEMPLATE, name=f"fmha_sm90_causal_{dtype}_q{Q_TILE}_k{K_TILE}_d{HEAD_DIM_TILE}",
+                          arch=Arch.SM90, precision=precision, element=element, opclass="tensorop",
+                          math_op="multiply_add", instruction=(1, 1, 1), tile=(Q_TILE, K_TILE, HEAD_DIM_TILE))
+    return Source(name=name, arch=Arch.SM90, code=text, configs=(config,), symbols=("fr_fmha_run",))
+
+
+def example_dir() -> str:
+    """example 88's folder inside the nvidia-cutlass package (header-only use)."""
+    from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
+
+    d = Path(build_mod.include_paths()[0]).parent.joinpath(*EXAMPLE_DIR)
+    if not (d / "kernel" / "fmha_kernel_builder.hpp").is_file():
+        raise NotAvailable(f"CUTLASS example 88 missing under {d}: reinstall nvidia-cutlass==4.2.0.0")
+    return str(d)
+
+
+def include_dirs() -> tuple[str, ...]:
+    """What an FMHA TU needs on the include path beyond CUTLASS: example 88's folder (its includes are relative
+    to it: "collective/...", "kernel/...")."""
+    return (example_dir(),)
+
+
+def build_fmha(dtype: str, cache_dir: str, nvcc: str = "nvcc") -> Library:
+    """emit_fmha + build.build (which adds example 88's folder to the include path for this template)."""
+    from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
+
+    return build_mod.build(emit_fmha(dtype), cache_dir, nvcc=nvcc)
+
+
+# The exported C functions and their ctypes signatures (the argument struct goes by pointer).
+_SIGNATURES = {
+    "fr_abi_version": ([], ctypes.c_int),
+    "fr_fmha_supports": ([ctypes.c_int], ctypes.c_int),
+    "fr_fmha_workspace": ([ctypes.POINTER(FrFmhaArgs)], ctypes.c_size_t),
+    "fr_fmha_run": ([ctypes.POINTER(FrFmhaArgs)], ctypes.c_int),
+}
+_LOADED: dict[str, ctypes.CDLL] = {}
+
+
+def _first_error(library: Library) -> str:
+    errors = [ln.strip() for ln in library.log.splitlines() if "error" in ln.lower()]
+    return errors[0][:400] if errors else "see build.log"
+
+
+def load_fmha(library: Library) -> ctypes.CDLL:
+    """dlopen an FMHA library once per path; check its ABI version. A failed or foreign one: CompileError."""
+    if not library.ok:
+        raise CompileError(f"{library.source.name} did not compile: {_first_error(library)}")
+    if library.path in _LOADED:
+        return _LOADED[library.path]
+    try:
+        handle = ctypes.CDLL(library.path)
+        for fn, (argtypes, restype) in _SIGNATURES.items():
+            getattr(handle, fn).argtypes, getattr(handle, fn).restype = argtypes, restype
+    except (OSError, AttributeError) as e:
+        raise CompileError(f"{library.path} is not an FMHA library: {e}") from None
+    if handle.fr_abi_version() != FMHA_ABI_VERSION:
+        raise CompileError(f"{library.path} speaks FMHA ABI {handle.fr_abi_version()}, this fact-ray "
+                           f"{FMHA_ABI_VERSION}")
+    _LOADED[library.path] = handle
+    return handle
+
+
+class _AsAttention:
+    """An FMHA handle under the fr_attn_* names AttentionKernel calls (same argument struct, same statuses)."""
+
+    def __init__(self, handle: ctypes.CDLL) -> None:
+        self.fr_attn_supports = handle.fr_fmha_supports
+        self.fr_attn_workspace = handle.fr_fmha_workspace
+        self.fr_attn_run = handle.fr_fmha_run
+
+
+class FmhaKernel(attention.AttentionKernel):
+    """A compiled FMHA library as a callable with AttentionKernel's signature: `kernel(q, k, v, causal=True,
+    scale=None, out=None) -> o` over [B, S, H, D] tensors with any strides and a contiguous head dim; o is
+    `out` (contiguous [B, S_q, H, D]) when given, else new. What the kernel does not run (D = 100, S_q = 77,
+    misaligned strides, ...) is refused by fr_fmha_run and raised as CannotImplement; the logsumexp workspace
+    it needs is allocated and cached per device and size."""
+
+    RUN_NAME = "fr_fmha_run"
+
+    def __init__(self, library: Library) -> None:  # not super().__init__: that loads an example-41 library
+        self.library = library
+        self._handle = _AsAttention(load_fmha(library))
+        self._args = FrFmhaArgs()
+        self._workspaces = {}
