@@ -157,6 +157,51 @@ def test_attention_compiles_with_its_abi_and_refuses_what_it_cannot_run(attn_lib
     assert h.fr_attn_run(args(D=90, q_stride_h=90, k_stride_h=90, v_stride_h=90, o_stride_h=90)) == A.ENOTSUP
 
 
+@pytest.fixture(scope="module")
+def attn_lib_64(cache):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    if A.curand_include_dir(_curand_hints()) is None:
+        pytest.skip("curand_kernel.h not found: example 41 cannot compile")
+    return A.build_attention(["float32", "bfloat16"], cache, curand_hints=_curand_hints(), block=(64, 64, 64))
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_the_64x64_block_compiles_and_refuses_head_dims_over_64(attn_lib_64):
+    assert attn_lib_64.ok, attn_lib_64.log[-3000:]
+    h = A.load_attention(attn_lib_64)
+    assert h.fr_abi_version() == A.ATTN_ABI_VERSION
+    B, S, H = 1, 77, 2
+
+    def args(D):
+        a = A.FrAttnArgs(q=16, k=16, v=16, o=16, B=B, H=H, S_q=S, S_k=S, D=D, scale=D ** -0.5, causal=1, dtype=0)
+        for n in "qkvo":
+            setattr(a, f"{n}_stride_b", S * H * D)
+            setattr(a, f"{n}_stride_s", H * D)
+            setattr(a, f"{n}_stride_h", D)
+        return ctypes.byref(a)
+
+    assert h.fr_attn_run(args(96)) == A.ENOTSUP  # kMaxK = 64
+    assert h.fr_attn_workspace(args(64)) == 0  # kMaxK <= kKeysPerBlock: the output stays in registers
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_64x64_block_matches_float64(attn_lib_64, dtype):
+    kernel = A.AttentionKernel(attn_lib_64)
+    dt = getattr(torch, dtype)
+    for B, S, D in ((1, 77, 64), (2, 200, 32)):
+        g = torch.Generator(device="cuda").manual_seed(S)
+        q, k, v = (torch.randn(B, S, 3, D, device="cuda", generator=g).to(dt) for _ in range(3))
+        out = torch.full((B, S, 3, D), float("nan"), dtype=dt, device="cuda")
+        kernel(q, k, v, causal=True, out=out)
+        torch.cuda.synchronize()
+        assert rel_err(out, A.reference(q, k, v, causal=True)) < POLICY[dtype].tolerance
+
+
 def test_missing_curand_headers_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(A, "curand_include_dir", lambda hints=(), nvcc="nvcc": None)
     with pytest.raises(NotAvailable, match="curand_kernel.h not found"):
@@ -266,13 +311,26 @@ def test_farm_plans_one_kernel_per_fused_pattern_for_the_target_arch():
     from fact_ray import farm
     from fact_ray.types import Arch
 
-    _, _, matches = _small_block()
-    for family, template in (("attention", "attention_sm80"), ("layernorm", "norm")):
+    _, _, matches = _small_block()  # head dim 8: both of example 41's block shapes run it
+    for family, template, n in (("attention", "attention_sm80", 2), ("layernorm", "norm", 1)):
         p = farm._Pattern(1, next(m for m in matches if m.family == family))
         farm._plan_pattern(p, Precision.FP32, Arch.SM90, budget=8)
-        assert p.status == "" and len(p.configs) == 1 and len(p.sources) == 1, p.reason
-        assert p.configs[0].template == template and p.configs[0].arch == Arch.SM90
-        assert p.source_of[p.configs[0].name] is p.sources[0]
+        assert p.status == "" and len(p.configs) == n and len(p.sources) == n, p.reason
+        assert {c.template for c in p.configs} == {template} and {c.arch for c in p.configs} == {Arch.SM90}
+        assert all(p.source_of[c.name] is src for c, src in zip(p.configs, p.sources))
+    attn = farm._Pattern(1, next(m for m in matches if m.family == "attention"))
+    farm._plan_pattern(attn, Precision.FP32, Arch.SM90, budget=8)
+    assert [c.name for c in attn.configs] == ["attn_causal_float32_q32_k128_d128", "attn_causal_float32_q64_k64_d64"]
+
+
+def test_block_shapes_follow_the_head_dim():
+    assert A.blocks_for(64) == ((32, 128, 128), (64, 64, 64))
+    assert A.blocks_for(96) == ((32, 128, 128),)
+    assert A.blocks_for(160) == ()
+    small = A.emit_attention(["float32"], block=(64, 64, 64))
+    assert "kMaxHeadDim = 64;" in small.code and small.code != A.emit_attention(["float32"]).code
+    with pytest.raises(ValueError, match="not one of"):
+        A.emit_attention(["float32"], block=(16, 16, 16))
 
 
 @pytest.fixture(scope="module")

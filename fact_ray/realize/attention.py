@@ -23,6 +23,9 @@ from fact_ray.types import Arch, KernelConfig, Library, Precision, Source
 TEMPLATE = "attention_sm80"  # build.GENCODES key: sm_80 + sm_90a
 ATTN_ABI_VERSION = 1
 MAX_HEAD_DIM = 128
+# (queries, keys, max head dim) per block, as example 41 chooses them: 64x64 for head dims up to 64 (most GPT-2
+# style models), 32x128 up to 128 (MiniGPT's 96). The first is the default.
+BLOCKS = ((32, 128, MAX_HEAD_DIM), (64, 64, 64))
 EINVAL, ENOTSUP = -1, -2
 EXAMPLE_DIR = ("examples", "41_fused_multi_head_attention")
 
@@ -54,25 +57,35 @@ class FrAttnArgs(ctypes.Structure):
     ]
 
 
-def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80) -> Source:
-    """One TU holding the causal forward kernel for each of `dtypes` (torch names: float32|bfloat16|float16).
-    The same text builds for sm_80 and sm_90a (2.x components); `arch` only names the target it is tuned for."""
+def blocks_for(head_dim: int) -> tuple[tuple[int, int, int], ...]:
+    """The block shapes (queries, keys, max head dim) that run `head_dim`, the default first."""
+    return tuple(b for b in BLOCKS if head_dim <= b[2])
+
+
+def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80,
+                   block: tuple[int, int, int] = BLOCKS[0]) -> Source:
+    """One TU holding the causal forward kernel for each of `dtypes` (torch names: float32|bfloat16|float16), of
+    one block shape (see BLOCKS). The same text builds for sm_80 and sm_90a (2.x components); `arch` only names
+    the target it is tuned for."""
     asked = set(dtypes)
     bad = sorted(asked - set(_DTYPES))
     wanted = [d for d in _DTYPES if d in asked]  # a fixed order: the same set renders the same text
     if bad or not wanted:
         raise UnsupportedDtype(f"attention kernels take {', '.join(_DTYPES)}, got {bad or 'none'}")
+    if tuple(block) not in BLOCKS:
+        raise ValueError(f"attention block {block} is not one of {BLOCKS}")
+    queries, keys, max_k = block
     text = render(template_text("attention_sm80.cu.in"), {
         "dtypes": ", ".join(wanted),
         "has_f32": int("float32" in wanted), "has_bf16": int("bfloat16" in wanted),
-        "has_f16": int("float16" in wanted),
+        "has_f16": int("float16" in wanted), "queries": queries, "keys": keys, "max_k": max_k,
     })
     name = f"fr_attn_{'_'.join(wanted)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    configs = tuple(KernelConfig(template=TEMPLATE, name=f"attn_causal_{d}_q32_k128_d{MAX_HEAD_DIM}",
+    configs = tuple(KernelConfig(template=TEMPLATE, name=f"attn_causal_{d}_q{queries}_k{keys}_d{max_k}",
                                  arch=arch, precision=_DTYPES[d][2], element=_DTYPES[d][1],
                                  opclass="tensorop", math_op="multiply_add", instruction=(1, 1, 1),
-                                 tile=(32, 128, MAX_HEAD_DIM))
+                                 tile=(queries, keys, max_k))
                     for d in wanted)
     return Source(name=name, arch=arch, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs))
 
@@ -115,9 +128,9 @@ def include_dirs(nvcc: str = "nvcc", curand_hints: Sequence[str] = ()) -> tuple[
 
 
 def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
-                    curand_hints: Sequence[str] = ()) -> Library:
+                    curand_hints: Sequence[str] = (), block: tuple[int, int, int] = BLOCKS[0]) -> Library:
     """emit_attention + build.build with example 41's folder and the cuRAND headers on the include path."""
-    source = emit_attention(dtypes)
+    source = emit_attention(dtypes, block=block)
     from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
 
     return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=include_dirs(nvcc, curand_hints))

@@ -94,9 +94,10 @@ def sources_for(problem: FusedProblem, arch: Arch) -> list[Source]:
     """The translation unit(s) holding this problem's kernel (one config each, for `arch`)."""
     if isinstance(problem, AttentionProblem):
         from fact_ray.realize import fmha
-        from fact_ray.realize.attention import emit_attention
+        from fact_ray.realize.attention import blocks_for, emit_attention
 
-        sources = [emit_attention([problem.dtype], arch)]
+        # Example 41 in each block shape that runs this head dim (32x128; 64x64 too for head dims up to 64).
+        sources = [emit_attention([problem.dtype], arch, block) for block in blocks_for(problem.D)]
         # On Hopper the FMHA (example 88) is a second candidate: the trial keeps the faster verified one.
         p = problem
         if Arch(arch) == Arch.SM90 and fmha.fits(p.dtype, p.D, p.S, p.causal):
