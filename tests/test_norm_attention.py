@@ -432,3 +432,38 @@ def test_sdpa_spelling_composes_onto_the_same_kernel(attn_lib):
     assert not any("scaled_dot_product" in str(n.target) for n in module.graph.nodes)
     report = check(loaded.module, module, Precision.FP32, seeds=(0, 1), example_inputs=loaded.inputs)
     assert report.passed, report
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_an_artifact_with_attention_and_norm_kernels_loads_in_a_fresh_process_without_nvcc(fused_winners, tmp_path):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from fact_ray.artifact import read_manifest, save
+    from fact_ray.compose import compose
+
+    _, captured, matches = _small_block()
+    art = save(compose(captured, matches, fused_winners, Precision.FP32), tmp_path / "art", allow_unchecked=True)
+    assert {p["family"] for p in read_manifest(art)["patterns"]} >= {"attention", "layernorm"}
+    fake = tmp_path / "nvcc"
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'nvcc-was-called'}\nexit 1\n")
+    fake.chmod(0o755)
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        t0 = time.perf_counter()
+        import fact_ray
+        module = fact_ray.load({str(art)!r}, {SMALL_BLOCK!r}, expect_arch="sm80")
+        print(json.dumps({{"seconds": time.perf_counter() - t0,
+                          "ops": sorted(r.op.split("_")[0] for r in module.fact_ray.replacements),
+                          "build": "fact_ray.realize.build" in sys.modules}}))
+    """)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}", FACT_RAY_NVCC=str(fake))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not (tmp_path / "nvcc-was-called").exists() and not result["build"]
+    assert result["ops"].count("attn") == 1 and result["ops"].count("layernorm") == 2
+    assert result["seconds"] < 5.0, result
