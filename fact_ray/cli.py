@@ -215,8 +215,9 @@ def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri:
         if summary.phases:
             con.print("[dim]time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.phases) + "[/]")
         if any(p.winner and p.winner != "torch" for p in summary.patterns):
-            con.print(f"next: [bold]fact-ray compose {model}[/] saves the composed module as a deployable "
-                      f"artifact; [bold]fact-ray bench {model}[/] compares it with eager and torch.compile")
+            pol = f"--policy {summary.policy.value}"
+            con.print(f"next: [bold]fact-ray compose {model} {pol}[/] saves the composed module as a deployable "
+                      f"artifact; [bold]fact-ray bench {model} {pol}[/] compares it with eager and torch.compile")
         if summary.exit_code:
             raise typer.Exit(summary.exit_code)
 
