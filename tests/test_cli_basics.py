@@ -70,17 +70,25 @@ def test_tune_without_gpu_says_so():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.gpu
-@pytest.mark.nvcc
-def test_tune_on_gpu_prints_the_trials_table(tmp_path):
+SMALL_BLOCK = str(Path(__file__).parents[1] / "tests/models/small_block.py")
+
+
+def tune_on_gpu(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`fact-ray tune SMALL_BLOCK ARGS` on the local GPU with a private build cache; skips without a GPU."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    root = Path(__file__).parents[1]
     env = {**__import__("os").environ, "FACT_RAY_CACHE_DIR": str(tmp_path / "cache")}
-    r = subprocess.run([FACT_RAY, "tune", str(root / "tests/models/small_block.py"), "--pattern", "1",
-                        "--budget", "2"], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    r = subprocess.run([FACT_RAY, "tune", SMALL_BLOCK, *args], capture_output=True, text=True, timeout=900,
+                       env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+def test_tune_on_gpu_prints_the_trials_table(tmp_path):
+    r = tune_on_gpu(tmp_path, "--pattern", "1", "--budget", "2")
     assert "torch" in r.stdout and "speedup" in r.stdout
     assert ("winner" in r.stdout) or ("the PyTorch op stays" in r.stdout)
 
@@ -88,19 +96,11 @@ def test_tune_on_gpu_prints_the_trials_table(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.nvcc
 def test_tune_on_gpu_takes_attention_and_norm_patterns_too(tmp_path):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from fact_ray.capture import capture, load_model
     from fact_ray.discover import discover
 
-    root = Path(__file__).parents[1]
-    model = str(root / "tests/models/small_block.py")
-    matches = discover(capture(load_model(model)).graph, "sm90", "fp32")
-    env = {**__import__("os").environ, "FACT_RAY_CACHE_DIR": str(tmp_path / "cache")}
+    matches = discover(capture(load_model(SMALL_BLOCK)).graph, "sm90", "fp32")
     for family in ("attention", "layernorm"):
         index = next(i for i, m in enumerate(matches, 1) if m.family == family)
-        r = subprocess.run([FACT_RAY, "tune", model, "--pattern", str(index)], capture_output=True, text=True,
-                           timeout=900, env=env, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
+        r = tune_on_gpu(tmp_path, "--pattern", str(index))
         assert "torch" in r.stdout and ("attn_causal_float32" in r.stdout or "norm_float32" in r.stdout)

@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from fact_ray.errors import CannotImplement, CompileError, LaunchError, NotAvailable, UnsupportedDtype
+from fact_ray.errors import CannotImplement, LaunchError, NotAvailable, UnsupportedDtype
+from fact_ray.realize.abi import load_checked
 from fact_ray.realize.emit import render, template_text
 from fact_ray.types import Arch, KernelConfig, Library, Precision, Source
 
@@ -136,30 +137,14 @@ def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
     return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=include_dirs(nvcc, curand_hints))
 
 
-_LOADED: dict[str, ctypes.CDLL] = {}
-
-
 def load_attention(library: Library) -> ctypes.CDLL:
     """dlopen an attention library once per path; check its ABI version. A failed or foreign one: CompileError."""
-    if not library.ok:
-        lines = [ln.strip() for ln in library.log.splitlines() if "error" in ln.lower()]
-        raise CompileError(f"{library.source.name} did not compile: {(lines or ['see build.log'])[0][:400]}")
-    handle = _LOADED.get(library.path)
-    if handle is None:
-        try:
-            handle = ctypes.CDLL(library.path)
-            ptr = ctypes.POINTER(FrAttnArgs)
-            handle.fr_abi_version.restype = ctypes.c_int
-            handle.fr_attn_supports.argtypes, handle.fr_attn_supports.restype = [ctypes.c_int], ctypes.c_int
-            handle.fr_attn_workspace.argtypes, handle.fr_attn_workspace.restype = [ptr], ctypes.c_size_t
-            handle.fr_attn_run.argtypes, handle.fr_attn_run.restype = [ptr], ctypes.c_int
-        except (OSError, AttributeError) as e:
-            raise CompileError(f"{library.path} is not an attention library: {e}") from None
-        version = int(handle.fr_abi_version())
-        if version != ATTN_ABI_VERSION:
-            raise CompileError(f"{library.path} speaks attention ABI {version}, this fact-ray {ATTN_ABI_VERSION}")
-        _LOADED[library.path] = handle
-    return handle
+    ptr = ctypes.POINTER(FrAttnArgs)
+    return load_checked(library, "an attention", "attention ABI", ATTN_ABI_VERSION, {
+        "fr_attn_supports": ([ctypes.c_int], ctypes.c_int),
+        "fr_attn_workspace": ([ptr], ctypes.c_size_t),
+        "fr_attn_run": ([ptr], ctypes.c_int),
+    })
 
 
 class AttentionKernel:

@@ -18,7 +18,8 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
-from fact_ray.errors import CannotImplement, CompileError, NotAvailable, UnsupportedDtype
+from fact_ray.errors import CannotImplement, NotAvailable, UnsupportedDtype
+from fact_ray.realize.abi import load_checked
 from fact_ray.realize import attention
 from fact_ray.realize.emit import render, template_text
 from fact_ray.types import Arch, KernelConfig, Library, Source
@@ -90,38 +91,14 @@ def build_fmha(dtype: str, cache_dir: str, nvcc: str = "nvcc") -> Library:
     return build_mod.build(emit_fmha(dtype), cache_dir, nvcc=nvcc)
 
 
-# The exported C functions and their ctypes signatures (the argument struct goes by pointer).
-_SIGNATURES = {
-    "fr_abi_version": ([], ctypes.c_int),
-    "fr_fmha_supports": ([ctypes.c_int], ctypes.c_int),
-    "fr_fmha_workspace": ([ctypes.POINTER(FrFmhaArgs)], ctypes.c_size_t),
-    "fr_fmha_run": ([ctypes.POINTER(FrFmhaArgs)], ctypes.c_int),
-}
-_LOADED: dict[str, ctypes.CDLL] = {}
-
-
-def _first_error(library: Library) -> str:
-    errors = [ln.strip() for ln in library.log.splitlines() if "error" in ln.lower()]
-    return errors[0][:400] if errors else "see build.log"
-
-
 def load_fmha(library: Library) -> ctypes.CDLL:
     """dlopen an FMHA library once per path; check its ABI version. A failed or foreign one: CompileError."""
-    if not library.ok:
-        raise CompileError(f"{library.source.name} did not compile: {_first_error(library)}")
-    if library.path in _LOADED:
-        return _LOADED[library.path]
-    try:
-        handle = ctypes.CDLL(library.path)
-        for fn, (argtypes, restype) in _SIGNATURES.items():
-            getattr(handle, fn).argtypes, getattr(handle, fn).restype = argtypes, restype
-    except (OSError, AttributeError) as e:
-        raise CompileError(f"{library.path} is not an FMHA library: {e}") from None
-    if handle.fr_abi_version() != FMHA_ABI_VERSION:
-        raise CompileError(f"{library.path} speaks FMHA ABI {handle.fr_abi_version()}, this fact-ray "
-                           f"{FMHA_ABI_VERSION}")
-    _LOADED[library.path] = handle
-    return handle
+    ptr = ctypes.POINTER(FrFmhaArgs)
+    return load_checked(library, "an FMHA", "FMHA ABI", FMHA_ABI_VERSION, {
+        "fr_fmha_supports": ([ctypes.c_int], ctypes.c_int),
+        "fr_fmha_workspace": ([ptr], ctypes.c_size_t),
+        "fr_fmha_run": ([ptr], ctypes.c_int),
+    })
 
 
 class _AsAttention:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError
+from fact_ray.realize.abi import first_error_line, load_checked  # first_error_line: tune.py reads it here
 from fact_ray.types import GemmProblem, KernelConfig, Library, content_hash
 
 ABI_VERSION = 1
@@ -69,46 +70,9 @@ class FrGemmArgs(ctypes.Structure):
 
 # --------------------------------------------------------------------------------------------- loading
 
-_LOADED: dict[str, ctypes.CDLL] = {}
-
-
-def first_error_line(log: str) -> str:
-    """The line of a compiler log a person should read first."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for ln in lines:
-        if re.search(r"\berror\b", ln, re.IGNORECASE):
-            return ln[:400]
-    return lines[0][:400] if lines else "compile failed (empty log)"
-
-
 def load_library(library: Library) -> ctypes.CDLL:
-    """dlopen a built library once per path and check that it speaks our ABI.
-
-    A failed build, a .so that will not load or one of another ABI version makes every configuration in it
-    unusable: that is a `CompileError` (a candidate error), so it costs those trials and not the run.
-    """
-    if not library.ok:
-        raise CompileError(first_error_line(library.log), library.log)
-    if library.path in _LOADED:
-        return _LOADED[library.path]
-    try:
-        handle = ctypes.CDLL(library.path, mode=ctypes.RTLD_LOCAL)
-    except OSError as e:
-        raise CompileError(f"cannot load {library.path}: {e}") from None
-    try:
-        version_fn = handle.fr_abi_version
-    except AttributeError:
-        raise CompileError(f"{library.path} exports no fr_abi_version(): not a fact-ray kernel library") from None
-    version_fn.argtypes = []
-    version_fn.restype = ctypes.c_int
-    version = int(version_fn())
-    if version != ABI_VERSION:
-        raise CompileError(
-            f"{library.path} speaks fr_abi version {version}, this fact-ray speaks {ABI_VERSION}: "
-            "rebuild it from the current templates"
-        )
-    _LOADED[library.path] = handle
-    return handle
+    """dlopen a built GEMM library once per path and check that it speaks our ABI (see abi.load_checked)."""
+    return load_checked(library, "a fact-ray kernel", "fr_abi", ABI_VERSION)
 
 
 def symbol_of(library: Library, config: KernelConfig) -> str:

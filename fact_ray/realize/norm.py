@@ -12,6 +12,7 @@ import hashlib
 from typing import Optional
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError, UnsupportedDtype
+from fact_ray.realize.abi import load_checked
 from fact_ray.realize.emit import render, template_text
 from fact_ray.types import Arch, KernelConfig, Library, Precision, Source
 
@@ -72,33 +73,12 @@ def build_norm(dtype: str, cache_dir: str, nvcc: str = "nvcc") -> Library:
     return build_mod.build(emit_norm(dtype), cache_dir, nvcc=nvcc)
 
 
-_LOADED: dict[str, ctypes.CDLL] = {}
-
-
 def load_norm(library: Library) -> ctypes.CDLL:
     """dlopen a norm library once per path; check its ABI version. A failed or foreign library: CompileError."""
-    if not library.ok:
-        raise CompileError(f"{library.source.name} did not compile: {_first_error(library.log)}")
-    handle = _LOADED.get(library.path)
-    if handle is None:
-        try:
-            handle = ctypes.CDLL(library.path)
-            handle.fr_abi_version.restype = ctypes.c_int
-            handle.fr_norm_element.restype = ctypes.c_int
-            handle.fr_norm_run.restype = ctypes.c_int
-            handle.fr_norm_run.argtypes = [ctypes.POINTER(FrNormArgs)]
-        except (OSError, AttributeError) as e:
-            raise CompileError(f"{library.path} is not a norm library: {e}") from None
-        version = int(handle.fr_abi_version())
-        if version != NORM_ABI_VERSION:
-            raise CompileError(f"{library.path} speaks norm ABI {version}, this fact-ray {NORM_ABI_VERSION}")
-        _LOADED[library.path] = handle
-    return handle
-
-
-def _first_error(log: str) -> str:
-    lines = [ln.strip() for ln in log.splitlines() if "error" in ln.lower()]
-    return (lines or [log.strip()[:200] or "empty log"])[0][:400]
+    return load_checked(library, "a norm", "norm ABI", NORM_ABI_VERSION, {
+        "fr_norm_element": ([], ctypes.c_int),
+        "fr_norm_run": ([ctypes.POINTER(FrNormArgs)], ctypes.c_int),
+    })
 
 
 class NormKernel:
