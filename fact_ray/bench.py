@@ -176,14 +176,14 @@ def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, 
     """
     import torch
 
-    from fact_ray.compose import _policy_math
     from fact_ray.realize.bench import time_interleaved
+    from fact_ray.realize.verify import precision_mode
 
     inputs = loaded.inputs
     failed: dict[str, VariantRow] = {}
     ready: dict[str, Variant] = {}
     first: dict[str, float] = {}
-    with torch.no_grad(), _policy_math(policy):
+    with torch.no_grad(), precision_mode(policy):
         reference = _reference_outputs(loaded.module, inputs, device)
         for name, build in builders.items():
             say(f"{name}: building and running once")
@@ -401,8 +401,9 @@ def format_table(result: BenchResult):
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=Text(f"{result.model}  {result.policy.value}  {result.gpu}  (median of {result.reps} interleaved "
-                         f"rounds; errors vs float64, tolerance {result.tolerance:g}, allclose {result.allclose_tol:g})"))
+    title = (f"{result.model}  {result.policy.value}  {result.gpu}  (median of {result.reps} interleaved rounds; "
+             f"errors vs float64, tolerance {result.tolerance:g}, allclose {result.allclose_tol:g})")
+    t = Table(title=Text(title))
     for col, kw in (("variant", {}), ("status", {}), ("median ms", {"justify": "right"}),
                     ("p10-p90 ms", {"justify": "right"}), ("speedup", {"justify": "right"}),
                     ("rel err", {"justify": "right"}), ("max abs err", {"justify": "right"}), ("allclose", {}),

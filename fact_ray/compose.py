@@ -17,19 +17,19 @@ kernels are CUDA code.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from fact_ray.errors import CannotImplement, ComposeError, NotAvailable
 from fact_ray.realize import fused
 from fact_ray.realize.kernel import GemmKernel, has_bias, has_residual, op_name, output_shape, register_op
+from fact_ray.realize.verify import precision_mode
 from fact_ray.types import (
     Arch,
     file_sha256,
@@ -384,17 +384,6 @@ def composition_of(module: Any) -> Composition:
 # --------------------------------------------------------------------------------------------- check
 
 
-@contextlib.contextmanager
-def _policy_math(policy: Precision) -> Iterator[None]:
-    """The PyTorch ops the composition keeps run under the policy too: TF32 only when the policy allows it."""
-    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = policy == Precision.TF32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
-
-
 def _draw(metas: Sequence[TensorMeta | None], examples: Sequence[Any] | None, seed: int,
           device: torch.device) -> list[Any]:
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -430,7 +419,7 @@ def check(original: torch.nn.Module, composed: ComposedModule, policy: Precision
     composed.to(dev)
     rel_errs, max_abs = [], []
     reason = ""
-    with torch.no_grad(), _policy_math(policy):
+    with torch.no_grad(), precision_mode(policy):
         for seed in seeds:
             inputs = _draw(comp.inputs, example_inputs, seed, dev)
             ref = reference(*[x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -391,9 +392,8 @@ def _setup_here(ref: str, settings: Settings) -> _Setup | None:
     tools = Toolchain(cuda=str(tc.get("nvcc_version") or tc.get("nvcc") or ""),
                       cutlass=str(tc.get("cutlass_version") or tc.get("cutlass") or ""), torch=torch.__version__,
                       bench_method=str(BENCH_METHOD_VERSION))
-    import socket
-
-    return _Setup(disc=disc, arch=arch, toolchain=tools, gpu_name=gpu_name, host=socket.gethostname(), gpus=1)
+    return _Setup(disc=disc, arch=arch, toolchain=tools, gpu_name=gpu_name, host=socket.gethostname(),
+                  gpus=torch.cuda.device_count())
 
 
 class _Driver:

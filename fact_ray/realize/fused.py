@@ -110,7 +110,8 @@ def sources_for(problem: FusedProblem, arch: Arch) -> list[Source]:
 
 def op_name(config: KernelConfig, problem: FusedProblem, library_key: str) -> str:
     stem = "attn" if isinstance(problem, AttentionProblem) else problem.kind
-    return f"{stem}_{problem.dtype}_{hashlib.sha256(content_hash(config, problem, library_key).encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(content_hash(config, problem, library_key).encode()).hexdigest()[:12]
+    return f"{stem}_{problem.dtype}_{digest}"
 
 
 # --------------------------------------------------------------------------------------------- callables
@@ -237,7 +238,7 @@ def trial(problem: FusedProblem, config: KernelConfig, library: Library, policy:
 
     from fact_ray.errors import CandidateError, CompileError, LaunchError
     from fact_ray.realize.bench import clearly_faster, time_interleaved
-    from fact_ray.realize.tune import precision_mode
+    from fact_ray.realize.verify import precision_mode
 
     policy = Precision(policy)
     device = torch.device(device)

@@ -11,11 +11,10 @@ failed or faulted), ok (verified and faster than the torch op beyond noise) or s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from rich.table import Table
@@ -29,7 +28,7 @@ from fact_ray.realize.emit import emit
 from fact_ray.realize.kernel import GemmKernel, first_error_line, torch_op
 from fact_ray.realize.problem import problem_from_match
 from fact_ray.realize.select import TORCH, select
-from fact_ray.realize.verify import as_candidate, make_inputs, policy_dtype, verify
+from fact_ray.realize.verify import as_candidate, make_inputs, policy_dtype, precision_mode, verify
 from fact_ray.search_spaces import space
 from fact_ray.types import (Arch, GemmProblem, KernelConfig, Library, Match, Precision, TimeStats, Trial,
                             Winner)
@@ -98,17 +97,6 @@ def _context_alive(device: torch.device) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure here means the context is gone
         return False
-
-
-@contextlib.contextmanager
-def precision_mode(policy: Precision) -> Iterator[None]:
-    """TF32 for the torch op only under the tf32 policy (fp32 means fp32-class accuracy), restored after."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = Precision(policy) == Precision.TF32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _check_and_verify(cfg: KernelConfig, library: Optional[Library], problem: GemmProblem, policy: Precision,

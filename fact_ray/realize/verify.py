@@ -18,8 +18,9 @@ KernelBench itself checks on its rand inputs. The Frobenius tolerance applies to
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -40,6 +41,18 @@ class VerifyResult:
     max_abs_err: float  # worst max elementwise error
     allclose_ok: bool  # KernelBench's allclose on every rand draw
     reason: str = ""  # why not ok, one line
+
+
+@contextlib.contextmanager
+def precision_mode(policy: Precision | str) -> Iterator[None]:
+    """PyTorch's own matmuls and convolutions under the policy: TF32 only under tf32 (fp32 means fp32-class
+    accuracy), the previous settings restored after. Baselines, kept ops and benchmarks all run inside it."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = Precision(policy) == Precision.TF32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
 
 
 def policy_dtype(policy: Precision) -> torch.dtype:
