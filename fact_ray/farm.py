@@ -41,12 +41,12 @@ from fact_ray.events import (
     RunStarted,
     TrialFinished,
 )
+from fact_ray.realize.fused import FUSED_FAMILIES  # no torch: only the family names and problem types
 from fact_ray.types import Arch, GemmProblem, KernelConfig, Match, Precision, Source, Trial, Winner, freeze
 
 log = logging.getLogger("fact_ray.farm")
 
 GEMM_FAMILIES = ("gemm", "gemm_bias", "gemm_bias_act", "gemm_bias_residual", "bmm")
-FUSED_FAMILIES = ("attention", "layernorm", "rmsnorm")  # fact_ray.realize.fused (kept here: no import of it)
 
 # PatternSummary.status values
 TUNED = "tuned"
