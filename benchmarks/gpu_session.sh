@@ -2,13 +2,17 @@
 # One GPU call: set up the carried packages, then run the named steps, each under its own time limit, logging
 # under $OUT. Steps: gputests[:<timeout>], pytest:<file>[,<file>...], gemm:<policies>:<budget>,
 # scaling:<units>:<base>, farm:<policy>:<budget> (MiniGPT twice from an empty table), run:<model>:<policy>:<budget>
-# (into the same table), bench:<model>:<policy>
+# (into the same table), bench:<model>:<policy>[:<bench options, comma-separated>], profile:<model>:<policy> (one more
+# `fact-ray run` under cProfile: where a run served from the table spends its time)
 #   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
 #   bash benchmarks/gpu_session.sh farm:fp32:8 bench:examples/minigpt.py:fp32
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip -e failed"; exit 1; }
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Logs go to a staging folder that is packed into $OUT/session.tgz after every step: the device returns only a
+# handful of files per call, and a call cut off by its time limit still returns the steps it finished.
+FINAL=${OUT:-/tmp/out}; OUT=$(mktemp -d); mkdir -p "$FINAL"
+pack() { tar -C "$OUT" -czf "$FINAL/session.tgz.part" . && mv "$FINAL/session.tgz.part" "$FINAL/session.tgz"; }
 date=$(date -u +%Y-%m-%d)
 for step in "$@"; do
   IFS=: read -r name a b c <<<"$step"
@@ -32,10 +36,15 @@ for step in "$@"; do
          /usr/bin/time -f "run wall %e s" timeout 400 fact-ray run "$a" --policy "$b" --budget "${c:-8}" 2>&1 \
            | tee "$OUT/run-$m-$b.log" | tail -25 ;;
     bench) m=$(basename "$a" .py)
-           timeout 500 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" 2>&1 | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
+           timeout 500 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" ${c:+${c//,/ }} 2>&1 \
+             | tee "$OUT/bench-$m-$b${c:+-${c//[^a-z0-9]/}}.log" | tail -25 ;;
+    profile) m=$(basename "$a" .py)
+             /usr/bin/time -f "profiled run wall %e s" timeout 200 python3 -m cProfile -o "$OUT/profile-$m-$b.prof" \
+               "$(command -v fact-ray)" run "$a" --policy "$b" 2>&1 | tee "$OUT/profile-$m-$b.log" | tail -4
+             python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" \
+               "$OUT/profile-$m-$b.prof" > "$OUT/profile-$m-$b.txt" 2>&1 ;;
     *) echo "unknown step $step" ;;
   esac
+  pack
 done
-# The device returns only a handful of files per call: everything goes back as one archive (unpack it here with
-# tar xzf session.tgz).
-tar -C "$OUT" -czf /tmp/session.tgz . && rm -rf "${OUT:?}"/* && mv /tmp/session.tgz "$OUT/"
+pack

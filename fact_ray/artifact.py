@@ -350,9 +350,11 @@ def load_report(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------- pipeline
 
 
-def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike) -> Path:
+def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
+                       families: frozenset[str] = frozenset()) -> Path:
     """`fact-ray compose MODEL`: the table's winners for this model, toolchain and arch, composed, checked end to end
-    on the local GPU and saved to `out_dir`. Without a GPU nothing is saved (an unchecked composition never is)."""
+    on the local GPU and saved to `out_dir`. Without a GPU nothing is saved (an unchecked composition never is).
+    `families` (compose.parse_families) limits the kernels to those families; the rest keep their PyTorch ops."""
     import torch
 
     from fact_ray.capture import capture, load_model, under_policy
@@ -383,7 +385,7 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike) -> P
     libdir = str(Path(settings.home) / "compose-libs")
     winners: dict[str, KernelChoice] = {}
     for m in matches:
-        if m.key in winners:
+        if m.key in winners or (families and m.family not in families):
             continue
         row = table.best(TableKey.of(m.key, policy, arch, toolchain))
         # Only a verified kernel faster than the PyTorch op replaces it; anything else keeps the PyTorch op.

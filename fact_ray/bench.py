@@ -68,6 +68,13 @@ class BenchResult:
     created_at: str
     rows: tuple[VariantRow, ...]
     notes: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()  # the composed variant replaces only these pattern families (empty: all)
+
+    @property
+    def label(self) -> str:
+        """Names files and titles: a composition limited to some families is not the full one."""
+        return f"{self.policy.value}-only-{'-'.join(_family_groups(self.families))}" if self.families \
+            else self.policy.value
 
     def row(self, name: str) -> VariantRow:
         for r in self.rows:
@@ -289,17 +296,28 @@ def safe_name(name: str) -> str:
     return _safe(name)
 
 
-def artifact_dir(settings: Any, model_name: str, policy: Precision) -> Path:
+def artifact_dir(settings: Any, model_name: str, policy: Precision, families: frozenset[str] = frozenset()) -> Path:
     """Where a bench without --artifact saves the composition it makes from the table."""
-    return Path(settings.home) / "artifacts" / f"{safe_name(model_name)}-{Precision(policy).value}"
+    only = f"-only-{'-'.join(_family_groups(families))}" if families else ""
+    return Path(settings.home) / "artifacts" / f"{safe_name(model_name)}-{Precision(policy).value}{only}"
+
+
+def _family_groups(families: Sequence[str]) -> list[str]:
+    """Family names for labels, every GEMM family shortened to one "gemm"."""
+    from fact_ray.discover.rules import GEMM_FAMILIES
+
+    groups = sorted({"gemm" if f in GEMM_FAMILIES else f for f in families})
+    return groups
 
 
 def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants: Sequence[str] = VARIANTS,
-              reps: int = 50, warmup: int = 10, say: Say = lambda _: None) -> BenchResult:
+              reps: int = 50, warmup: int = 10, families: frozenset[str] = frozenset(),
+              say: Say = lambda _: None) -> BenchResult:
     """Bench `ref` under `settings.policy` on the local GPU; see the module docstring.
 
     With `artifact`, the composed variant is that artifact (its policy must be the bench's); without, it is
-    composed from the pattern table (`artifact.compose_from_table`) into `artifact_dir(...)`.
+    composed from the pattern table (`artifact.compose_from_table`) into `artifact_dir(...)`, from the winners of
+    `families` only when given (compose.parse_families).
     """
     from fact_ray import artifact as art
     from fact_ray.capture import load_model, under_policy
@@ -308,6 +326,8 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
         raise UserError(f"--reps must be at least 1 and --warmup at least 0 (got {reps} and {warmup})")
     if artifact and COMPOSED not in variants:
         raise UserError(f"--artifact {artifact} is benched as the composed variant, which --variants leaves out")
+    if artifact and families:
+        raise UserError("--families chooses what to compose from the table; an --artifact is already composed")
     gpu = require_gpu()
     policy = Precision(settings.policy)
     if artifact:
@@ -326,7 +346,7 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
             used["path"] = str(artifact)
             builders[COMPOSED] = lambda: _composed_variant(composed)
         else:
-            builders[COMPOSED] = _from_table(ref, settings, loaded, policy, used, say)
+            builders[COMPOSED] = _from_table(ref, settings, loaded, policy, used, families, say)
     order = {n: builders[n] for n in VARIANTS if n in builders}
     rows = measure(loaded, policy, order, device="cuda", reps=reps, warmup=warmup, say=say)
     notes += _notes(rows, policy, bool(artifact))
@@ -334,7 +354,7 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
         model=loaded.name, model_ref=str(ref), policy=policy, gpu=gpu, versions=tuple(sorted(_versions().items())),
         artifact=used["path"], reps=reps, warmup=warmup, tolerance=policy.tolerance,
         allclose_tol=policy.allclose_tol, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        rows=rows, notes=tuple(notes))
+        rows=rows, notes=tuple(notes), families=tuple(sorted(families)))
 
 
 def _on_cuda(loaded: Any) -> Any:
@@ -345,13 +365,15 @@ def _on_cuda(loaded: Any) -> Any:
     return dataclasses.replace(loaded, inputs=inputs)
 
 
-def _from_table(ref: str, settings: Any, loaded: Any, policy: Precision, used: dict[str, str], say: Say) -> Builder:
+def _from_table(ref: str, settings: Any, loaded: Any, policy: Precision, used: dict[str, str],
+                families: frozenset[str], say: Say) -> Builder:
     def build() -> Variant:
         from fact_ray import artifact as art
 
-        out = artifact_dir(settings, loaded.name, policy)
-        say(f"composed: composing {loaded.name} from the table {settings.resolved_table_uri} into {out}")
-        path = art.compose_from_table(ref, settings, out)  # checked end to end on this GPU before it is saved
+        out = artifact_dir(settings, loaded.name, policy, families)
+        only = f" (families: {', '.join(_family_groups(families))})" if families else ""
+        say(f"composed: composing {loaded.name}{only} from the table {settings.resolved_table_uri} into {out}")
+        path = art.compose_from_table(ref, settings, out, families)  # checked end to end on this GPU before it is saved
         composed = art.load(path, loaded, device="cuda")  # on the very weights the other variants run
         used["path"] = str(path)
         return _composed_variant(composed)
@@ -401,7 +423,7 @@ def format_table(result: BenchResult):
     from rich.table import Table
     from rich.text import Text
 
-    title = (f"{result.model}  {result.policy.value}  {result.gpu}  (median of {result.reps} interleaved rounds; "
+    title = (f"{result.model}  {result.label}  {result.gpu}  (median of {result.reps} interleaved rounds; "
              f"errors vs float64, tolerance {result.tolerance:g}, allclose {result.allclose_tol:g})")
     t = Table(title=Text(title))
     for col, kw in (("variant", {}), ("status", {}), ("median ms", {"justify": "right"}),
@@ -444,7 +466,7 @@ def from_json(data: Mapping[str, Any]) -> BenchResult:
     fields = {f.name for f in dataclasses.fields(BenchResult)}
     kw = {k: v for k, v in data.items() if k in fields}
     kw.update(policy=Precision(data["policy"]), versions=tuple(sorted(data["versions"].items())), rows=rows,
-              notes=tuple(data["notes"]))
+              notes=tuple(data["notes"]), families=tuple(data.get("families", ())))
     return BenchResult(**kw)
 
 
@@ -473,7 +495,7 @@ def plot(result: BenchResult, png_path: str | Path) -> Path:
     ax.set_xticks(x, [r.name for r in rows])
     ax.set_ylabel("median time per call (ms)")
     ax.set_ylim(0, top * 1.25)
-    ax.set_title(f"{result.model}, policy {result.policy.value}, {result.gpu}\n"
+    ax.set_title(f"{result.model}, policy {result.label}, {result.gpu}\n"
                  f"speedup over eager, median of {result.reps} interleaved rounds", fontsize=10)
     fig.tight_layout()
     path = Path(png_path)
@@ -496,7 +518,7 @@ def write_outputs(result: BenchResult, out_dir: str | Path) -> Outputs:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write bench results to {out}: {e.strerror or e}") from None
-    stem = out / f"bench-{safe_name(result.model)}-{result.policy.value}"
+    stem = out / f"bench-{safe_name(result.model)}-{result.label}"
     paths = Outputs(json=stem.with_suffix(".json"), png=stem.with_suffix(".png"), text=stem.with_suffix(".txt"))
     paths.json.write_text(json.dumps(to_json(result), indent=1, sort_keys=True, allow_nan=False))
     paths.text.write_text(table_text(result))
@@ -521,13 +543,14 @@ def log_to_mlflow(result: BenchResult, outputs: Outputs, tracking_uri: str,
     check_reachable(tracking_uri)
     client = _client(tracking_uri)
     exp_id = _experiment_id(client, experiment, create=True)
-    run = client.create_run(exp_id, run_name=f"bench {result.model} {result.policy.value}",
+    run = client.create_run(exp_id, run_name=f"bench {result.model} {result.label}",
                             tags={TAG_KIND: "bench"})
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     params = {"model": result.model, "model_ref": result.model_ref, "policy": result.policy.value,
               "gpu": result.gpu, "artifact": result.artifact or "none", "reps": result.reps,
-              "warmup": result.warmup, **{f"version.{k}": v for k, v in result.versions}}
+              "warmup": result.warmup, "families": ",".join(result.families) or "all",
+              **{f"version.{k}": v for k, v in result.versions}}
     metrics = [Metric(k, v, now, 0) for k, v in _metrics(result).items()]
     tags = [RunTag(f"fact_ray.status.{r.name}", r.status) for r in result.rows]
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)

@@ -35,6 +35,8 @@ ARCH_HELP = "Target architecture: sm80 (A100) or sm90 (H100/H200). Default: the 
 _ADDRESS = typer.Option(None, "--address", help="Ray cluster: ray://host:10001 or auto. Default: a local Ray.")
 _TABLE = typer.Option(None, "--table", help="Pattern table URI (path, s3://, gs://, hdfs://).")
 _TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///.fact-ray/mlflow.db).")
+_FAMILIES = typer.Option(None, "--families", help="Compose only these pattern families (comma list: gemm for "
+                         "every GEMM family, attention, layernorm, rmsnorm; default: all); the rest keep PyTorch.")
 _BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
 _LLM = typer.Option(None, "--llm", help="LLM discovery agent: off (default: the rules rank alone), rank, or propose. "
                     "Needs OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server.")
@@ -273,6 +275,7 @@ def compose(
     table: Optional[str] = _TABLE,
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
+    families: Optional[str] = _FAMILIES,
 ) -> None:
     """Compose MODEL from the table's winners, check it end to end on the local GPU, save an artifact.
 
@@ -288,7 +291,12 @@ def compose(
             artifact.load(load, model)
             typer.echo(artifact.load_report(load))
             return
-        path = artifact.compose_from_table(model, s, out)
+        from fact_ray.compose import parse_families
+
+        chosen = parse_families(families)
+        if load and chosen:
+            raise UserError("--families chooses what to compose from the table; --load restores a composition")
+        path = artifact.compose_from_table(model, s, out, chosen)
         typer.echo(artifact.load_report(path))
 
     _guard(body)
@@ -308,6 +316,7 @@ def bench(
     warmup: int = typer.Option(10, "--warmup", help="Warm-up rounds before timing."),
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma list of eager, compile-default, "
                                            "compile-max-autotune, composed (default: all four; eager is required)."),
+    families: Optional[str] = _FAMILIES,
 ) -> None:
     """Compare eager, torch.compile (default, max-autotune) and the composed module under one precision policy.
 
@@ -322,13 +331,16 @@ def bench(
         from fact_ray import bench as bn
         from fact_ray.tracking import check_reachable
 
+        from fact_ray.compose import parse_families
+
         chosen = bn.parse_variants(variants)
+        only = parse_families(families)
         bn.require_gpu()  # before any model loading or compiling
         bn.require_plotting()
         check_reachable(s.resolved_tracking_uri)
         con = _console()
         result = bn.run_bench(model, s, artifact=artifact, variants=chosen, reps=reps, warmup=warmup,
-                              say=lambda line: con.print(line, markup=False))
+                              families=only, say=lambda line: con.print(line, markup=False))
         outputs = bn.write_outputs(result, out or Path(s.home) / "bench")
         # The table and files come first: a tracking server that fails now costs the MLflow record, not the numbers.
         con.print(bn.format_table(result))

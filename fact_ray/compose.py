@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fact_ray.errors import CannotImplement, ComposeError, NotAvailable
+from fact_ray.errors import CannotImplement, ComposeError, NotAvailable, UserError
 from fact_ray.realize import fused
 from fact_ray.realize.kernel import GemmKernel, has_bias, has_residual, op_name, output_shape, register_op
 from fact_ray.realize.verify import precision_mode
@@ -125,6 +125,25 @@ def graph_hash(graph: Any) -> str:
 
 
 sha256_file = file_sha256  # the artifact and its tests name it so
+
+
+def parse_families(text: str | None) -> frozenset[str]:
+    """`--families`: which pattern families a composition may replace, from a comma list of family names or "gemm"
+    (every GEMM family: plain, bias, bias+activation, bias+residual, batched, SwiGLU). Empty: all of them."""
+    from fact_ray.discover.rules import GEMM_FAMILIES
+
+    if not text or not text.strip():
+        return frozenset()
+    known = {*GEMM_FAMILIES, *fused.FUSED_FAMILIES}
+    chosen: set[str] = set()
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        if name == "gemm":
+            chosen.update(GEMM_FAMILIES)
+        elif name in known:
+            chosen.add(name)
+        else:
+            raise UserError(f"--families: unknown family {name!r} (known: gemm, {', '.join(sorted(known))})")
+    return frozenset(chosen)
 
 
 def _choice(value: Any) -> KernelChoice:
@@ -315,7 +334,7 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
             wanted_arch = cfg.arch
         elif cfg.arch != wanted_arch:
             raise ComposeError(f"kernel {cfg.name} is for {cfg.arch.value}, the composition for {wanted_arch.value}")
-        if Precision(cfg.precision) != policy:
+        if not Precision(cfg.precision).serves(policy):
             raise ComposeError(f"kernel {cfg.name} was tuned under {cfg.precision.value}, the composition runs "
                                f"under {policy.value}")
         if m.family in fused.FUSED_FAMILIES:

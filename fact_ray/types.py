@@ -35,6 +35,11 @@ class Precision(str, enum.Enum):
         """KernelBench's atol = rtol for this policy."""
         return {"fp32": 1e-4, "tf32": 1e-2, "bf16": 1e-2, "fp16": 1e-2}[self.value]
 
+    def serves(self, policy: "Precision") -> bool:
+        """Whether a kernel of this numeric class may run under `policy`: its own, and fp32-class kernels (3xTF32,
+        SIMT) under tf32, whose operands are the same float32 tensors held to a looser tolerance."""
+        return self == policy or (self == Precision.FP32 and policy == Precision.TF32)
+
 
 class Arch(str, enum.Enum):
     """Target architectures. sm90 means sm_90a (H100/H200) for 3.x kernels."""

@@ -122,6 +122,8 @@ def test_run_bench_checks_its_arguments_then_the_gpu_before_any_work(tmp_path):
         bn.run_bench(MLP, s, artifact=str(tmp_path), variants=("eager",))
     with pytest.raises(UserError, match="--reps"):
         bn.run_bench(MLP, s, reps=0)
+    with pytest.raises(UserError, match="already composed"):
+        bn.run_bench(MLP, s, artifact=str(tmp_path), families=frozenset({"gemm_bias"}))
     if not torch.cuda.is_available():
         with pytest.raises(NotAvailable, match="no CUDA GPU"):
             bn.run_bench(MLP, s)
@@ -149,6 +151,34 @@ def test_json_round_trip_and_files(tmp_path):
     assert bn.from_json(json.loads(out.json.read_text())) == result
     assert "compile-max-autotune" in out.text.read_text()
     assert out.png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_bench_limited_to_some_families_says_so_in_its_files_and_title(tmp_path):
+    from dataclasses import replace
+
+    from fact_ray.compose import parse_families
+
+    families = parse_families("gemm")
+    result = replace(hand_made(), families=tuple(sorted(families)))
+    assert result.label == "fp32-only-gemm"
+    out = bn.write_outputs(result, tmp_path)
+    assert out.json.name == "bench-compose_mlp-fp32-only-gemm.json"
+    back = bn.from_json(json.loads(out.json.read_text()))
+    assert back == result and set(back.families) == families
+    assert "fp32-only-gemm" in bn.table_text(result)
+    # the full composition's files are other files: the two benches sit side by side
+    assert bn.write_outputs(hand_made(), tmp_path).json.name == "bench-compose_mlp-fp32.json"
+
+
+def test_parse_families_expands_gemm_and_refuses_unknown_names():
+    from fact_ray.compose import parse_families
+    from fact_ray.discover.rules import GEMM_FAMILIES
+
+    assert parse_families(None) == frozenset() and parse_families(" ") == frozenset()
+    assert parse_families("gemm") == frozenset(GEMM_FAMILIES)
+    assert parse_families("attention, layernorm") == {"attention", "layernorm"}
+    with pytest.raises(UserError, match="unknown family 'softmax'"):
+        parse_families("gemm,softmax")
 
 
 def test_from_json_refuses_something_else():
@@ -205,10 +235,10 @@ def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     r = CliRunner().invoke(cli.app, ["bench", MLP, "--variants", "eager,composed", "--reps", "7",
-                                     "--tracking-uri", uri, "--out", "res"])
+                                     "--tracking-uri", uri, "--out", "res", "--families", "gemm_bias"])
     assert r.exit_code == 0, r.output
     assert seen == {"ref": MLP, "policy": Precision.FP32, "artifact": None, "variants": ("eager", "composed"),
-                    "reps": 7, "warmup": 10, "say": seen["say"]}
+                    "reps": 7, "warmup": 10, "families": {"gemm_bias"}, "say": seen["say"]}
     assert "compile-max-autotune" in r.output and "note: composed: 0 kernels" in r.output
     assert (tmp_path / "res" / "bench-compose_mlp-fp32.json").is_file()
     assert (tmp_path / "res" / "bench-compose_mlp-fp32.png").is_file() and "mlflow run " in r.output

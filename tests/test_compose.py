@@ -156,8 +156,12 @@ def test_compose_refuses_what_it_cannot_rewrite(winner):
     ghost = replace(fc1, anchor="no_such_node", nodes=("linear", "no_such_node"))
     with pytest.raises(ComposeError, match="no_such_node is not in the graph"):
         compose(captured, [ghost], {fc1.key: winner}, Precision.FP32)
-    with pytest.raises(ComposeError, match="tuned under fp32.*under tf32"):
-        compose(captured, matches, {fc1.key: winner}, Precision.TF32)
+    with pytest.raises(ComposeError, match="tuned under fp32.*under bf16"):
+        compose(captured, matches, {fc1.key: winner}, Precision.BF16)
+    cfg, path, symbol = winner  # a one-pass TF32 kernel never stands in under the fp32 policy
+    with pytest.raises(ComposeError, match="tuned under tf32.*under fp32"):
+        compose(captured, matches, {fc1.key: (replace(cfg, precision=Precision.TF32), path, symbol)},
+                Precision.FP32)
     fc2 = next(m for m in matches if m.rule == "linear_bias_residual")
     with pytest.raises(ComposeError, match="computes epilogue bias_act .* needs bias_residual"):
         compose(captured, matches, {fc2.key: winner}, Precision.FP32)

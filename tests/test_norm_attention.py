@@ -19,7 +19,7 @@ from fact_ray.errors import CannotImplement, NotAvailable, UnsupportedDtype
 from fact_ray.realize import attention as A
 from fact_ray.realize import norm as N
 from fact_ray.realize.build import exported_symbols
-from fact_ray.types import Precision
+from fact_ray.types import Arch, Precision
 
 nvcc_present = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -81,14 +81,18 @@ def norm_libs(cache):
     return {d: N.build_norm(d, cache) for d in NORM_DTYPES}
 
 
-@pytest.fixture(scope="module")
-def attn_lib(cache):
+def _built_attention(cache, dtypes=("float32", "bfloat16"), **kw):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
     if A.curand_include_dir(_curand_hints()) is None:
         pytest.skip("curand_kernel.h not found (toolkit, nvidia-curand wheel or FACT_RAY_CURAND_INCLUDE): "
                     "example 41 cannot compile")
-    return A.build_attention(["float32", "bfloat16"], cache, curand_hints=_curand_hints())
+    return A.build_attention(dtypes, cache, curand_hints=_curand_hints(), **kw)
+
+
+@pytest.fixture(scope="module")
+def attn_lib(cache):
+    return _built_attention(cache)
 
 
 @pytest.mark.nvcc
@@ -159,11 +163,7 @@ def test_attention_compiles_with_its_abi_and_refuses_what_it_cannot_run(attn_lib
 
 @pytest.fixture(scope="module")
 def attn_lib_64(cache):
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not on PATH")
-    if A.curand_include_dir(_curand_hints()) is None:
-        pytest.skip("curand_kernel.h not found: example 41 cannot compile")
-    return A.build_attention(["float32", "bfloat16"], cache, curand_hints=_curand_hints(), block=(64, 64, 64))
+    return _built_attention(cache, block=(64, 64, 64))
 
 
 @pytest.mark.nvcc
@@ -200,6 +200,63 @@ def test_the_64x64_block_matches_float64(attn_lib_64, dtype):
         kernel(q, k, v, causal=True, out=out)
         torch.cuda.synchronize()
         assert rel_err(out, A.reference(q, k, v, causal=True)) < POLICY[dtype].tolerance
+
+
+@pytest.fixture(scope="module")
+def attn_lib_tf32(cache):
+    return _built_attention(cache, ("float32",), f32_math="tf32")
+
+
+def test_emit_attention_tf32_is_another_tu_recorded_as_tf32():
+    three, one = A.emit_attention(["float32"]), A.emit_attention(["float32"], f32_math="tf32")
+    assert re.search(r"#define FR_ATTN_F32_ONE_PASS 0\b", three.code)
+    assert re.search(r"#define FR_ATTN_F32_ONE_PASS 1\b", one.code)
+    assert three.name != one.name and three.configs[0].name != one.configs[0].name
+    assert (three.configs[0].precision, three.configs[0].math_op) == (Precision.FP32, "multiply_add_fast_f32")
+    assert (one.configs[0].precision, one.configs[0].math_op) == (Precision.TF32, "multiply_add")
+    both = A.emit_attention(["float32", "bfloat16"], f32_math="tf32")  # bf16 has one math whatever f32 takes
+    assert [c.precision for c in both.configs] == [Precision.TF32, Precision.BF16]
+    with pytest.raises(ValueError, match="f32_math"):
+        A.emit_attention(["float32"], f32_math="fp64")
+
+
+def test_tf32_policy_offers_both_fp32_maths_and_fp32_policy_only_3xtf32():
+    from fact_ray.realize import fused
+
+    p = fused.AttentionProblem(B=2, H=8, S=512, D=96, dtype="float32", causal=True, scale=96 ** -0.5,
+                               spelling="explicit")
+    assert [s.configs[0].math_op for s in fused.sources_for(p, Arch.SM90)] == ["multiply_add_fast_f32"]
+    tf32 = fused.AttentionProblem(**{**p.__dict__, "tf32": True})
+    assert [s.configs[0].math_op for s in fused.sources_for(tf32, Arch.SM90)] == ["multiply_add_fast_f32",
+                                                                                   "multiply_add"]
+    # an fp32-class kernel serves the tf32 policy; a tf32 one never the fp32 policy
+    assert Precision.FP32.serves(Precision.TF32) and not Precision.TF32.serves(Precision.FP32)
+    assert not Precision.FP32.serves(Precision.BF16)
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_the_one_pass_tf32_attention_compiles(attn_lib_tf32):
+    assert attn_lib_tf32.ok, attn_lib_tf32.log[-3000:]
+    h = A.load_attention(attn_lib_tf32)
+    assert h.fr_abi_version() == A.ATTN_ABI_VERSION
+    assert [h.fr_attn_supports(c) for c in (0, 1, 2)] == [1, 0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.nvcc
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_the_one_pass_tf32_attention_meets_tf32_not_fp32(attn_lib_tf32, attn_lib, head_dim):
+    one, three = A.AttentionKernel(attn_lib_tf32), A.AttentionKernel(attn_lib)
+    B, H, S = 1, 3, 77
+    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    q, k, v = (torch.randn(B, S, H, head_dim, device="cuda", generator=g) for _ in range(3))
+    ref = A.reference(q, k, v, causal=True)
+    e1, e3 = rel_err(one(q, k, v, causal=True), ref), rel_err(three(q, k, v, causal=True), ref)
+    assert e1 < Precision.TF32.tolerance, e1
+    # one TF32 product really is one: its error sits well above the 3xTF32 kernel's fp32-class error
+    assert e3 < Precision.FP32.tolerance < e1, (e3, e1)
 
 
 def test_missing_curand_headers_is_one_clear_error(tmp_path, monkeypatch):
@@ -284,7 +341,6 @@ SMALL_BLOCK = str(Path(__file__).parent / "models" / "small_block.py")
 def _small_block(policy: str = "fp32"):
     from fact_ray.capture import capture, load_model, under_policy
     from fact_ray.discover import discover
-    from fact_ray.types import Arch
 
     loaded = under_policy(load_model(SMALL_BLOCK), policy)
     captured = capture(loaded)
@@ -309,7 +365,6 @@ def test_attention_and_norm_matches_become_kernel_problems():
 
 def test_farm_plans_one_kernel_per_fused_pattern_for_the_target_arch():
     from fact_ray import farm
-    from fact_ray.types import Arch
 
     _, _, matches = _small_block()  # head dim 8: both of example 41's block shapes run it
     for family, template, n in (("attention", "attention_sm80", 2), ("layernorm", "norm", 1)):
@@ -342,7 +397,6 @@ def fused_winners(norm_libs, attn_lib, cache):
     from fact_ray.realize.emit import emit
     from fact_ray.realize.problem import problem_from_match
     from fact_ray.search_spaces import space
-    from fact_ray.types import Arch
 
     _, _, matches = _small_block()
     proj = next(m for m in matches if m.rule == "linear_bias_residual" and m.param("operands") and
@@ -419,7 +473,6 @@ def test_sdpa_spelling_composes_onto_the_same_kernel(attn_lib):
     from fact_ray.capture import capture, load_model
     from fact_ray.compose import KernelChoice, check, compose
     from fact_ray.discover import discover
-    from fact_ray.types import Arch
 
     loaded = load_model(str(Path(__file__).parent / "models" / "sdpa_attention.py"))
     captured = capture(loaded)

@@ -28,6 +28,8 @@ MAX_HEAD_DIM = 128
 # style models), 32x128 up to 128 (MiniGPT's 96). The first is the default.
 BLOCKS = ((32, 128, MAX_HEAD_DIM), (64, 64, 64))
 EINVAL, ENOTSUP = -1, -2
+# How float32 operands multiply -> the KernelConfig math_op it is recorded as.
+F32_MATH = {"3xtf32": "multiply_add_fast_f32", "tf32": "multiply_add"}
 EXAMPLE_DIR = ("examples", "41_fused_multi_head_attention")
 
 # torch dtype name -> (FR_ATTN_* code, cutlass element, precision)
@@ -64,10 +66,11 @@ def blocks_for(head_dim: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80,
-                   block: tuple[int, int, int] = BLOCKS[0]) -> Source:
+                   block: tuple[int, int, int] = BLOCKS[0], f32_math: str = "3xtf32") -> Source:
     """One TU holding the causal forward kernel for each of `dtypes` (torch names: float32|bfloat16|float16), of
     one block shape (see BLOCKS). The same text builds for sm_80 and sm_90a (2.x components); `arch` only names
-    the target it is tuned for."""
+    the target it is tuned for. `f32_math` is how float32 multiplies (F32_MATH): "3xtf32", fp32-class accuracy,
+    or "tf32", one TF32 product, for the tf32 policy."""
     asked = set(dtypes)
     bad = sorted(asked - set(_DTYPES))
     wanted = [d for d in _DTYPES if d in asked]  # a fixed order: the same set renders the same text
@@ -75,17 +78,24 @@ def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80,
         raise UnsupportedDtype(f"attention kernels take {', '.join(_DTYPES)}, got {bad or 'none'}")
     if tuple(block) not in BLOCKS:
         raise ValueError(f"attention block {block} is not one of {BLOCKS}")
+    if f32_math not in F32_MATH:
+        raise ValueError(f"attention f32_math {f32_math!r} is not one of {tuple(F32_MATH)}")
     queries, keys, max_k = block
     text = render(template_text("attention_sm80.cu.in"), {
         "dtypes": ", ".join(wanted),
         "has_f32": int("float32" in wanted), "has_bf16": int("bfloat16" in wanted),
         "has_f16": int("float16" in wanted), "queries": queries, "keys": keys, "max_k": max_k,
+        "f32_math": f32_math, "f32_one_pass": int(f32_math == "tf32"),
     })
     name = f"fr_attn_{'_'.join(wanted)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    configs = tuple(KernelConfig(template=TEMPLATE, name=f"attn_causal_{d}_q{queries}_k{keys}_d{max_k}",
-                                 arch=arch, precision=_DTYPES[d][2], element=_DTYPES[d][1],
-                                 opclass="tensorop", math_op="multiply_add", instruction=(1, 1, 1),
+    one_pass = f32_math == "tf32"
+    configs = tuple(KernelConfig(template=TEMPLATE,
+                                 name=f"attn_causal_{d}{'_tf32' if one_pass and d == 'float32' else ''}"
+                                      f"_q{queries}_k{keys}_d{max_k}",
+                                 arch=arch, precision=Precision.TF32 if one_pass and d == "float32" else _DTYPES[d][2],
+                                 element=_DTYPES[d][1], opclass="tensorop", math_op=F32_MATH[f32_math]
+                                 if d == "float32" else "multiply_add", instruction=(1, 1, 1),
                                  tile=(queries, keys, max_k))
                     for d in wanted)
     return Source(name=name, arch=arch, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs))
@@ -129,9 +139,10 @@ def include_dirs(nvcc: str = "nvcc", curand_hints: Sequence[str] = ()) -> tuple[
 
 
 def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
-                    curand_hints: Sequence[str] = (), block: tuple[int, int, int] = BLOCKS[0]) -> Library:
+                    curand_hints: Sequence[str] = (), block: tuple[int, int, int] = BLOCKS[0],
+                    f32_math: str = "3xtf32") -> Library:
     """emit_attention + build.build with example 41's folder and the cuRAND headers on the include path."""
-    source = emit_attention(dtypes, block=block)
+    source = emit_attention(dtypes, block=block, f32_math=f32_math)
     from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
 
     return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=include_dirs(nvcc, curand_hints))
