@@ -1,6 +1,7 @@
 """Ray actors and tasks of the farm (installed as `fact_ray.actors`).
 
-    discovery     DiscoveryAgent: capture + rule discovery in a worker; the `Ranker` seam for the LLM agent
+    discovery     DiscoveryAgent (a Ray actor by discovery_actor()): capture + rule discovery in a worker; the
+                  `Ranker` seam for the LLM agent
     compile       compile_source (CPU task, retried only on node/worker death) and compile_all (the fan-out)
     trial_worker  TrialWorker (one per GPU, killable, restarted after a crash) and TrialPool (time limits)
     gpu_trial     run_trial: the function a GPU worker runs for one candidate

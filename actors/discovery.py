@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-import ray
-
 from fact_ray.errors import ConfigError
 from fact_ray.types import Arch, Graph, Match, Precision
 
@@ -95,8 +93,23 @@ def llm_config(llm: str, settings: Any = None, *, env: Mapping[str, str] | None 
                        nvcc=s.nvcc, env=env)
 
 
-@ray.remote(num_cpus=1, max_restarts=0)
+def discovery_actor() -> Any:
+    """DiscoveryAgent as a Ray actor class. Made on demand: a run that the table serves whole never starts Ray,
+    and does not pay for importing it (half a second) either."""
+    import ray
+
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(num_cpus=1, max_restarts=0)(DiscoveryAgent)
+    return _ACTOR
+
+
+_ACTOR: Any = None
+
+
 class DiscoveryAgent:
+    """Capture and discovery for one run, in a Ray worker on the driver's node (see discovery_actor)."""
+
     def __init__(self, llm: str = "off", config: Any = None) -> None:
         self._ranker = make_ranker(llm, config=config)
 

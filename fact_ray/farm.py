@@ -261,7 +261,6 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
     `settings.resolved_tracking_uri` is added. User errors (unreachable Ray/tracking, unwritable table, a bad
     model, no nvcc) raise as one-line `UserError`s, before anything is written where they can be checked first.
     """
-    from fact_ray.actors import cluster
     from fact_ray.actors.discovery import make_ranker
     from fact_ray.pattern_table import PatternTable
 
@@ -269,6 +268,8 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
     make_ranker(settings.llm, settings)  # a missing endpoint/model for --llm fails here, before anything starts
     _check_model_path(ref)
     if settings.ray_address:
+        from fact_ray.actors import cluster
+
         cluster.probe(settings.ray_address)
     mlflow_listener = None
     if track:
@@ -277,6 +278,7 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         check_reachable(settings.resolved_tracking_uri)
     table = PatternTable(settings.resolved_table_uri)
     table.check_writable()
+    early = [("checks", time.monotonic() - t0)]  # where the seconds before the driver went (the summary's "time:")
     # The MLflow store takes seconds to open (imports, schema check): it opens in a thread while discovery runs.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fact-ray-mlflow") as opener:
         opening = opener.submit(MlflowListener, settings.resolved_tracking_uri, check=False) if track else None
@@ -284,14 +286,20 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         # process: when the table serves every pattern, Ray (seconds to start and stop, a worker per GPU) is
         # not needed.
         pre = _setup_here(ref, settings) if not (settings.ray_address or retune or table.is_empty()) else None
+        if pre is not None:
+            early.append(("capture here", time.monotonic() - t0 - sum(s for _, s in early)))
         mlflow_listener = opening.result() if opening is not None else None
+        if pre is not None:
+            early.append(("wait for MLflow", time.monotonic() - t0 - sum(s for _, s in early)))
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
     if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
                                      pre.toolchain, settings.budget, pre.disc, retune):
-        return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False).go(),
-                           mlflow_listener)
+        return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False,
+                                   early=early).go(), mlflow_listener)
     if settings.llm != "off":
         pre = None  # the agent ranks the matches in its actor, on the Ray path
+    from fact_ray.actors import cluster  # here, not above: a run the table serves whole never imports Ray
+
     conn = cluster.connect(settings.ray_address)
     try:
         driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre)
@@ -400,12 +408,13 @@ class _Driver:
     """One run's orchestration. Holds the Ray handles; `go` always ends them."""
 
     def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float,
-                 pre: _Setup | None = None, on_ray: bool = True) -> None:
+                 pre: _Setup | None = None, on_ray: bool = True, early: Sequence[tuple[str, float]] = ()) -> None:
         self.ref = ref
         self.pre = pre  # discovery already done in this process (see _setup_here)
         self.on_ray = on_ray
-        self.phases: list[tuple[str, float]] = []
-        self._mark = t0
+        # `early`: the steps run() timed before this driver existed; "setup" then counts what is left of it.
+        self.phases: list[tuple[str, float]] = list(early)
+        self._mark = t0 + sum(s for _, s in early)
         self.s = settings
         self.bus = bus
         self.table = table
@@ -464,7 +473,7 @@ class _Driver:
 
         from fact_ray.actors import cluster
         from fact_ray.actors.compile import unwrap_user_error
-        from fact_ray.actors.discovery import DiscoveryAgent, llm_config
+        from fact_ray.actors.discovery import discovery_actor, llm_config
         from fact_ray.pattern_table import Toolchain
 
         s = self.s
@@ -478,7 +487,7 @@ class _Driver:
         guess = s.arch or Arch.SM90
         # The agent's endpoint settings are read here, on the driver, where the user set OPENAI_* for this run.
         llm_cfg = llm_config(s.llm, s) if s.llm != "off" else None
-        agent = DiscoveryAgent.options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm, llm_cfg)
+        agent = discovery_actor().options(scheduling_strategy=cluster.driver_node_affinity()).remote(s.llm, llm_cfg)
         captures = str(Path(s.home).absolute() / "captures")  # the agent runs on this node (driver affinity)
         disc_ref = agent.discover.remote(ref, guess, self.policy, captures)
         gpus = self._start_pool()

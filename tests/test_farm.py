@@ -217,7 +217,8 @@ def test_run_on_a_gpu_tunes_commits_the_winner_and_serves_it_next_time(tmp_path)
     if all(x.status in (farm.TUNED, farm.NOT_REALIZABLE) for x in summary.patterns):
         # every pattern is served or has no kernel family: the run needs no Ray, no workers, no compiles
         assert rec.of(RunFinished)[-1].report["ray"] is False
-        assert [name for name, _ in again.phases] == ["setup", "table", "compile", "trials + commit"]
+        assert [name for name, _ in again.phases] == ["checks", "capture here", "wait for MLflow", "setup", "table",
+                                                      "compile", "trials + commit"]
 
 
 # --------------------------------------------------------------------------------------------- trial workers
