@@ -306,6 +306,39 @@ def test_compose_from_table_without_gpu_or_arch_is_not_available(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.nvcc
+@nvcc_present
+def test_compose_from_table_takes_only_the_families_asked_for(tmp_path, winner):
+    """A table holding a verified, faster fc1 kernel: composed with every family, with `gemm`, and not with
+    `attention` alone. Without a GPU the composition is counted and refused, never saved."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: this checks the CPU path, which composes without saving")
+    from fact_ray.artifact import compose_from_table
+    from fact_ray.compose import parse_families
+    from fact_ray.config import Settings
+    from fact_ray.pattern_table import PatternTable, RowContext, Toolchain, row_from_trial
+    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+    from fact_ray.realize.build import cutlass_version, nvcc_version
+    from fact_ray.types import TimeStats, Trial
+
+    cfg, path, symbol = winner
+    _, _, matches = captured_model()
+    fc1 = next(m for m in matches if m.rule == "linear_bias_act")
+    s = Settings(home=str(tmp_path / "home"), arch="sm80")
+    table = PatternTable(s.resolved_table_uri)
+    uri = table.put_library(Path(path).read_bytes())
+    tc = Toolchain(cuda=nvcc_version(s.nvcc), cutlass=cutlass_version(), torch=str(torch.__version__),
+                   bench_method=str(BENCH_METHOD_VERSION))
+    trial = Trial(candidate_name=cfg.name, status="ok", error="", rel_err=1e-7, max_abs_err=1e-6,
+                  time=TimeStats(1.0, 0.9, 1.1, 50), baseline=TimeStats(2.0, 1.9, 2.1, 50), tflops=1.0)
+    table.commit([row_from_trial(trial, fc1, RowContext(tc, "run-1", "NVIDIA A100", "here"), policy=Precision.FP32,
+                                 arch=Arch.SM80, config=cfg, library_uri=uri, library_symbol=symbol)])
+    for families, n in (("", 1), ("gemm", 1), ("attention", 0)):
+        with pytest.raises(NotAvailable, match=rf"{n} pattern\(s\) composed from the table"):
+            compose_from_table(MODEL, s, tmp_path / "out", parse_families(families))
+    assert not (tmp_path / "out").exists()
+
+
 def test_graph_hash_ignores_where_the_model_was_captured():
     """An artifact composed from a CPU capture must load onto a GPU: device arguments do not change the hash,
     anything else does."""
