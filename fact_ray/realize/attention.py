@@ -1,8 +1,8 @@
 """Causal multi-head attention from CUTLASS example 41 (templates/attention_sm80.cu.in): render, build, load, call.
 
-The farm and `fact-ray tune` reach it through realize/fused.py (the attention family's candidates). The TU includes example 41's `kernel_forward.h`
-(shipped inside the nvidia-cutlass package) which includes `<curand_kernel.h>` unconditionally, even with dropout
-compiled out; a toolkit without cuRAND headers needs the ones of the `nvidia-curand` wheel (`nvidia/cu13/include`)
+The farm and `fact-ray tune` reach it through realize/fused.py (the attention family's candidates). The TU
+includes example 41's `kernel_forward.h` (shipped inside the nvidia-cutlass package) which includes
+`<curand_kernel.h>` unconditionally, even with dropout compiled out; a toolkit without cuRAND headers needs the ones of the `nvidia-curand` wheel (`nvidia/cu13/include`)
 or `nvidia-curand-cu12` (`nvidia/curand/include`). `curand_include_dir` finds them; the build fails with
 NotAvailable, one line, when they are nowhere.
 """
