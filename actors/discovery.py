@@ -12,6 +12,7 @@ with verdicts, notes, tokens, latency) travels back in `Discovery` for the farm 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -93,18 +94,13 @@ def llm_config(llm: str, settings: Any = None, *, env: Mapping[str, str] | None 
                        nvcc=s.nvcc, env=env)
 
 
+@functools.cache
 def discovery_actor() -> Any:
     """DiscoveryAgent as a Ray actor class. Made on demand: a run that the table serves whole never starts Ray,
     and does not pay for importing it (half a second) either."""
     import ray
 
-    global _ACTOR
-    if _ACTOR is None:
-        _ACTOR = ray.remote(num_cpus=1, max_restarts=0)(DiscoveryAgent)
-    return _ACTOR
-
-
-_ACTOR: Any = None
+    return ray.remote(num_cpus=1, max_restarts=0)(DiscoveryAgent)
 
 
 class DiscoveryAgent:

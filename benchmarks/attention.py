@@ -43,8 +43,7 @@ def library(name: str, source: Source, prebuilt: Path | None, cache: str) -> Lib
         return Library(source=source, key=f"prebuilt:{source.name}", ok=True, path=str(prebuilt / f"{source.name}.so"))
     from fact_ray.realize import build as B
 
-    dirs = A.include_dirs() if source.configs[0].template == A.TEMPLATE else ()
-    lib = B.build(source, cache, include_dirs=dirs)
+    lib = B.build(source, cache)  # build adds example 41's (and cuRAND's) or example 88's include folders
     if not lib.ok:
         raise SystemExit(f"{name}: build failed: {lib.log[-2000:]}")
     return lib

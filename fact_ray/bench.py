@@ -73,8 +73,7 @@ class BenchResult:
     @property
     def label(self) -> str:
         """Names files and titles: a composition limited to some families is not the full one."""
-        return f"{self.policy.value}-only-{'-'.join(_family_groups(self.families))}" if self.families \
-            else self.policy.value
+        return _label(self.policy, self.families)
 
     def row(self, name: str) -> VariantRow:
         for r in self.rows:
@@ -298,16 +297,20 @@ def safe_name(name: str) -> str:
 
 def artifact_dir(settings: Any, model_name: str, policy: Precision, families: frozenset[str] = frozenset()) -> Path:
     """Where a bench without --artifact saves the composition it makes from the table."""
-    only = f"-only-{'-'.join(_family_groups(families))}" if families else ""
-    return Path(settings.home) / "artifacts" / f"{safe_name(model_name)}-{Precision(policy).value}{only}"
+    return Path(settings.home) / "artifacts" / f"{safe_name(model_name)}-{_label(policy, families)}"
 
 
 def _family_groups(families: Sequence[str]) -> list[str]:
     """Family names for labels, every GEMM family shortened to one "gemm"."""
     from fact_ray.discover.rules import GEMM_FAMILIES
 
-    groups = sorted({"gemm" if f in GEMM_FAMILIES else f for f in families})
-    return groups
+    return sorted({"gemm" if f in GEMM_FAMILIES else f for f in families})
+
+
+def _label(policy: Precision, families: Sequence[str]) -> str:
+    """`fp32`, or `fp32-only-gemm` for a composition limited to some families."""
+    only = f"-only-{'-'.join(_family_groups(families))}" if families else ""
+    return f"{Precision(policy).value}{only}"
 
 
 def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants: Sequence[str] = VARIANTS,

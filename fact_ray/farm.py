@@ -278,7 +278,12 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         check_reachable(settings.resolved_tracking_uri)
     table = PatternTable(settings.resolved_table_uri)
     table.check_writable()
-    early = [("checks", time.monotonic() - t0)]  # where the seconds before the driver went (the summary's "time:")
+    early: list[tuple[str, float]] = []  # where the seconds before the driver went (the summary's "time:")
+
+    def lap(name: str) -> None:
+        early.append((name, time.monotonic() - t0 - sum(s for _, s in early)))
+
+    lap("checks")
     # The MLflow store takes seconds to open (imports, schema check): it opens in a thread while discovery runs.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fact-ray-mlflow") as opener:
         opening = opener.submit(MlflowListener, settings.resolved_tracking_uri, check=False) if track else None
@@ -287,10 +292,10 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         # not needed.
         pre = _setup_here(ref, settings) if not (settings.ray_address or retune or table.is_empty()) else None
         if pre is not None:
-            early.append(("capture here", time.monotonic() - t0 - sum(s for _, s in early)))
+            lap("capture here")
         mlflow_listener = opening.result() if opening is not None else None
         if pre is not None:
-            early.append(("wait for MLflow", time.monotonic() - t0 - sum(s for _, s in early)))
+            lap("wait for MLflow")
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
     if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
                                      pre.toolchain, settings.budget, pre.disc, retune):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import os
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -150,6 +152,13 @@ def test_emit_embeds_the_mainloop_and_groups_by_fusion_and_scheduler():
     cfgs = T.tf32x3_configs(SQUARE, Arch.SM90) + T.tf32x3_configs(MLP_GELU, Arch.SM90)
     sources = emit(cfgs, Arch.SM90)
     assert sorted(c.name for s in sources for c in s.configs) == sorted(c.name for c in cfgs)
+    # The cap must bite here (a family larger than it), and each family splits into as few TUs as the cap allows:
+    # otherwise the per-TU bound below would hold for any emitter.
+    cap = MAX_PER_TU["sm90_tf32x3"]
+    family = Counter((c.epilogue, c.activation, c.tile_scheduler) for c in cfgs)
+    assert max(family.values()) > cap
+    tus = Counter((s.configs[0].epilogue, s.configs[0].activation, s.configs[0].tile_scheduler) for s in sources)
+    assert tus == {f: math.ceil(n / cap) for f, n in family.items()}
     for s in sources:
         fam = {(c.epilogue, c.activation, c.tile_scheduler) for c in s.configs}
         assert len(fam) == 1

@@ -89,15 +89,16 @@ def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80,
     })
     name = f"fr_attn_{'_'.join(wanted)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    one_pass = f32_math == "tf32"
-    configs = tuple(KernelConfig(template=TEMPLATE,
-                                 name=f"attn_causal_{d}{'_tf32' if one_pass and d == 'float32' else ''}"
-                                      f"_q{queries}_k{keys}_d{max_k}",
-                                 arch=arch, precision=Precision.TF32 if one_pass and d == "float32" else _DTYPES[d][2],
-                                 element=_DTYPES[d][1], opclass="tensorop", math_op=F32_MATH[f32_math]
-                                 if d == "float32" else "multiply_add", instruction=(1, 1, 1),
-                                 tile=(queries, keys, max_k))
-                    for d in wanted)
+    def config(d: str) -> KernelConfig:
+        one_pass = d == "float32" and f32_math == "tf32"  # f32_math concerns float32 only
+        return KernelConfig(template=TEMPLATE, name=f"attn_causal_{d}{'_tf32' if one_pass else ''}"
+                                                    f"_q{queries}_k{keys}_d{max_k}",
+                            arch=arch, precision=Precision.TF32 if one_pass else _DTYPES[d][2],
+                            element=_DTYPES[d][1], opclass="tensorop",
+                            math_op=F32_MATH[f32_math] if d == "float32" else "multiply_add",
+                            instruction=(1, 1, 1), tile=(queries, keys, max_k))
+
+    configs = tuple(config(d) for d in wanted)
     return Source(name=name, arch=arch, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs))
 
 
