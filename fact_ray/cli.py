@@ -413,6 +413,23 @@ def table_export(
     _guard(body)
 
 
+@table_app.command("compact")
+def table_compact(table: Optional[str] = _TABLE) -> None:
+    """Merge each partition's small commit files into one (no row lost; safe to interrupt; one at a time)."""
+
+    def body() -> None:
+        from fact_ray.pattern_table.compact import compact
+
+        store = _store(table)
+        r = compact(store)
+        typer.echo(f"compacted {store.uri}: {r.files_in} files into {r.files_out} ({r.rows} rows, "
+                   f"{r.partitions} partitions), {r.deleted} removed, generation {r.generation}")
+        for s in r.skipped:
+            typer.echo(f"skipped (left as it is): {s}", err=True)
+
+    _guard(body)
+
+
 # ---------------------------------------------------------------------------------------------- compare
 
 

@@ -2,8 +2,13 @@
 
 Layout under the table's root URI::
 
-    <root>/rows/<utc-time>-<uuid>.parquet   one file per commit, never rewritten or deleted
+    <root>/parts/arch=../policy=../rule=../<utc-time>-<uuid>.parquet   one file per commit (its partition)
+    <root>/rows/<utc-time>-<uuid>.parquet   flat: older tables, and commits whose rows span partitions
     <root>/libs/<sha256>.so                 compiled libraries, content-addressed
+
+Commit files are never rewritten; `fact-ray table compact` (`pattern_table.compact`) merges a partition's files
+into one and retires them through a generation file, so the number of files stays small as nights accumulate
+(`pattern_table.partition` says which files count, and why a reader never counts a row twice).
 
 Why one file per commit: several writers (Ray table-writer actors on different nodes, two CLI runs) can commit
 at once with no lock and no lost rows, on a local disk, NFS and object stores alike, and the whole history stays.
@@ -26,14 +31,18 @@ from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fact_ray.errors import TableError
+from fact_ray.pattern_table import partition as part
 from fact_ray.pattern_table import schema as sch
 from fact_ray.pattern_table.export import export_rows, rows_to_table
 from fact_ray.pattern_table.io import IO_ERRORS, normalise, one_line, resolve, write_atomic
 from fact_ray.pattern_table.row import TableKey, TableRow
+from fact_ray.pattern_table.truth import current
 
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -48,7 +57,9 @@ class PatternTable:
         self.uri = normalise(uri)
         self._fs: pafs.FileSystem | None = None
         self._root = ""
-        self._files: dict[str, tuple[TableRow, ...]] = {}  # file name -> its rows
+        self._files: dict[str, tuple[TableRow, ...]] = {}  # relpath -> its rows
+        self._live: list[str] = []  # relpaths that count (see partition.live_files), as of the last refresh
+        self._key_cache: dict[tuple[str, str], tuple[TableRow, ...]] = {}  # (relpath, match key) -> its rows
         self._damaged: dict[str, str] = {}  # file uri -> reason
 
     def __reduce__(self):
@@ -81,7 +92,7 @@ class PatternTable:
         """Fail fast, before any work, when the table cannot be written: one clear TableError line."""
         try:
             fs = self.fs
-            for folder in ("rows", "libs"):
+            for folder in ("rows", "parts", "libs"):
                 fs.create_dir(self._path(folder), recursive=True)
                 # A real write through the same path commits take; the probe's name is hidden from readers,
                 # and it is removed so probes do not pile up.
@@ -105,14 +116,15 @@ class PatternTable:
         pq.write_table(rows_to_table(rows), sink)
         data = sink.getvalue().to_pybytes()
         now = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        name = f"{now}-{uuid.uuid4().hex}.parquet"
+        folder = part.commit_dir(rows)
+        rel = f"{folder}/{now}-{uuid.uuid4().hex}.parquet"
         try:
-            self.fs.create_dir(self._path("rows"), recursive=True)
-            write_atomic(self.fs, self._path("rows", name), data)
+            self.fs.create_dir(self._path(folder), recursive=True)
+            write_atomic(self.fs, self._path(rel), data)
         except IO_ERRORS as e:
             raise TableError(f"pattern table {self.uri} is not writable: {one_line(e)}") from None
-        self._files[name] = rows
-        return self._uri_of("rows", name)
+        self._files[rel] = rows
+        return self._uri_of(rel)
 
     # ------------------------------------------------------------------ libraries
 
@@ -177,25 +189,33 @@ class PatternTable:
         """Files skipped as damaged so far: URI -> reason."""
         return dict(self._damaged)
 
-    def _refresh(self) -> None:
-        fs = self.fs
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(self._path("rows"), allow_not_found=True))
-        except IO_ERRORS as e:
-            raise TableError(f"pattern table {self.uri} cannot be read: {one_line(e)}") from None
-        for info in infos:
-            name = info.base_name
-            if info.type != pafs.FileType.File or name.startswith((".", "_")) or not name.endswith(".parquet"):
-                continue
-            where = self._uri_of("rows", name)
-            if name in self._files or where in self._damaged:
-                continue
-            self._files[name] = self._read_file(info.path, where)
+    def forget(self) -> None:
+        """Drop what was read (after a compaction replaced files: their names are gone for good)."""
+        self._files.clear()
+        self._key_cache.clear()
+        self._live = []
 
-    def _read_file(self, path: str, where: str) -> tuple[TableRow, ...]:
+    def _live_files(self, folders=None) -> list[str]:
         try:
-            with self.fs.open_input_file(path) as f:
-                table = pq.read_table(f)
+            return part.live_files(self.fs, self._path(), folders)[1]
+        except (*IO_ERRORS, ValueError, KeyError) as e:
+            raise TableError(f"pattern table {self.uri} cannot be read: {one_line(e)}") from None
+
+    def _refresh(self) -> None:
+        self._live = self._live_files()
+        for rel in self._live:
+            where = self._uri_of(rel)
+            if rel in self._files or where in self._damaged:
+                continue
+            self._files[rel] = self._read_file(self._path(rel), where)
+
+    def _read_file(self, path: str, where: str, match_key: str | None = None) -> tuple[TableRow, ...]:
+        """The rows of one file (only those of `match_key` when given: the filter is pushed down to the Parquet
+        reader, which skips row groups whose statistics rule the key out)."""
+        try:
+            dataset = ds.dataset(path, format="parquet", filesystem=self.fs)
+            flt = None if match_key is None else pc.field("match_key") == match_key
+            table = dataset.to_table(filter=flt).replace_schema_metadata(dataset.schema.metadata)
             version = sch.file_version(table.schema)
             if version is None:
                 raise pa.ArrowInvalid("no pattern table schema version in its metadata")
@@ -213,23 +233,35 @@ class PatternTable:
     def _ordered(self) -> list[TableRow]:
         """All rows, oldest first: by creation time, then commit file name, then order within the commit."""
         self._refresh()
-        seq = []
-        for name in sorted(self._files):
-            for i, r in enumerate(self._files[name]):
-                seq.append((r.created_at, name, i, r))
-        seq.sort(key=lambda t: t[:3])
-        return [t[3] for t in seq]
+        return _in_order((rel, self._files.get(rel, ())) for rel in self._live)
 
     def all_rows(self) -> list[TableRow]:
         return self._ordered()
 
     def history(self, key: TableKey) -> list[TableRow]:
-        """Every row of `key`, any status, oldest first."""
-        return [r for r in self._ordered() if key.matches(r)]
+        """Every row of `key`, any status, oldest first. Reads only the key's partition and the flat folder, and
+        inside the partition only the row groups that can hold its match key (a `pyarrow.dataset` filter)."""
+        files = self._live_files(part.key_folders(key))
+        return [r for r in _in_order((rel, self._key_rows(rel, key.match_key)) for rel in files) if key.matches(r)]
+
+    def _key_rows(self, rel: str, match_key: str) -> tuple[TableRow, ...]:
+        if rel in self._files:
+            return tuple(r for r in self._files[rel] if r.match_key == match_key)
+        where = self._uri_of(rel)
+        if where in self._damaged:
+            return ()
+        if not rel.startswith(part.PARTS + "/"):
+            self._files[rel] = self._read_file(self._path(rel), where)  # flat files hold any key: read whole
+            return self._key_rows(rel, match_key)
+        cached = self._key_cache.get((rel, match_key))
+        if cached is None:
+            cached = self._key_cache[(rel, match_key)] = self._read_file(self._path(rel), where, match_key)
+        return cached
 
     def top_k(self, key: TableKey, k: int) -> list[TableRow]:
-        """The best `k` valid rows of `key` (see `rank`)."""
-        return rank(self.history(key))[: max(k, 0)]
+        """The best `k` valid rows of `key` as it stands now: each kernel by its latest row, invalidated kernels
+        never (see `truth.current`), then `rank`."""
+        return rank(current(self.history(key)))[: max(k, 0)]
 
     def best(self, key: TableKey) -> TableRow | None:
         """The best valid row of `key`, or None when the table has none."""
@@ -237,8 +269,9 @@ class PatternTable:
         return top[0] if top else None
 
     def is_empty(self) -> bool:
-        """No rows at all (a first run): nothing can be served, so there is nothing to look up."""
-        return not self._ordered()
+        """No rows at all (a first run): nothing can be served, so there is nothing to look up. Lists files only:
+        a run asks this before anything else, and reading every night's rows for it would cost more than the run."""
+        return not self._live_files()
 
     def keys(self, by_gpu: bool = False) -> list[TableKey]:
         """The distinct reuse keys, in order of first appearance (per GPU name when `by_gpu`)."""
@@ -256,6 +289,13 @@ class PatternTable:
 
     def export(self, path_or_uri: str, format: str = "parquet") -> str:
         return export_rows(self.all_rows(), path_or_uri, format)
+
+
+def _in_order(files: Iterable[tuple[str, Sequence[TableRow]]]) -> list[TableRow]:
+    """Rows oldest first: by creation time, then file relpath, then order within the file."""
+    seq = [(r.created_at, rel, i, r) for rel, rows in files for i, r in enumerate(rows)]
+    seq.sort(key=lambda t: t[:3])
+    return [t[3] for t in seq]
 
 
 def rank(rows: Iterable[TableRow]) -> list[TableRow]:

@@ -62,3 +62,16 @@ def test_show_unknown_key_is_one_line(tmp_path):
     r = sh("table", "show", "nothing-like-this", "--table", str(tmp_path / "empty"))
     assert r.returncode == 2
     assert r.stderr.startswith("error: no key in") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compact_keeps_every_row_and_the_winners(tmp_path):
+    uri = str(tmp_path / "table")
+    t = PatternTable(uri)
+    for i, name in enumerate(("a", "b", "c")):
+        t.commit([_row(_match(64), name, 1.0 + i)])
+    r = sh("table", "compact", "--table", uri)
+    assert r.returncode == 0, r.stderr
+    assert "3 files into 1 (3 rows, 1 partitions)" in r.stdout
+    fresh = PatternTable(uri)
+    assert sorted(x.config_name for x in fresh.all_rows()) == ["a", "b", "c"]
+    assert "1 keys" in sh("table", "list", "--table", uri).stdout

@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
@@ -79,7 +80,9 @@ def test_round_trip_and_reload(tmp_path):
     ]
     table = PatternTable(str(tmp_path / "t"))
     uri = table.commit(rows)
-    assert uri.startswith(str(tmp_path / "t" / "rows")) and uri.endswith(".parquet")
+    # One partition (arch, policy, rule) holds the whole commit.
+    assert uri.startswith(str(tmp_path / "t" / "parts" / "arch=sm80" / "policy=fp32" / "rule=linear"))
+    assert uri.endswith(".parquet")
     assert table.all_rows() == rows
 
     again = PatternTable(str(tmp_path / "t"))  # a new store object on the same URI reads the files
@@ -187,7 +190,7 @@ def test_two_writer_processes_lose_nothing(tmp_path):
     rows = PatternTable(str(tmp_path)).all_rows()
     names = sorted(r.config_name for r in rows)
     assert names == sorted(f"w{w}_{i}" for w in range(2) for i in range(50))
-    files = os.listdir(tmp_path / "rows")
+    files = [f for _, _, fs in os.walk(tmp_path / "parts") for f in fs]
     assert len(files) == 100 and all(f.endswith(".parquet") and not f.startswith(".") for f in files)
 
 
@@ -256,6 +259,7 @@ def test_newer_schema_version_is_refused_naming_both(tmp_path):
     table.commit([_row("k1", 1.0)])
     newer = pa.schema([pa.field("rule", pa.string())],
                       metadata={b"fact_ray.schema_version": str(SCHEMA_VERSION + 1).encode()})
+    (tmp_path / "rows").mkdir(exist_ok=True)  # the flat folder: commits now go to their partition
     pq.write_table(pa.Table.from_pylist([{"rule": "x"}], schema=newer), tmp_path / "rows" / "29990101T0Z-new.parquet")
     with pytest.raises(TableError) as info:
         PatternTable(str(tmp_path)).all_rows()
@@ -283,14 +287,13 @@ def test_unwritable_uri_fails_fast_with_one_line(tmp_path):
 
 def test_read_only_folder_keeps_existing_rows(tmp_path):
     table = PatternTable(str(tmp_path / "t"))
-    table.commit([_row("k1", 1.0)])
+    rows_dir = os.path.dirname(table.commit([_row("k1", 1.0)]))  # the partition's folder
     table.check_writable()  # writable now, and the probe leaves nothing behind
-    rows_dir = tmp_path / "t" / "rows"
     before = sorted(os.listdir(rows_dir))
     assert len(before) == 1
     os.chmod(rows_dir, 0o555)
     try:
-        probe = rows_dir / "probe"
+        probe = Path(rows_dir) / "probe"
         try:
             probe.write_bytes(b"")
         except PermissionError:
