@@ -186,11 +186,13 @@ class _Pattern:
         return self.match.key
 
 
-def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinted: Sequence[str] = ()) -> None:
+def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinted: Sequence[str] = (),
+                  banned: frozenset[str] = frozenset()) -> None:
     """Problem -> search space -> translation units, in the driver (pure functions, no GPU).
 
-    `hinted`: config names the LLM agent asked to try first (vetted: each is in this problem's space); they lead
-    the candidates, the space's own order fills the rest of the budget."""
+    `hinted`: config names to try first (the incumbent, then those the LLM agent asked for, vetted: each is in this
+    problem's space); they lead the candidates, the space's own order fills the rest of the budget. `banned`: config
+    names the table invalidated for this key, never tried again."""
     from fact_ray.realize import fused
     from fact_ray.realize.emit import emit
     from fact_ray.realize.problem import problem_from_match
@@ -206,13 +208,14 @@ def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinte
             p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
             return
         p.sources = fused.sources_for(p.problem, arch)
-        p.configs = [c for src in p.sources for c in src.configs]
+        p.configs = [c for src in p.sources for c in src.configs if c.name not in banned]
         p.source_of = {c.name: src for src in p.sources for c in src.configs}
         return
     try:
         p.problem = problem_from_match(p.match, policy)
-        if hinted:
-            full = space(p.problem, arch, policy)
+        if hinted or banned:
+            full = [c for c in space(p.problem, arch, policy) if c.name not in banned]
+            hinted = tuple(dict.fromkeys(hinted))
             first = [c for name in hinted for c in full if c.name == name]
             p.configs = (first + [c for c in full if c.name not in set(hinted)])[:budget]
         else:
@@ -254,12 +257,13 @@ def _excerpt(log: str, lines: int = 40) -> str:
 
 
 def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, retune: bool = False,
-        track: bool = True) -> RunSummary:
+        track: bool = True, fresh_since: datetime | None = None) -> RunSummary:
     """Capture, discover, compile and tune `ref` on Ray; record winners in the table and the run in MLflow.
 
     `listeners` get every farm event (the console progress is one); with `track` an MlflowListener for
     `settings.resolved_tracking_uri` is added. User errors (unreachable Ray/tracking, unwritable table, a bad
     model, no nvcc) raise as one-line `UserError`s, before anything is written where they can be checked first.
+    `fresh_since` (the fleet's night start): a re-tune serves the rows written since then (see `_plan`).
     """
     from fact_ray.actors.discovery import make_ranker
     from fact_ray.pattern_table import PatternTable
@@ -298,16 +302,16 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
             lap("wait for MLflow")
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
     if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
-                                     pre.toolchain, settings.budget, pre.disc, retune):
+                                     pre.toolchain, settings.budget, pre.disc, retune, _host_env(pre), fresh_since):
         return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False,
-                                   early=early).go(), mlflow_listener)
+                                   early=early, fresh_since=fresh_since).go(), mlflow_listener)
     if settings.llm != "off":
         pre = None  # the agent ranks the matches in its actor, on the Ray path
     from fact_ray.actors import cluster  # here, not above: a run the table serves whole never imports Ray
 
     conn = cluster.connect(settings.ray_address)
     try:
-        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre)
+        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre, fresh_since=fresh_since)
         summary = driver.go()
     finally:
         cluster.disconnect(conn)
@@ -346,6 +350,11 @@ class _Setup:
     ray_version: str = ""
 
 
+def _host_env(setup: _Setup) -> dict[str, str]:
+    """The environment facts of the GPU that measures (nightly.ENV_FACTS names) that the setup knows."""
+    return {"gpu_name": setup.gpu_name}
+
+
 def _patterns_of(matches: Sequence[Match]) -> list[_Pattern]:
     """One tuning problem per match key; later matches with the same key share its result."""
     patterns: list[_Pattern] = []
@@ -360,19 +369,43 @@ def _patterns_of(matches: Sequence[Match]) -> list[_Pattern]:
 
 
 def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, toolchain: Any, budget: int,
-          disc: Any, retune: bool) -> list[_Pattern]:
+          disc: Any, retune: bool, host_env: dict[str, str] | None = None, fresh_since: datetime | None = None
+          ) -> list[_Pattern]:
     """Serve what the table has (status FROM_TABLE), mark what no template realizes (NOT_REALIZABLE), plan the
-    rest: the patterns that need compiles and trials."""
-    from fact_ray.pattern_table import TableKey
+    rest: the patterns that need compiles and trials.
 
+    The incumbent (the key's current winner) leads its pattern's candidates, so a re-tune re-measures it first;
+    kernels the table invalidated are never candidates again. A winner whose recorded environment differs from
+    `host_env` (driver, cuBLAS, GPU model, ...: `nightly.environment_drift`) is not served as is: only it is planned,
+    to be re-verified here. With `fresh_since`, a re-tune serves rows written since then (tonight: a pattern another
+    model of the fleet shares was already re-tuned)."""
+    from fact_ray.nightly import environment_drift, warm_start
+    from fact_ray.pattern_table import TableKey
+    from fact_ray.pattern_table.truth import invalidated
+
+    host_env = host_env or {}
     todo: list[_Pattern] = []
     for p in patterns:
-        if p.match.family in (*GEMM_FAMILIES, *FUSED_FAMILIES) and not retune:
-            row = table.best(TableKey.of(p.key, policy, arch, toolchain))
+        row, banned, drift = None, frozenset(), ()
+        if p.match.family in (*GEMM_FAMILIES, *FUSED_FAMILIES):
+            key = TableKey.of(p.key, policy, arch, toolchain)
+            here = TableKey.of(p.key, policy, arch, toolchain, host_env.get("gpu_name") or None)
+            # This GPU model's own winner first: one measured elsewhere is re-verified here, once.
+            row = table.best(here) or table.best(key)
+            banned = invalidated(table.history(key))
             if row is not None and row.valid:
-                p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
-                continue
-        _plan_pattern(p, policy, arch, budget, disc.hinted(p.key))
+                drift = environment_drift(row, host_env)
+                fresh = fresh_since is not None and row.created_at >= fresh_since
+                if (not retune or fresh) and not drift:
+                    p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
+                    continue
+        first = warm_start(row if row is not None and row.valid else None)
+        _plan_pattern(p, policy, arch, budget, (*first, *disc.hinted(p.key)), banned)
+        if drift and not retune and first and p.status != NOT_REALIZABLE:
+            # Re-verification only: the incumbent alone (the PyTorch op is always timed beside it).
+            p.configs = [c for c in p.configs if c.name == first[0]]
+            p.sources = [src for src in p.sources if any(c.name == first[0] for c in src.configs)]
+            p.reason = "re-verified: " + "; ".join(drift)
         if p.status != NOT_REALIZABLE:
             todo.append(p)
     return todo
@@ -413,8 +446,10 @@ class _Driver:
     """One run's orchestration. Holds the Ray handles; `go` always ends them."""
 
     def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float,
-                 pre: _Setup | None = None, on_ray: bool = True, early: Sequence[tuple[str, float]] = ()) -> None:
+                 pre: _Setup | None = None, on_ray: bool = True, early: Sequence[tuple[str, float]] = (),
+                 fresh_since: datetime | None = None) -> None:
         self.ref = ref
+        self.fresh_since = fresh_since
         self.pre = pre  # discovery already done in this process (see _setup_here)
         self.on_ray = on_ray
         # `early`: the steps run() timed before this driver existed; "setup" then counts what is left of it.
@@ -564,7 +599,8 @@ class _Driver:
         for p in patterns:
             self.bus.emit(PatternStarted(match=p.match, index=p.index - 1, total=len(patterns)))
         ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None)
-        todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune)
+        todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune,
+                     _host_env(setup), self.fresh_since)
         for p in patterns:
             if p.status in (FROM_TABLE, NOT_REALIZABLE):
                 self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=p.from_table,
