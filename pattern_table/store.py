@@ -59,7 +59,7 @@ class PatternTable:
         self._root = ""
         self._files: dict[str, tuple[TableRow, ...]] = {}  # relpath -> its rows
         self._live: list[str] = []  # relpaths that count (see partition.live_files), as of the last refresh
-        self._key_cache: dict[tuple[str, str], tuple[TableRow, ...]] = {}  # (relpath, match key) -> its rows
+        self._key_cache: dict[tuple[str, TableKey], tuple[TableRow, ...]] = {}  # (relpath, key) -> its rows
         self._damaged: dict[str, str] = {}  # file uri -> reason
 
     def __reduce__(self):
@@ -209,12 +209,12 @@ class PatternTable:
                 continue
             self._files[rel] = self._read_file(self._path(rel), where)
 
-    def _read_file(self, path: str, where: str, match_key: str | None = None) -> tuple[TableRow, ...]:
-        """The rows of one file (only those of `match_key` when given: the filter is pushed down to the Parquet
-        reader, which skips row groups whose statistics rule the key out)."""
+    def _read_file(self, path: str, where: str, key: TableKey | None = None) -> tuple[TableRow, ...]:
+        """The rows of one file (only those of `key` when given: the filter is pushed down to the Parquet reader,
+        which skips row groups whose statistics rule the key out)."""
         try:
             dataset = ds.dataset(path, format="parquet", filesystem=self.fs)
-            flt = None if match_key is None else pc.field("match_key") == match_key
+            flt = None if key is None else _key_filter(key)
             table = dataset.to_table(filter=flt).replace_schema_metadata(dataset.schema.metadata)
             version = sch.file_version(table.schema)
             if version is None:
@@ -240,22 +240,23 @@ class PatternTable:
 
     def history(self, key: TableKey) -> list[TableRow]:
         """Every row of `key`, any status, oldest first. Reads only the key's partition and the flat folder, and
-        inside the partition only the row groups that can hold its match key (a `pyarrow.dataset` filter)."""
+        inside the partition only the rows of the key (a `pyarrow.dataset` filter on the key's columns, which also
+        skips the row groups whose statistics rule the key out)."""
         files = self._live_files(part.key_folders(key))
-        return [r for r in _in_order((rel, self._key_rows(rel, key.match_key)) for rel in files) if key.matches(r)]
+        return _in_order((rel, self._key_rows(rel, key)) for rel in files)
 
-    def _key_rows(self, rel: str, match_key: str) -> tuple[TableRow, ...]:
+    def _key_rows(self, rel: str, key: TableKey) -> tuple[TableRow, ...]:
         if rel in self._files:
-            return tuple(r for r in self._files[rel] if r.match_key == match_key)
+            return tuple(r for r in self._files[rel] if key.matches(r))
         where = self._uri_of(rel)
         if where in self._damaged:
             return ()
         if not rel.startswith(part.PARTS + "/"):
             self._files[rel] = self._read_file(self._path(rel), where)  # flat files hold any key: read whole
-            return self._key_rows(rel, match_key)
-        cached = self._key_cache.get((rel, match_key))
+            return self._key_rows(rel, key)
+        cached = self._key_cache.get((rel, key))
         if cached is None:
-            cached = self._key_cache[(rel, match_key)] = self._read_file(self._path(rel), where, match_key)
+            cached = self._key_cache[(rel, key)] = self._read_file(self._path(rel), where, key)
         return cached
 
     def top_k(self, key: TableKey, k: int) -> list[TableRow]:
@@ -289,6 +290,13 @@ class PatternTable:
 
     def export(self, path_or_uri: str, format: str = "parquet") -> str:
         return export_rows(self.all_rows(), path_or_uri, format)
+
+
+def _key_filter(key: TableKey) -> pc.Expression:
+    """`key.matches` as an Arrow expression (the stored `toolchain` column is the fingerprint)."""
+    flt = ((pc.field("match_key") == key.match_key) & (pc.field("policy") == key.policy.value)
+           & (pc.field("arch") == key.arch.value) & (pc.field("toolchain") == key.toolchain))
+    return flt if key.gpu_name is None else flt & (pc.field("gpu_name") == key.gpu_name)
 
 
 def _in_order(files: Iterable[tuple[str, Sequence[TableRow]]]) -> list[TableRow]:

@@ -1,0 +1,249 @@
+"""A fleet file and `fact-ray retune --fleet`: every model of a production fleet re-tuned in one night, one Ray job.
+
+    # fleet.toml
+    name = "prod"               # the fleet's name: an MLflow tag, the report's title
+    budget = 16                 # candidates per pattern (the incumbent is always the first)
+    time_cap_s = 21600          # no model starts after this many seconds; those left are reported as not run
+    threshold = 0.05            # slower than the previous night by more than this: a regression
+    policies = ["fp32"]         # default policies of every model
+    webhook = "https://hooks.example/fact-ray"   # optional: the night's summary is POSTed here as JSON
+    register = true             # compose, log and register each model's artifact (needs a GPU); default false
+
+    [[models]]
+    name = "minigpt"            # optional (default: the ref)
+    ref = "examples/minigpt.py" # a KernelBench-format file (relative to the fleet file) or pkg.module:factory
+    policies = ["fp32", "bf16"] # optional, overrides the default
+
+One model entry is one set of input shapes (the model's `get_inputs`, or the factory's example inputs): a model
+served at several shapes is listed once per shape, each entry naming a file or factory for it.
+
+The night (`retune`): one Ray connection for the whole fleet (the cluster of `--address`, or the running cluster a
+`ray job submit` job joins, or a local one), then per (model, policy) a farm run with `retune` and the night's
+start as `fresh_since`: a pattern that two models share is tuned for the first and served tonight's row for the
+second. Each tuned key's incumbent leads its candidates (re-measured first), and `nightly.judge` compares the night
+with the previous one and writes the demotions and invalidations. On a machine without a GPU every step up to the
+trials still runs (capture, discovery, planning, compiles) and the report says what could not be measured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from fact_ray.config import Settings
+from fact_ray.errors import ConfigError
+from fact_ray.events import PatternFinished, PatternStarted, RunStarted
+from fact_ray.nightly import DEFAULT_THRESHOLD, KeyVerdict, ModelNight, NightReport
+from fact_ray.types import Precision
+
+_TOP = {"name", "budget", "time_cap_s", "threshold", "policies", "webhook", "register", "models"}
+_MODEL = {"name", "ref", "policies"}
+
+
+@dataclass(frozen=True)
+class FleetModel:
+    name: str
+    ref: str  # a file path (absolute) or pkg.module:factory
+    policies: tuple[Precision, ...]
+
+
+@dataclass(frozen=True)
+class Fleet:
+    name: str
+    models: tuple[FleetModel, ...]
+    budget: int = 16
+    time_cap_s: float = 6 * 3600.0
+    threshold: float = DEFAULT_THRESHOLD
+    webhook: str = ""
+    register: bool = False
+    path: str = ""
+
+    def jobs(self) -> list[tuple[FleetModel, Precision]]:
+        """(model, policy) pairs in the order they run: by policy first, so that patterns the models share under
+        one policy are tuned once and served to the others from tonight's rows."""
+        pairs = [(m, p) for m in self.models for p in m.policies]
+        order = {p: i for i, p in enumerate(dict.fromkeys(p for _, p in pairs))}
+        return sorted(pairs, key=lambda mp: order[mp[1]])
+
+
+def _policy(value: Any, where: str) -> Precision:
+    try:
+        return Precision(str(value).lower())
+    except ValueError:
+        raise ConfigError(f"{where}: unknown policy {value!r} (one of {', '.join(p.value for p in Precision)})"
+                          ) from None
+
+
+def load_fleet(path: str | os.PathLike) -> Fleet:
+    """Read and check a fleet file; every mistake is one ConfigError line naming the file and the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such fleet file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - _TOP)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field {unknown[0]!r} (fields: {', '.join(sorted(_TOP))})")
+    default_policies = tuple(_policy(x, f"{path}: policies") for x in data.get("policies", ["fp32"]))
+    models = []
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: no [[models]] entries")
+    for i, m in enumerate(entries):
+        where = f"{path}: models[{i}]"
+        if not isinstance(m, dict) or "ref" not in m:
+            raise ConfigError(f"{where}: needs ref = a model file or pkg.module:factory")
+        bad = sorted(set(m) - _MODEL)
+        if bad:
+            raise ConfigError(f"{where}: unknown field {bad[0]!r} (fields: {', '.join(sorted(_MODEL))})")
+        ref = str(m["ref"])
+        if ref.endswith(".py") or os.sep in ref:
+            ref = str((p.parent / ref).resolve())
+            if not Path(ref).is_file():
+                raise ConfigError(f"{where}: model file {m['ref']!r} not found (relative to the fleet file)")
+        pols = tuple(_policy(x, where) for x in m.get("policies", ())) or default_policies
+        models.append(FleetModel(str(m.get("name") or m["ref"]), ref, pols))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: model names must differ (give each entry a name)")
+    try:
+        fleet = Fleet(name=str(data.get("name") or p.stem), models=tuple(models), budget=int(data.get("budget", 16)),
+                      time_cap_s=float(data.get("time_cap_s", 6 * 3600)),
+                      threshold=float(data.get("threshold", DEFAULT_THRESHOLD)), webhook=str(data.get("webhook", "")),
+                      register=bool(data.get("register", False)), path=str(p.resolve()))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if fleet.budget < 1 or fleet.time_cap_s <= 0 or fleet.threshold < 0:
+        raise ConfigError(f"{path}: budget and time_cap_s must be positive, threshold not negative")
+    return fleet
+
+
+# --------------------------------------------------------------------------------------------- the night
+
+
+class _Collector:
+    """A farm listener that keeps what the night's judgement needs: each pattern's match, trials and winner."""
+
+    def __init__(self) -> None:
+        self.matches: dict[str, Any] = {}
+        self.finished: dict[str, PatternFinished] = {}
+        self.gpu = ""
+
+    def on_event(self, ev: Any) -> None:
+        if isinstance(ev, RunStarted):
+            self.gpu = ev.gpu
+        elif isinstance(ev, PatternStarted):
+            self.matches.setdefault(ev.match.key, ev.match)
+        elif isinstance(ev, PatternFinished):
+            self.finished[ev.match_key] = ev
+
+
+def _judge_run(summary: Any, col: _Collector, table: Any, night_start: datetime, threshold: float,
+               shared: dict[tuple, KeyVerdict]) -> tuple[tuple[KeyVerdict, ...], tuple[str, ...]]:
+    """Tonight's verdict for every pattern the run tuned (and the shared verdict for those served from tonight's
+    rows); the demotion and invalidation rows are committed here."""
+    from fact_ray.nightly import judge, previous_winner, verdict_rows
+    from fact_ray.pattern_table import RowContext, TableKey
+
+    verdicts: list[KeyVerdict] = []
+    notes: list[str] = []
+    ctx = RowContext(toolchain=summary.toolchain, run_id=summary.run_id, gpu_name=summary.gpu or None)
+    for p in summary.patterns:
+        if p.same_as:
+            continue
+        skey = (p.match_key, summary.policy.value, summary.arch.value)
+        ev = col.finished.get(p.match_key)
+        if ev is not None and ev.from_table and skey in shared:
+            verdicts.append(shared[skey])  # tuned tonight for an earlier model of the fleet
+            continue
+        if ev is None or ev.winner is None or ev.from_table:
+            notes.append(f"#{p.index} {p.rule}: not measured tonight ({p.reason or p.status})")
+            continue
+        key = TableKey.of(p.match_key, summary.policy, summary.arch, summary.toolchain)
+        prev = previous_winner(table.history(key), night_start)
+        drift = tuple(p.reason.removeprefix("re-verified: ").split("; ")) if p.reason.startswith("re-verified") else ()
+        verdict, extra = judge(prev, ev.trials, ev.winner.trial, match_key=p.match_key, rule=p.rule, shapes=p.shapes,
+                               gpu_name=summary.gpu or None, threshold=threshold, drift=drift)
+        if extra:
+            table.commit(verdict_rows(extra, prev, col.matches[p.match_key], ctx))
+        shared[skey] = verdict
+        verdicts.append(verdict)
+    return tuple(verdicts), tuple(notes)
+
+
+@dataclass
+class NightOptions:
+    out_dir: str = ""  # where the report files go ("" -> <home>/nights/<fleet>/<night>)
+    listeners: Iterable[Any] = ()
+    track: bool = True
+    say: Callable[[str], None] = field(default=lambda line: None)
+    register: Callable[[Any, Any, Any], str] | None = None  # (fleet model, policy, summary) -> "" or a note
+
+
+def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -> NightReport:
+    """Re-tune the whole fleet tonight and judge it; returns the night's report (files written by `report_html`)."""
+    from fact_ray import farm
+    from fact_ray.actors import cluster
+    from fact_ray.pattern_table import PatternTable
+
+    opts = opts or NightOptions()
+    t0 = time.monotonic()
+    night_start = datetime.now(timezone.utc)
+    table = PatternTable(settings.resolved_table_uri)
+    table.check_writable()
+    if opts.track:
+        from fact_ray.tracking import check_reachable
+
+        check_reachable(settings.resolved_tracking_uri)
+    base = replace(settings, budget=fleet.budget)
+    conn = cluster.connect(settings.ray_address)  # one Ray for every model of the night
+    shared: dict[tuple, KeyVerdict] = {}
+    models: list[ModelNight] = []
+    gpus = 0
+    try:
+        gpus = cluster.gpu_count()
+        run_settings = replace(base, ray_address="")  # the connection above is reused by every run
+        for fm, policy in fleet.jobs():
+            label = f"{fm.name} {policy.value}"
+            if time.monotonic() - t0 > fleet.time_cap_s:
+                models.append(ModelNight(fm.name, policy.value, "", "", (), failed="not run: the time cap was reached"))
+                continue
+            opts.say(f"{label}: re-tuning")
+            col = _Collector()
+            m0 = time.monotonic()
+            try:
+                summary = farm.run(fm.ref, replace(run_settings, policy=policy), [col, *opts.listeners],
+                                   retune=True, track=opts.track, fresh_since=night_start)
+            except Exception as e:  # noqa: BLE001 -- one model failing must not stop the fleet: recorded, alerted
+                from fact_ray.errors import UserError
+
+                line = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if not isinstance(e, UserError):
+                    line = f"{type(e).__name__}: {line}"
+                models.append(ModelNight(fm.name, policy.value, "", "", (), seconds=time.monotonic() - m0,
+                                         failed=line))
+                opts.say(f"{label}: FAILED: {line}")
+                continue
+            verdicts, notes = _judge_run(summary, col, table, night_start, fleet.threshold, shared)
+            notes = (*summary.notes, *notes)
+            if opts.register is not None and summary.gpu:
+                note = opts.register(fm, policy, summary)
+                notes = (*notes, note) if note else notes
+            models.append(ModelNight(fm.name, policy.value, summary.arch.value, summary.gpu, verdicts,
+                                     seconds=time.monotonic() - m0, notes=notes, run_id=summary.run_id,
+                                     mlflow_run_id=summary.mlflow_run_id))
+    finally:
+        cluster.disconnect(conn)
+    notes = () if gpus else ("no GPU in the cluster: captured, discovered, planned and compiled; nothing was "
+                             "measured, so no winner was re-verified",)
+    return NightReport(fleet=fleet.name, night=f"{night_start:%Y-%m-%d}", started=night_start.isoformat(
+        timespec="seconds"), seconds=time.monotonic() - t0, gpus=gpus, threshold=fleet.threshold,
+        models=tuple(models), notes=notes)
