@@ -249,7 +249,11 @@ def run(
 
 @app.command()
 def retune(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Not with --fleet."),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file (TOML: models, policies, budget, time "
+                                        "cap, threshold, webhook): re-tune every model of it as one night."),
+    out: Optional[str] = typer.Option(None, "--out", help="With --fleet: folder for the night's report (default "
+                                      "<home>/nights/<fleet>/<night>)."),
     address: Optional[str] = _ADDRESS,
     table: Optional[str] = _TABLE,
     tracking_uri: Optional[str] = _TRACK,
@@ -259,8 +263,53 @@ def retune(
     llm: Optional[str] = _LLM,
     llm_model: Optional[str] = _LLM_MODEL,
 ) -> None:
-    """Re-tune a model against the table (the nightly job): like `run --retune`, new trials for every pattern."""
-    _run(model, address, table, tracking_uri, policy, arch, budget, True, llm, llm_model)
+    """Re-tune against the table (the nightly job): one model like `run --retune`, or a whole fleet with --fleet.
+
+    With --fleet: the incumbents are re-measured first, regressions and failed verifications are flagged, the
+    report is printed and saved (JSON, HTML, PNG), logged to MLflow and POSTed to the fleet's webhook; the exit code
+    is 1 on a regression, an invalidated winner or a model that failed (0 on a clean night).
+    """
+    if fleet is None and model is not None:
+        _run(model, address, table, tracking_uri, policy, arch, budget, True, llm, llm_model)
+        return
+
+    def body() -> None:
+        if fleet is None:
+            raise UserError("give a MODEL or --fleet FILE")
+        if model is not None or policy is not None or budget is not None:
+            raise UserError("--fleet names the models, policies and budget; do not also give MODEL, --policy or "
+                            "--budget")
+        from pathlib import Path
+
+        from fact_ray import fleet as fl
+        from fact_ray import report_html
+        from fact_ray.progress import ConsoleProgress
+
+        f = fl.load_fleet(fleet)
+        s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri, arch=arch, llm=llm,
+                      llm_model=llm_model)
+        con = _console()
+        opts = fl.NightOptions(listeners=[ConsoleProgress()], say=lambda line: con.print(line, markup=False))
+        report = fl.retune(f, s, opts)
+        where = out or Path(s.home) / "nights" / f.name / report.night
+        if f.register:
+            report = fl.with_notes(report, fl.publish(f, s, report, where))
+        files = report_html.write(report, where)
+        con.print(report_html.text(report), markup=False)
+        con.print(f"report: {files.html} (json {files.json})", markup=False)
+        try:
+            from fact_ray.night_tracking import log_night
+
+            con.print(f"mlflow night run {log_night(s.resolved_tracking_uri, report, files)}", markup=False)
+        except Exception as e:  # noqa: BLE001 -- the night's files are written; a tracking failure is reported
+            con.print(f"note: the night was not logged to MLflow: {str(e).splitlines()[0]}", markup=False)
+            raise typer.Exit(1) from None
+        if f.webhook:
+            failed = report_html.post_webhook(f.webhook, report)
+            con.print(f"note: {failed}" if failed else f"summary sent to {f.webhook}", markup=False)
+        raise typer.Exit(report.exit_code)
+
+    _guard(body)
 
 
 # ---------------------------------------------------------------------------------------------- compose / bench
@@ -437,17 +486,31 @@ def table_compact(table: Optional[str] = _TABLE) -> None:
 def compare(
     runs: list[str] = typer.Argument(None, help="MLflow run ids to compare (default: the last --last runs)."),
     last: int = typer.Option(2, "--last", help="How many of the latest runs to compare when no ids are given."),
+    model: Optional[str] = typer.Option(None, "--model", help="Compare this model's runs only (its name, as runs "
+                                        "record it), under --policy."),
+    policy: Optional[str] = typer.Option(None, help=POLICY_HELP + " With --model (default fp32)."),
+    nights: int = typer.Option(2, "--nights", help="With --model: how many of its latest runs."),
     tracking_uri: Optional[str] = _TRACK,
 ) -> None:
-    """Compare tuning runs recorded in MLflow, pattern by pattern."""
+    """Compare tuning runs recorded in MLflow, pattern by pattern (one model's nights with --model)."""
 
     def body() -> None:
         from rich.table import Table
 
         from fact_ray.tracking import compare_runs
 
-        s = _settings(tracking_uri=tracking_uri)
-        rows = compare_runs(s.resolved_tracking_uri, run_ids=tuple(runs or ()), last=last)
+        s = _settings(tracking_uri=tracking_uri, policy=policy)
+        ids = tuple(runs or ())
+        if model is not None:
+            from fact_ray.night_tracking import model_runs
+
+            if ids:
+                raise UserError("give run ids or --model, not both")
+            ids = tuple(model_runs(s.resolved_tracking_uri, model, s.policy.value, nights))
+            if not ids:
+                raise UserError(f"no runs of model {model!r} under policy {s.policy.value} in "
+                                f"{s.resolved_tracking_uri}")
+        rows = compare_runs(s.resolved_tracking_uri, run_ids=ids, last=last)
         if not rows:
             raise UserError(f"no fact-ray runs in {s.resolved_tracking_uri}")
         # The rows carry every field (for --json later and for tests); a person needs these, grouped by pattern.
@@ -464,6 +527,22 @@ def compare(
         for r in rows:
             t.add_row(*(f(r) for _, f in cols))
         _console().print(t)
+
+    _guard(body)
+
+
+@app.command()
+def rollback(
+    name: str = typer.Argument(..., help="A registered model (<fleet>.<model>.<policy>)."),
+    tracking_uri: Optional[str] = _TRACK,
+) -> None:
+    """Move the registered model's `production` alias back to the version it named before."""
+
+    def body() -> None:
+        from fact_ray.night_tracking import rollback as rb
+
+        s = _settings(tracking_uri=tracking_uri)
+        typer.echo(f"{name}@production -> version {rb(s.resolved_tracking_uri, name)}")
 
     _guard(body)
 

@@ -185,7 +185,6 @@ class NightOptions:
     listeners: Iterable[Any] = ()
     track: bool = True
     say: Callable[[str], None] = field(default=lambda line: None)
-    register: Callable[[Any, Any, Any], str] | None = None  # (fleet model, policy, summary) -> "" or a note
 
 
 def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -> NightReport:
@@ -234,9 +233,6 @@ def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -
                 continue
             verdicts, notes = _judge_run(summary, col, table, night_start, fleet.threshold, shared)
             notes = (*summary.notes, *notes)
-            if opts.register is not None and summary.gpu:
-                note = opts.register(fm, policy, summary)
-                notes = (*notes, note) if note else notes
             models.append(ModelNight(fm.name, policy.value, summary.arch.value, summary.gpu, verdicts,
                                      seconds=time.monotonic() - m0, notes=notes, run_id=summary.run_id,
                                      mlflow_run_id=summary.mlflow_run_id))
@@ -247,3 +243,31 @@ def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -
     return NightReport(fleet=fleet.name, night=f"{night_start:%Y-%m-%d}", started=night_start.isoformat(
         timespec="seconds"), seconds=time.monotonic() - t0, gpus=gpus, threshold=fleet.threshold,
         models=tuple(models), notes=notes)
+
+
+def with_notes(report: NightReport, notes: Iterable[str]) -> NightReport:
+    return replace(report, notes=(*report.notes, *notes))
+
+
+def publish(fleet: Fleet, settings: Settings, report: NightReport, out_dir: str | os.PathLike) -> list[str]:
+    """After the night: each model's winners composed (checked end to end on this host's GPU), logged to its run and
+    registered; the `production` alias moved only when the whole night was clean. Returns what happened, per model.
+    Needs a GPU (an unchecked composition is never saved): without one it says so and registers nothing."""
+    from fact_ray import night_tracking as nt
+    from fact_ray.artifact import compose_from_table
+
+    if not report.gpus:
+        return ["not registered: no GPU to check the compositions on"]
+    refs = {fm.name: fm.ref for fm in fleet.models}
+    out = []
+    for m in report.models:
+        if m.failed or not m.mlflow_run_id:
+            continue
+        name = nt.registered_name(fleet.name, m.model, m.policy)
+        path = compose_from_table(refs[m.model], replace(settings, policy=Precision(m.policy)),
+                                  Path(out_dir) / "composed" / f"{m.model}-{m.policy}")
+        version = nt.register(settings.resolved_tracking_uri, m.mlflow_run_id, str(path), name)
+        moved = nt.promote(settings.resolved_tracking_uri, name, version, report)
+        out.append(f"{name} version {version}: " + (f"{nt.ALIAS} moved to it" if moved else
+                                                     f"{nt.ALIAS} not moved (the night was not clean)"))
+    return out

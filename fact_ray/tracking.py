@@ -224,7 +224,10 @@ class MlflowListener:
         self._run_tags = {TAG_RUN_ID: ev.run_id}
         run = self._client.create_run(
             exp_id, run_name=f"{ev.model_name} {ev.policy.value} {ev.arch.value}",
-            tags={TAG_KIND: "run", **self._run_tags})
+            # The tag vocabulary every fact-ray run shares (night_tracking), for search_runs and the compare view.
+            tags={TAG_KIND: "run", **self._run_tags, "fact_ray.model": ev.model_name,
+                  "fact_ray.policy": ev.policy.value, "fact_ray.arch": ev.arch.value,
+                  "fact_ray.gpu": ev.gpu or "none"})
         self._parent = run.info.run_id
         params = {
             "model_name": ev.model_name, "model_hash": ev.model_hash, "model_ref": ev.model_ref,
