@@ -113,7 +113,16 @@ def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gp
         "check": None if report is None else _jsonable(report),
         "patterns": patterns,
         "kept": list(comp.kept),
+        # What the whole-module guarantee kept the composition for (fact_ray/guarantee.py); None when it did not run.
+        "guarantee": _guarantee_json(composed),
     }
+
+
+def _guarantee_json(composed: Any) -> Any:
+    from fact_ray.guarantee import guarantee_of
+
+    g = guarantee_of(composed)
+    return None if g is None else {**_jsonable(g), "summary": g.summary}
 
 
 def _default_toolchain() -> dict[str, str]:
@@ -339,11 +348,14 @@ def load_report(path: str | os.PathLike) -> str:
         f" | bench method {tc.get('bench_method') or '?'}",
         f"check      {check_line}",
         f"kernels    {len(m['patterns'])} pattern(s) replaced, {len(m.get('kept', []))} kept as PyTorch ops",
+        f"guarantee  {(m.get('guarantee') or {}).get('summary') or 'not run (every trial winner composed)'}",
     ]
     for p in m["patterns"]:
         sp = p.get("speedup")
         lines.append(f"  {p['rule']:<22} at {p['anchor']:<14} {p['config']['name']}  "
                      f"{'x%.2f' % sp if sp is not None else 'speedup ?'}  [{p['sha256'][:12]}]")
+    for d in (m.get("guarantee") or {}).get("dropped", []):
+        lines.append(f"  dropped {d['rule']:<14} at {d['anchor']:<14} {d['reason']}")
     return "\n".join(lines)
 
 
@@ -351,10 +363,13 @@ def load_report(path: str | os.PathLike) -> str:
 
 
 def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
-                       families: frozenset[str] = frozenset()) -> Path:
+                       families: frozenset[str] = frozenset(), *, against: str | None = "eager",
+                       compile_mode: str | None = None, say: Any = lambda _: None) -> Path:
     """`fact-ray compose MODEL`: the table's winners for this model, toolchain and arch, composed, checked end to end
     on the local GPU and saved to `out_dir`. Without a GPU nothing is saved (an unchecked composition never is).
-    `families` (compose.parse_families) limits the kernels to those families; the rest keep their PyTorch ops."""
+    `families` (compose.parse_families) limits the kernels to those families; the rest keep their PyTorch ops.
+    `against` ("eager", "compile" or None) runs the whole-module guarantee (fact_ray/guarantee.py) before the
+    check: only replacements that make the module faster stay, and the manifest records the end-to-end ratio."""
     import torch
 
     from fact_ray.capture import capture, load_model, under_policy
@@ -394,7 +409,10 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
             continue
         path = table.fetch_library(row.library_uri, libdir)
         winners[m.key] = KernelChoice(row.config, path, row.library_symbol, row.speedup)
-    composed = compose(captured, matches, winners, policy, arch=arch)
+    if gpu and against is not None and winners:
+        composed = _guarded(captured, matches, winners, policy, arch, loaded, against, compile_mode, say)
+    else:
+        composed = compose(captured, matches, winners, policy, arch=arch)
     if not gpu:
         n = len(composition_of(composed).replacements)
         raise NotAvailable(f"{loaded.name}: {n} pattern(s) composed from the table, but there is no CUDA GPU to check "
@@ -406,4 +424,17 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
     tc = {"nvcc": toolchain.cuda, "cutlass": toolchain.cutlass, "torch": toolchain.torch,
           "bench_method": toolchain.bench_method}
     return save(composed, out_dir, toolchain=tc, gpu_name=gpu_name)
+
+
+def _guarded(captured: Any, matches: Any, winners: Any, policy: Precision, arch: Arch, loaded: Any, against: str,
+             compile_mode: str | None, say: Any) -> Any:
+    """The guarantee on the local GPU, on the model's own weights and example inputs (moved there)."""
+    import torch
+
+    from fact_ray.guarantee import guarded_compose
+
+    original = loaded.module.to("cuda").eval()
+    inputs = tuple(x.to("cuda") if isinstance(x, torch.Tensor) else x for x in loaded.inputs)
+    return guarded_compose(captured, matches, winners, policy, original=original, inputs=inputs, arch=arch,
+                           against=against, compile_mode=compile_mode, say=say)
 

@@ -325,10 +325,18 @@ def compose(
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
     families: Optional[str] = _FAMILIES,
+    against: Optional[str] = typer.Option(None, "--against", help="Whole-module guarantee: keep a kernel only if "
+                                          "the module with it beats the module without it, timed against eager "
+                                          "(default), compile (both sides under torch.compile) or none."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode for --against "
+                                               "compile: default, max-autotune or reduce-overhead."),
+    package: bool = typer.Option(False, "--package", help="Also emit the compiled form: an AOTInductor package "
+                                 "(aoti/model.pt2) inside the artifact."),
 ) -> None:
     """Compose MODEL from the table's winners, check it end to end on the local GPU, save an artifact.
 
-    Patterns without a faster verified kernel keep their PyTorch op. A composition that fails the float64
+    Patterns without a faster verified kernel keep their PyTorch op, and so does every kernel the whole-module
+    guarantee drops (the module must be faster with it than without it). A composition that fails the float64
     check, or that could not be checked (no GPU), is never saved.
     """
 
@@ -342,10 +350,17 @@ def compose(
             return
         from fact_ray.compose import parse_families
 
+        from fact_ray.guarantee import parse_against, parse_compile_mode
+
         chosen = parse_families(families)
         if load and chosen:
             raise UserError("--families chooses what to compose from the table; --load restores a composition")
-        path = artifact.compose_from_table(model, s, out, chosen)
+        base, mode = parse_against(against), parse_compile_mode(compile_mode)
+        path = artifact.compose_from_table(model, s, out, chosen, against=base, compile_mode=mode, say=typer.echo)
+        if package:
+            from fact_ray.deploy import package_artifact
+
+            typer.echo(f"package    {package_artifact(path, model)}")
         typer.echo(artifact.load_report(path))
 
     _guard(body)

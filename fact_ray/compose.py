@@ -370,6 +370,10 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         model_name=captured.graph.model_name, model_hash=captured.graph.model_hash,
         graph_hash=graph_hash(captured.graph), capture=captured.method, policy=policy,
         arch=wanted_arch, replacements=tuple(replacements), kept=kept, inputs=user_inputs))
+    if replacements:  # our kernels have no backward: a call with autograd on fails at once (fact_ray/inference.py)
+        from fact_ray.inference import guard
+
+        guard(gm)
     return gm
 
 

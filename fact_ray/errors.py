@@ -106,3 +106,8 @@ class ComposeError(UserError):
 class ArtifactError(UserError):
     """A composition artifact cannot be saved or loaded here: damaged or missing files, or an arch, toolchain or
     model that differs from the one it was made for."""
+
+
+class InferenceOnly(UserError, RuntimeError):
+    """A composed module was called with autograd on (grad mode with an input or a parameter that requires grad):
+    its kernels have no backward, so it refuses at the call instead of failing (or warning) in `backward()`."""

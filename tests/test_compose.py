@@ -134,7 +134,7 @@ def test_composed_module_traces_under_fake_tensors(composed):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _, module, _ = composed
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():  # inference only
         y = module(torch.empty(2, 8, 64))
     assert tuple(y.shape) == (2, 8, 64) and y.dtype == torch.float32
 
@@ -144,8 +144,24 @@ def test_composed_module_traces_under_fake_tensors(composed):
 def test_kernel_runs_only_on_cuda_tensors(composed):
     # On a CPU the op must fail loudly (never fall back to PyTorch silently).
     _, module, _ = composed
-    with pytest.raises(Exception, match="runs on cuda tensors"):
+    with pytest.raises(Exception, match="runs on cuda tensors"), torch.no_grad():
         module(torch.randn(2, 8, 64))
+
+
+@pytest.mark.nvcc
+@nvcc_present
+def test_composed_module_refuses_autograd_before_any_kernel_runs(composed):
+    # Inference only (fact_ray/inference.py): the typed error comes at the call, not in backward(), and before
+    # the kernel (which would fail on a CPU for another reason) is reached.
+    from fact_ray.errors import InferenceOnly
+
+    loaded, module, _ = composed
+    with pytest.raises(InferenceOnly, match="inference only"):
+        module(torch.randn(2, 8, 64))
+    with pytest.raises(InferenceOnly):
+        module(torch.randn(2, 8, 64, requires_grad=True))
+    uncomposed = compose(capture(loaded), [], {}, Precision.FP32)  # no fact-ray kernel: autograd works as ever
+    uncomposed(torch.randn(2, 8, 64)).sum().backward()
 
 
 @pytest.mark.nvcc

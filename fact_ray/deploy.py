@@ -1,0 +1,118 @@
+"""Deploying a composed module beyond Python's graph: `torch.export`, then an AOTInductor package.
+
+A composed module calls `torch.ops.fact_ray.<name>` ops. `torch.export` keeps them as calls (their fake
+implementations give shapes), and AOTInductor compiles the rest of the graph into C++ and calls our ops through
+its proxy executor, which looks each op up in the dispatcher by name. So a process that runs the package needs
+the ops registered first: `register_artifact` does that from an artifact folder alone (no model, no nvcc, no
+table), and `load_package` registers, then loads. Both export and packaging run under `torch.no_grad()`: the
+composed module is inference only (fact_ray/inference.py).
+
+`package_artifact` is `fact-ray compose --package`: the artifact's module on the local GPU, exported at the
+model's example shapes and packaged into `<artifact>/aoti/model.pt2` (written beside, then moved into place).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from fact_ray.errors import ArtifactError, ComposeError
+
+PACKAGE = Path("aoti") / "model.pt2"
+
+
+def export(module: Any, inputs: Sequence[Any]) -> Any:
+    """`torch.export.export` of a composed module (or any module) at the shapes of `inputs`, under no_grad."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(inputs))
+    except Exception as e:  # an export failure is reported as this composition's, in one line
+        from fact_ray.capture import _one_line
+
+        raise ComposeError(f"torch.export of the composed module failed: {_one_line(e, limit=240)}") from e
+
+
+def package(module: Any, inputs: Sequence[Any], path: str | os.PathLike) -> Path:
+    """Export `module` and compile it with AOTInductor into the package file `path` (written atomically)."""
+    import torch
+
+    program = export(module, inputs)
+    final = Path(path).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{final.name}")
+    try:
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
+    """Register every op of an artifact in this process from its manifest and libraries; returns the op names.
+    The artifact is checked as `fact_ray.load` checks it (arch, toolchain, library bytes)."""
+    from fact_ray.artifact import _config_from, check_target, read_manifest, verify_libraries
+    from fact_ray.compose import KernelChoice, library_for
+    from fact_ray.realize import fused
+    from fact_ray.realize.kernel import GemmKernel, op_name, register_op
+    from fact_ray.types import GemmProblem
+
+    manifest = read_manifest(artifact)
+    check_target(manifest, where=f"artifact {artifact}")
+    verify_libraries(artifact, manifest)
+    names = []
+    for pat in manifest["patterns"]:
+        cfg = _config_from(pat["config"])
+        choice = KernelChoice(cfg, str(Path(artifact) / pat["library"]), pat["symbol"])
+        library = library_for(choice, pat["sha256"])
+        data = dict(pat["problem"])
+        if pat["family"] in fused.FUSED_FAMILIES:
+            kind = fused.AttentionProblem if pat["family"] == "attention" else fused.NormProblem
+            name, _ = fused.register_op(cfg, kind(**data), library)
+        else:
+            problem = GemmProblem(**data)
+            register_op(GemmKernel(library, cfg, problem), problem)
+            name = op_name(cfg, problem, library.key)
+        if name != pat["op"]:  # the manifest's problem does not give back the op the package calls
+            raise ArtifactError(f"artifact {artifact}: pattern {pat['rule']} registers {name}, the composition "
+                                f"called {pat['op']}")
+        names.append(name)
+    return tuple(names)
+
+
+def load_package(path: str | os.PathLike, artifact: str | os.PathLike | None = None) -> Any:
+    """Register the artifact's ops (default: the artifact the package lies in, if it lies in one), then load the
+    package. Ops registered otherwise (already in this process) need no artifact."""
+    import torch
+
+    from fact_ray.artifact import MANIFEST
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: no such AOTInductor package")
+    if artifact is None and p.parent.name == PACKAGE.parent.name and (p.parent.parent / MANIFEST).is_file():
+        artifact = p.parent.parent  # packaged by `fact-ray compose --package` inside its artifact
+    if artifact is not None:
+        register_artifact(artifact)
+    return torch._inductor.aoti_load_package(str(p))
+
+
+def package_artifact(artifact: str | os.PathLike, model: Any) -> Path:
+    """`fact-ray compose --package`: the artifact's composed module on the local GPU, packaged inside it."""
+    from fact_ray.artifact import load
+    from fact_ray.capture import load_model, under_policy
+    from fact_ray.artifact import read_manifest
+
+    import torch
+
+    loaded = under_policy(load_model(str(model)) if isinstance(model, (str, os.PathLike)) else model,
+                          read_manifest(artifact)["policy"])
+    composed = load(artifact, loaded, device="cuda")
+    inputs = tuple(x.to("cuda") if isinstance(x, torch.Tensor) else x for x in loaded.inputs)
+    return package(composed, inputs, Path(artifact) / PACKAGE)
