@@ -2,8 +2,11 @@
 
 Every variant runs the same module weights on the same input tensors, under the same precision policy (the
 model's dtype from `capture.under_policy`, TF32 math only under `tf32`, for timing and for compile warm-up
-alike), timed interleaved in one process (`fact_ray.realize.bench.time_interleaved`: CUDA events, L2 flush,
-median of many rounds). Errors are measured against the original module in float64 on the same inputs.
+alike), timed side by side in one process as a serving system sees it (`fact_ray.realize.bench.time_serving`):
+the latency of one synchronised call and the per-call time of back-to-back calls, each variant warmed up in its
+own loop first (docs/bench.md says why). Errors are measured against the original module in float64 on the
+same inputs. The composed module also runs under torch.compile (`composed+compile`, `composed+max-autotune`,
+`composed+cudagraphs`: mode reduce-overhead), and the result names the best composed variant.
 
 A variant that cannot be built or run (Inductor missing, a composition that fails its check) becomes a `failed`
 row with its one-line reason; the others go on. Results: `format_table` (rich), `to_json` / `from_json`, `plot`
@@ -27,11 +30,16 @@ from fact_ray.errors import ArtifactError, ModelRaised, NotAvailable, UserError
 from fact_ray.types import Precision, TimeStats, to_jsonable
 
 EAGER, COMPILE_DEFAULT, COMPILE_MAX, COMPOSED = "eager", "compile-default", "compile-max-autotune", "composed"
-VARIANTS = (EAGER, COMPILE_DEFAULT, COMPILE_MAX, COMPOSED)
+COMPOSED_COMPILE, COMPOSED_MAX, COMPOSED_CUDAGRAPHS = "composed+compile", "composed+max-autotune", "composed+cudagraphs"
+VARIANTS = (EAGER, COMPILE_DEFAULT, COMPILE_MAX, COMPOSED, COMPOSED_COMPILE, COMPOSED_MAX, COMPOSED_CUDAGRAPHS)
+COMPOSED_VARIANTS = (COMPOSED, COMPOSED_COMPILE, COMPOSED_MAX, COMPOSED_CUDAGRAPHS)
 _COMPILE_MODE = {COMPILE_DEFAULT: None, COMPILE_MAX: "max-autotune"}
+# The composed module stacked under torch.compile: Inductor fuses the glue between our kernels (issue 18).
+_COMPOSED_MODE = {COMPOSED_COMPILE: None, COMPOSED_MAX: "max-autotune", COMPOSED_CUDAGRAPHS: "reduce-overhead"}
 
 OK, INACCURATE, FAILED = "ok", "inaccurate", "failed"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: time is the synchronised latency, throughput added; 1 (read too): interleaved events
+METHOD = "serving: latency of one synchronised call (L2 flushed), throughput of back-to-back calls"
 KIND = "fact-ray-bench"
 
 Say = Callable[[str], None]
@@ -44,13 +52,15 @@ class VariantRow:
     name: str
     status: str  # ok | inaccurate (ran, error above the policy tolerance or not finite) | failed (did not run)
     reason: str = ""  # one line: why failed / inaccurate, or a note
-    time: Optional[TimeStats] = None
-    speedup: Optional[float] = None  # eager median / this median, both from the same interleaved rounds
+    time: Optional[TimeStats] = None  # latency of one synchronised call (schema 1: one interleaved call)
+    speedup: Optional[float] = None  # eager median / this median, both from the same rounds
     rel_err: Optional[float] = None  # ||out - ref|| / ||ref|| against float64; None when outputs are not finite
     max_abs_err: Optional[float] = None
     allclose: Optional[bool] = None  # KernelBench's torch.allclose(atol = rtol = policy.allclose_tol)
     compile_s: Optional[float] = None  # compiled variants: the first call (compile + one run), wall seconds
     kernels: Optional[int] = None  # composed: patterns that call a fact-ray kernel
+    throughput: Optional[TimeStats] = None  # ms per call of back-to-back calls
+    throughput_speedup: Optional[float] = None  # eager's per-call time / this one's
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,9 @@ class BenchResult:
     rows: tuple[VariantRow, ...]
     notes: tuple[str, ...] = ()
     families: tuple[str, ...] = ()  # the composed variant replaces only these pattern families (empty: all)
+    calls: int = 0  # back-to-back calls per throughput sample (0: schema 1, no throughput)
+    method: str = ""
+    best_composed: str = ""  # the fastest ok composed variant by latency ("" when none ran)
 
     @property
     def label(self) -> str:
@@ -98,7 +111,8 @@ Builder = Callable[[], Variant]
 
 
 def parse_variants(text: str | None) -> tuple[str, ...]:
-    """A comma list of variant names, in the canonical order. Eager is required: speedups are over eager."""
+    """A comma list of variant names, in the canonical order. Eager is required: speedups are over eager.
+    max-autotune always stands beside the others (added when left out): it is the peer to beat."""
     if not text:
         return VARIANTS
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -107,7 +121,7 @@ def parse_variants(text: str | None) -> tuple[str, ...]:
         raise UserError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
     if EAGER not in names:
         raise UserError("--variants must include eager: every speedup is measured over it")
-    return tuple(v for v in VARIANTS if v in names)
+    return tuple(v for v in VARIANTS if v in names or v == COMPILE_MAX)
 
 
 def speedups(times: Mapping[str, TimeStats], baseline: str = EAGER) -> dict[str, float]:
@@ -173,16 +187,17 @@ def _one_line(e: BaseException) -> str:
 
 
 def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, device: Any, reps: int,
-            warmup: int, timer: Any = None, say: Say = lambda _: None) -> tuple[VariantRow, ...]:
-    """Build each variant, run it once (compile time for compiled ones), time all that run interleaved on the
-    same inputs, then measure each one's error against `loaded.module` in float64.
+            warmup: int, calls: int = 20, timer: Any = None, say: Say = lambda _: None) -> tuple[VariantRow, ...]:
+    """Build each variant, run it once (compile time for compiled ones), time all that run side by side on the
+    same inputs (`time_serving`: `reps` rounds of a latency call and a throughput loop of `calls` calls), then
+    measure each one's error against `loaded.module` in float64.
 
     `loaded.module` and `loaded.inputs` must already be on `device` and in the policy's dtype. `timer` replaces
-    CUDA events (see `time_interleaved`); tests pass one to run on a CPU.
+    CUDA events (see `time_serving`); tests pass one to run on a CPU.
     """
     import torch
 
-    from fact_ray.realize.bench import time_interleaved
+    from fact_ray.realize.bench import time_serving
     from fact_ray.realize.verify import precision_mode
 
     inputs = loaded.inputs
@@ -201,13 +216,14 @@ def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, 
                 if name == EAGER:
                     raise ModelRaised(f"{loaded.name}: the eager module raised on {device}: {_one_line(e)}") from e
                 failed[name] = VariantRow(name, FAILED, reason=_one_line(e))
-        say(f"timing {', '.join(ready)}: {warmup} warm-up and {reps} interleaved rounds")
+        say(f"timing {', '.join(ready)}: each warmed up in its own loop, then {reps} rounds of one synchronised "
+            f"call and {calls} back-to-back calls")
         fns = {n: (lambda f=v.fn: f(*inputs)) for n, v in ready.items()}
-        times = time_interleaved(fns, warmup=warmup, reps=reps, timer=timer)
+        times, per_call = time_serving(fns, rounds=reps, calls=calls, warmup=warmup, timer=timer)
         # Errors come from one more call after timing: the steady state (CUDA-graph replay under max-autotune),
         # each compared at once, before another call could reuse its output buffers.
         errors = {n: _errors_of(v.fn, inputs, reference, policy) for n, v in ready.items()}
-    ups = speedups(times)
+    ups, thr_ups = speedups(times), speedups(per_call)
     rows = []
     for name in builders:
         if name in failed:
@@ -216,13 +232,14 @@ def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, 
         v, err = ready[name], errors[name]
         if isinstance(err, str):  # its outputs do not line up with the original's: timed, but not comparable
             rows.append(VariantRow(name, INACCURATE, reason=err, time=times[name], speedup=ups.get(name),
-                                   compile_s=first[name] if v.compiled else None, kernels=v.kernels))
+                                   compile_s=first[name] if v.compiled else None, kernels=v.kernels,
+                                   throughput=per_call[name], throughput_speedup=thr_ups.get(name)))
             continue
         rel, mx, close = err
         status, reason = _status(rel, policy)
         rows.append(VariantRow(name, status, reason=reason, time=times[name], speedup=ups.get(name), rel_err=rel,
                                max_abs_err=mx, allclose=close, compile_s=first[name] if v.compiled else None,
-                               kernels=v.kernels))
+                               kernels=v.kernels, throughput=per_call[name], throughput_speedup=thr_ups.get(name)))
     return tuple(rows)
 
 
@@ -314,7 +331,7 @@ def _label(policy: Precision, families: Sequence[str]) -> str:
 
 
 def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants: Sequence[str] = VARIANTS,
-              reps: int = 50, warmup: int = 10, families: frozenset[str] = frozenset(),
+              reps: int = 50, warmup: int = 10, families: frozenset[str] = frozenset(), calls: int = 20,
               say: Say = lambda _: None) -> BenchResult:
     """Bench `ref` under `settings.policy` on the local GPU; see the module docstring.
 
@@ -325,8 +342,11 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
     from fact_ray import artifact as art
     from fact_ray.capture import load_model, under_policy
 
-    if reps < 1 or warmup < 0:
-        raise UserError(f"--reps must be at least 1 and --warmup at least 0 (got {reps} and {warmup})")
+    if reps < 1 or warmup < 0 or calls < 1:
+        raise UserError(f"--reps and --calls must be at least 1 and --warmup at least 0 (got {reps}, {calls} and "
+                        f"{warmup})")
+    if any(v in variants for v in COMPOSED_VARIANTS[1:]) and COMPOSED not in variants:
+        variants = (*variants, COMPOSED)  # the compiled forms stand beside the module they compile
     if artifact and COMPOSED not in variants:
         raise UserError(f"--artifact {artifact} is benched as the composed variant, which --variants leaves out")
     if artifact and families:
@@ -350,14 +370,70 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
             builders[COMPOSED] = lambda: _composed_variant(composed)
         else:
             builders[COMPOSED] = _from_table(ref, settings, loaded, policy, used, families, say)
+        builders.update(_stacked(builders[COMPOSED], [v for v in variants if v in _COMPOSED_MODE]))
     order = {n: builders[n] for n in VARIANTS if n in builders}
-    rows = measure(loaded, policy, order, device="cuda", reps=reps, warmup=warmup, say=say)
+    rows = measure(loaded, policy, order, device="cuda", reps=reps, warmup=warmup, calls=calls, say=say)
     notes += _notes(rows, policy, bool(artifact))
+    best = best_composed(rows)
+    if best:
+        notes.append(best_note(rows, best))
     return BenchResult(
         model=loaded.name, model_ref=str(ref), policy=policy, gpu=gpu, versions=tuple(sorted(_versions().items())),
         artifact=used["path"], reps=reps, warmup=warmup, tolerance=policy.tolerance,
         allclose_tol=policy.allclose_tol, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        rows=rows, notes=tuple(notes), families=tuple(sorted(families)))
+        rows=rows, notes=tuple(notes), families=tuple(sorted(families)), calls=calls, method=METHOD,
+        best_composed=best)
+
+
+def _stacked(composed: Builder, names: Sequence[str]) -> dict[str, Builder]:
+    """Builders of the composed module under torch.compile, one per mode, sharing the one composed module (built
+    once, by whichever variant asks first; a composition that fails fails them all with its reason)."""
+    made: dict[str, Any] = {}
+
+    def module() -> Any:
+        if "e" in made:  # composing failed once: every stacked variant fails with the same reason, no retry
+            raise made["e"]
+        if "v" not in made:
+            try:
+                made["v"] = composed()
+            except Exception as e:
+                made["e"] = e
+                raise
+        return made["v"]
+
+    def build(mode: Optional[str]) -> Builder:
+        def b() -> Variant:
+            import torch
+
+            base = module()
+            return Variant(torch.compile(base.fn, mode=mode), compiled=True, kernels=base.kernels)
+
+        return b
+
+    out: dict[str, Builder] = {COMPOSED: lambda: module()}
+    out.update({n: build(_COMPOSED_MODE[n]) for n in names})
+    return out
+
+
+def best_composed(rows: Sequence[VariantRow]) -> str:
+    """The composed variant (plain or stacked under torch.compile) with the lowest latency among those that ran
+    within tolerance; "" when none did."""
+    ok = [r for r in rows if r.name in COMPOSED_VARIANTS and r.status == OK and r.time is not None]
+    return min(ok, key=lambda r: r.time.median_ms).name if ok else ""
+
+
+def best_note(rows: Sequence[VariantRow], best: str) -> str:
+    """One line: the best composed variant against eager and against the best torch.compile variant."""
+    by = {r.name: r for r in rows}
+    b = by[best]
+    line = f"best composed variant: {best}, {b.time.median_ms:.4g} ms, {b.speedup:.2f}x over eager"
+    peers = [r for r in rows if r.name in _COMPILE_MODE and r.status == OK and r.time is not None]
+    if peers:
+        peer = min(peers, key=lambda r: r.time.median_ms)
+        line += f", {peer.time.median_ms / b.time.median_ms:.2f}x over {peer.name} (the best torch.compile)"
+    if b.throughput is not None and b.throughput_speedup is not None:
+        line += f"; back to back {b.throughput.median_ms:.4g} ms per call, {b.throughput_speedup:.2f}x over eager"
+    return line
 
 
 def _on_cuda(loaded: Any) -> Any:
@@ -426,14 +502,18 @@ def format_table(result: BenchResult):
     from rich.table import Table
     from rich.text import Text
 
-    title = (f"{result.model}  {result.label}  {result.gpu}  (median of {result.reps} interleaved rounds; "
+    how = (f"latency of one synchronised call and ms per call of {result.calls} back-to-back calls, medians of "
+           f"{result.reps} rounds" if result.calls else f"median of {result.reps} interleaved rounds")
+    title = (f"{result.model}  {result.label}  {result.gpu}  ({how}; "
              f"errors vs float64, tolerance {result.tolerance:g}, allclose {result.allclose_tol:g})")
     t = Table(title=Text(title))
-    for col, kw in (("variant", {}), ("status", {}), ("median ms", {"justify": "right"}),
-                    ("p10-p90 ms", {"justify": "right"}), ("speedup", {"justify": "right"}),
-                    ("rel err", {"justify": "right"}), ("max abs err", {"justify": "right"}), ("allclose", {}),
-                    ("compile s", {"justify": "right"}), ("kernels", {"justify": "right"}),
-                    ("note", {"overflow": "fold"})):
+    right = {"justify": "right", "no_wrap": True}
+    # Eleven columns, so the table fits 120 characters with its notes; max abs err is in the JSON and MLflow.
+    for col, kw in (("variant", {"no_wrap": True}), ("status", {"no_wrap": True}),
+                    ("latency ms" if result.calls else "median ms", right), ("p10-p90", right),
+                    ("speedup", right), ("b2b ms", right), ("b2b x", right), ("rel err", right),
+                    ("allclose", {"no_wrap": True}), ("compile s", right), ("kernels", right),
+                    ("note", {"overflow": "fold", "ratio": 1})):  # the note takes what the numbers leave
         t.add_column(col, **kw)
     style = {OK: "green", INACCURATE: "yellow", FAILED: "red"}
     for r in result.rows:
@@ -441,8 +521,9 @@ def format_table(result: BenchResult):
         t.add_row(r.name, Text(r.status, style=style.get(r.status, "")), _ms(tm and tm.median_ms),
                   "-" if tm is None else f"{tm.p10_ms:.4g}-{tm.p90_ms:.4g}",
                   "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                  _ms(r.throughput and r.throughput.median_ms),
+                  "-" if r.throughput_speedup is None else f"{r.throughput_speedup:.2f}x",
                   "-" if r.rel_err is None else f"{r.rel_err:.2e}",
-                  "-" if r.max_abs_err is None else f"{r.max_abs_err:.2e}",
                   "-" if r.allclose is None else ("yes" if r.allclose else "NO"),
                   "-" if r.compile_s is None else f"{r.compile_s:.1f}",
                   "-" if r.kernels is None else str(r.kernels), Text(r.reason))
@@ -462,9 +543,14 @@ def to_json(result: BenchResult) -> dict[str, Any]:
 
 
 def from_json(data: Mapping[str, Any]) -> BenchResult:
-    if data.get("kind") != KIND or data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"not a {KIND} result of schema version {SCHEMA_VERSION}")
-    rows = tuple(VariantRow(**{**r, "time": None if r["time"] is None else TimeStats(**r["time"])})
+    """A result of this schema version or of version 1 (interleaved timings, no throughput)."""
+    if data.get("kind") != KIND or data.get("schema_version") not in (1, SCHEMA_VERSION):
+        raise UserError(f"not a {KIND} result of schema version 1 or {SCHEMA_VERSION}")
+
+    def stats(x: Any) -> Optional[TimeStats]:
+        return None if x is None else TimeStats(**x)
+
+    rows = tuple(VariantRow(**{**r, "time": stats(r["time"]), "throughput": stats(r.get("throughput"))})
                  for r in data["rows"])
     fields = {f.name for f in dataclasses.fields(BenchResult)}
     kw = {k: v for k, v in data.items() if k in fields}
@@ -496,10 +582,16 @@ def plot(result: BenchResult, png_path: str | Path) -> Path:
             label += "\n(inaccurate)"
         ax.text(i, (r.time.p90_ms if r.time else 0.0) + 0.02 * top, label, ha="center", va="bottom")
     ax.set_xticks(x, [r.name for r in rows])
-    ax.set_ylabel("median time per call (ms)")
+    b2b = [(i, r.throughput.median_ms) for i, r in enumerate(rows) if r.throughput is not None]
+    if b2b:
+        ax.scatter([i for i, _ in b2b], [t for _, t in b2b], marker="_", s=900, color="black", zorder=3,
+                   label="per call, back to back")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel("latency of one call (ms)" if result.calls else "median time per call (ms)")
     ax.set_ylim(0, top * 1.25)
-    ax.set_title(f"{result.model}, policy {result.label}, {result.gpu}\n"
-                 f"speedup over eager, median of {result.reps} interleaved rounds", fontsize=10)
+    how = (f"latency of one synchronised call, medians of {result.reps} rounds" if result.calls
+           else f"median of {result.reps} interleaved rounds")
+    ax.set_title(f"{result.model}, policy {result.label}, {result.gpu}\nspeedup over eager, {how}", fontsize=10)
     fig.tight_layout()
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -552,7 +644,8 @@ def log_to_mlflow(result: BenchResult, outputs: Outputs, tracking_uri: str,
     now = int(time.time() * 1000)
     params = {"model": result.model, "model_ref": result.model_ref, "policy": result.policy.value,
               "gpu": result.gpu, "artifact": result.artifact or "none", "reps": result.reps,
-              "warmup": result.warmup, "families": ",".join(result.families) or "all",
+              "warmup": result.warmup, "families": ",".join(result.families) or "all", "calls": result.calls,
+              "best_composed": result.best_composed or "none",
               **{f"version.{k}": v for k, v in result.versions}}
     metrics = [Metric(k, v, now, 0) for k, v in _metrics(result).items()]
     tags = [RunTag(f"fact_ray.status.{r.name}", r.status) for r in result.rows]
@@ -569,6 +662,8 @@ def _metrics(result: BenchResult) -> dict[str, float]:
     for r in result.rows:
         values = {"median_ms": r.time.median_ms if r.time else None, "p10_ms": r.time.p10_ms if r.time else None,
                   "p90_ms": r.time.p90_ms if r.time else None, "speedup": r.speedup, "rel_err": r.rel_err,
+                  "throughput_ms": r.throughput.median_ms if r.throughput else None,
+                  "throughput_speedup": r.throughput_speedup,
                   "max_abs_err": r.max_abs_err, "compile_s": r.compile_s,
                   "allclose": None if r.allclose is None else float(r.allclose),
                   "kernels": None if r.kernels is None else float(r.kernels)}

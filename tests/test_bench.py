@@ -28,21 +28,26 @@ def hand_made() -> bn.BenchResult:
                       max_abs_err=2e-6, allclose=True, compile_s=12.5),
         bn.VariantRow("compile-max-autotune", bn.FAILED, reason="BackendCompilerFailed: no [triton] here"),
         bn.VariantRow("composed", bn.OK, time=TimeStats(1.6, 1.5, 1.8, 20), speedup=1.25, rel_err=5e-7,
-                      max_abs_err=2e-6, allclose=True, kernels=0),
+                      max_abs_err=2e-6, allclose=True, kernels=0, throughput=TimeStats(0.8, 0.7, 0.9, 20),
+                      throughput_speedup=1.75),
     )
     return bn.BenchResult(
         model="compose_mlp", model_ref="tests/models/compose_mlp.py", policy=Precision.FP32, gpu="Hand GPU",
         versions=(("cutlass", "4.2.0.0"), ("torch", "2.13.0")), artifact="/tmp/art", reps=20, warmup=3,
         tolerance=Precision.FP32.tolerance, allclose_tol=Precision.FP32.allclose_tol,
-        created_at="2026-01-01T00:00:00+00:00", rows=rows, notes=("composed: 0 kernels; hand-made",))
+        created_at="2026-01-01T00:00:00+00:00", rows=rows, notes=("composed: 0 kernels; hand-made",), calls=20,
+        method=bn.METHOD, best_composed="composed")
 
 
 # --------------------------------------------------------------------------------------------- pure parts
 
 
-def test_parse_variants_keeps_the_canonical_order_and_needs_eager():
+def test_parse_variants_keeps_the_canonical_order_needs_eager_and_always_has_max_autotune():
     assert bn.parse_variants(None) == bn.VARIANTS
-    assert bn.parse_variants("composed, eager") == ("eager", "composed")
+    assert "composed+compile" in bn.VARIANTS and "composed+cudagraphs" in bn.VARIANTS
+    assert bn.parse_variants("composed, eager") == ("eager", "compile-max-autotune", "composed")
+    assert bn.parse_variants("composed+max-autotune,eager") == ("eager", "compile-max-autotune",
+                                                                  "composed+max-autotune")
     with pytest.raises(UserError, match="unknown variant 'jit'"):
         bn.parse_variants("eager,jit")
     with pytest.raises(UserError, match="must include eager"):
@@ -97,10 +102,68 @@ def test_measure_on_cpu_times_compares_and_reports_a_failed_variant():
     eager, noisy, failed = rows["eager"], rows["noisy"], rows["broken"]
     assert eager.status == bn.OK and eager.speedup == 1.0 and eager.rel_err < 1e-6 and eager.allclose
     assert eager.time.reps == 5 and eager.compile_s is None
+    assert eager.throughput.reps == 5 and eager.throughput_speedup == 1.0 and noisy.throughput.median_ms > 0
     assert noisy.status == bn.INACCURATE and "tolerance" in noisy.reason and noisy.rel_err > 1e-5
     assert noisy.max_abs_err == pytest.approx(1e-3, rel=1e-2) and noisy.compile_s > 0 and noisy.speedup > 0
     assert failed.status == bn.FAILED and failed.time is None and failed.speedup is None
     assert failed.reason == "RuntimeError: inductor is not here"
+
+
+def test_time_serving_times_one_call_for_latency_and_a_loop_per_call_for_throughput():
+    from fact_ray.realize.bench import time_serving
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def f():
+            calls[name] += 1
+        return f
+
+    # A timer charging 3 ms per call of a and 1 ms per call of b: latency is one call, throughput a loop / calls.
+    def timer(g):
+        before = dict(calls)
+        g()
+        return 3.0 * (calls["a"] - before["a"]) + 1.0 * (calls["b"] - before["b"])
+
+    latency, per_call = time_serving({"a": fn("a"), "b": fn("b")}, rounds=4, calls=5, warmup=2, timer=timer)
+    assert latency["a"].median_ms == 3.0 and latency["b"].median_ms == 1.0 and latency["a"].reps == 4
+    assert per_call["a"].median_ms == 3.0 and per_call["b"].median_ms == 1.0
+    assert calls == {"a": 2 + 4 * (5 + 1), "b": 2 + 4 * (5 + 1)}
+
+
+def test_best_composed_is_the_fastest_composed_variant_that_ran_within_tolerance():
+    def row(name, ms, status=bn.OK):
+        return bn.VariantRow(name, status, time=TimeStats(ms, ms, ms, 3), speedup=4.0 / ms,
+                             throughput=TimeStats(ms / 2, ms / 2, ms / 2, 3), throughput_speedup=4.0 / ms)
+
+    rows = (row("eager", 4.0), row("compile-max-autotune", 2.0), row("composed", 3.0),
+            row("composed+compile", 1.0, bn.INACCURATE), row("composed+max-autotune", 1.6))
+    assert bn.best_composed(rows) == "composed+max-autotune"
+    note = bn.best_note(rows, "composed+max-autotune")
+    assert "2.50x over eager" in note and "1.25x over compile-max-autotune" in note
+    assert bn.best_composed(rows[:2]) == ""
+
+
+def test_stacked_variants_share_one_composed_module_and_its_failure():
+    made = []
+
+    def composed():
+        made.append(1)
+        return bn.Variant(torch.nn.Identity(), kernels=2)
+
+    stacked = bn._stacked(composed, ["composed+compile"])
+    plain, compiled = stacked["composed"](), stacked["composed+compile"]()
+    assert len(made) == 1 and compiled.compiled and compiled.kernels == 2 and plain.fn is not compiled.fn
+
+    def failing():
+        made.append(2)
+        raise RuntimeError("no winners")
+
+    stacked = bn._stacked(failing, ["composed+max-autotune"])
+    for name in ("composed", "composed+max-autotune"):
+        with pytest.raises(RuntimeError, match="no winners"):
+            stacked[name]()
+    assert made.count(2) == 1
 
 
 def test_measure_stops_when_eager_itself_raises():
@@ -186,6 +249,12 @@ def test_from_json_refuses_something_else():
         bn.from_json({"kind": "other"})
 
 
+def test_from_json_reads_a_committed_schema_1_result():
+    path = ROOT / "benchmarks/results/2026-11-21-h200-s3/2-minigpt-bf16-tf32/bench/bench-minigpt-bf16.json"
+    result = bn.from_json(json.loads(path.read_text()))
+    assert result.calls == 0 and result.row("composed").throughput is None and result.row("composed").time
+
+
 def test_plot_writes_a_real_png(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
@@ -234,11 +303,12 @@ def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_path, monkeypatch
     monkeypatch.setattr(bn, "run_bench", fake_run_bench)
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = CliRunner().invoke(cli.app, ["bench", MLP, "--variants", "eager,composed", "--reps", "7",
+    r = CliRunner().invoke(cli.app, ["bench", MLP, "--variants", "eager,composed", "--reps", "7", "--calls", "9",
                                      "--tracking-uri", uri, "--out", "res", "--families", "gemm_bias"])
     assert r.exit_code == 0, r.output
-    assert seen == {"ref": MLP, "policy": Precision.FP32, "artifact": None, "variants": ("eager", "composed"),
-                    "reps": 7, "warmup": 10, "families": {"gemm_bias"}, "say": seen["say"]}
+    assert seen == {"ref": MLP, "policy": Precision.FP32, "artifact": None, "reps": 7, "warmup": 10, "calls": 9,
+                    "variants": ("eager", "compile-max-autotune", "composed"), "families": {"gemm_bias"},
+                    "say": seen["say"]}
     assert "compile-max-autotune" in r.output and "note: composed: 0 kernels" in r.output
     assert (tmp_path / "res" / "bench-compose_mlp-fp32.json").is_file()
     assert (tmp_path / "res" / "bench-compose_mlp-fp32.png").is_file() and "mlflow run " in r.output
@@ -255,13 +325,16 @@ def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_path):
     from fact_ray import config
 
     s = config.load({"home": str(tmp_path / "home"), "policy": "fp32"}, env={}, file=str(tmp_path / "none.toml"))
-    result = bn.run_bench(MLP, s, variants=("eager", "compile-default", "composed"), reps=10, warmup=2)
+    result = bn.run_bench(MLP, s, variants=("eager", "compile-default", "composed+compile"), reps=10, warmup=2,
+                          calls=5)
 
-    assert [r.name for r in result.rows] == ["eager", "compile-default", "composed"]
+    assert [r.name for r in result.rows] == ["eager", "compile-default", "composed", "composed+compile"]
     for r in result.rows:
         assert r.status == bn.OK, (r.name, r.reason)
         assert r.rel_err <= Precision.FP32.tolerance and r.allclose, r
-        assert r.time.median_ms > 0 and r.speedup > 0
+        assert r.time.median_ms > 0 and r.speedup > 0 and r.throughput.median_ms > 0 and r.throughput_speedup > 0
+    assert result.best_composed in ("composed", "composed+compile") and result.calls == 5
+    assert any(n.startswith("best composed variant") for n in result.notes)
     assert result.row("eager").speedup == 1.0
     assert result.row("compile-default").compile_s > 0
     assert result.row("composed").kernels == 0  # the table in the fresh home is empty

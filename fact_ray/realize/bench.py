@@ -101,3 +101,82 @@ def clearly_faster(time: TimeStats, baseline: TimeStats) -> bool:
     a difference smaller than the spread is noise (measuring.md)."""
     noise = max(time.p90_ms - time.p10_ms, baseline.p90_ms - baseline.p10_ms) / 2
     return time.median_ms + noise < baseline.median_ms
+
+
+# --------------------------------------------------------------------------------------------- serving
+
+
+def time_serving(fns: Mapping[str, Callable[[], None]], *, rounds: int = 20, calls: int = 20, warmup: int = 10,
+                 warmup_s: float = 1.0, max_warmup: int = 200, flush_l2: bool = True,
+                 timer: Optional[Timer] = None) -> tuple[dict[str, TimeStats], dict[str, TimeStats]]:
+    """What a serving system sees of each function: (latency, throughput), both in ms per call.
+
+    Latency: one call from an idle GPU and an empty queue (L2 flushed, host synchronised before and after),
+    CUDA events around it; launch overhead counts in full, as for a request that arrives alone. Throughput: `calls`
+    back-to-back calls between two events (no sync, no flush between them), per call; launch overhead hides
+    behind GPU work where there is any, as under load. Each function first warms up in its own loop (at least
+    `warmup` calls, then on until `warmup_s` seconds or `max_warmup` calls: clocks, autotuning, CUDA-graph
+    recording and allocator growth out of the numbers), then `rounds` rounds visit every function in turn, each
+    doing its throughput loop and its latency call, so drift touches all alike. See docs/bench.md for why this
+    replaced one interleaved, unsynchronised event pair per call. An injected `timer` (ms of one call of its
+    argument) replaces CUDA: latency is one timed call, throughput one timed loop divided by `calls`.
+    """
+    if rounds < 1 or calls < 1:
+        raise ValueError("rounds and calls must be at least 1")
+    names = list(fns)
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    thr: dict[str, list[float]] = {n: [] for n in names}
+    if timer is not None:
+        for n in names:
+            for _ in range(warmup):
+                fns[n]()
+        for _ in range(rounds):
+            for n in names:
+                fn = fns[n]
+                thr[n].append(float(timer(lambda fn=fn: [fn() for _ in range(calls)])) / calls)
+                lat[n].append(float(timer(fn)))
+        return {n: summarize(lat[n]) for n in names}, {n: summarize(thr[n]) for n in names}
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_serving needs CUDA for its default timer; pass timer= to time elsewhere")
+    import time as _time
+
+    for n in names:
+        _warm_up(fns[n], warmup, warmup_s, max_warmup, _time.perf_counter)
+    flush = l2_flusher() if flush_l2 else None
+    pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+    for _ in range(rounds):
+        for n in names:
+            fn = fns[n]
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            pending.append((n, start, end))
+            if flush is not None:
+                flush()
+            torch.cuda.synchronize()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            lat[n].append(s.elapsed_time(e))
+    for n, start, end in pending:
+        thr[n].append(start.elapsed_time(end) / calls)
+    return {n: summarize(lat[n]) for n in names}, {n: summarize(thr[n]) for n in names}
+
+
+def _warm_up(fn: Callable[[], None], at_least: int, seconds: float, at_most: int, clock: Callable[[], float]) -> int:
+    """Call `fn` at least `at_least` times, then on until `seconds` have passed or `at_most` calls; returns the
+    count. Synchronises every few calls so the clock measures GPU work, not a queue filling up."""
+    t0 = clock()
+    k = 0
+    while k < at_least or (k < at_most and clock() - t0 < seconds):
+        fn()
+        k += 1
+        if k % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return k
