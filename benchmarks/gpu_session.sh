@@ -4,7 +4,10 @@
 # scaling:<units>:<base>, farm:<policy>:<budget> (MiniGPT twice from an empty table), run:<model>:<policy>:<budget>
 # (into the same table), bench:<model>:<policy>[:<bench options, '+' for spaces>], profile:<model>:<policy> (one more
 # `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone
-# against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried)
+# against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
+# e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
+# composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
+# timing methods side by side on a Llama-style block: benchmarks/bench_methods.py)
 #   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
 #   bash benchmarks/gpu_session.sh farm:fp32:8 bench:examples/minigpt.py:fp32
 set -uo pipefail
@@ -48,8 +51,15 @@ for step in "$@"; do
                "$(command -v fact-ray)" run "$a" --policy "$b" 2>&1 | tee "$OUT/profile-$m-$b.log" | tail -4
              python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" \
                "$OUT/profile-$m-$b.prof" > "$OUT/profile-$m-$b.txt" 2>&1 ;;
+    e2e) m=$(basename "$a" .py)  # issue 18: run (table-served when warm) then bench with every variant
+         /usr/bin/time -f "run wall %e s" timeout 300 fact-ray run "$a" --policy "$b" --budget "${c:-8}" 2>&1 \
+           | tee "$OUT/run-$m-$b.log" | tail -20
+         timeout 420 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" --reps 30 --calls 20 2>&1 \
+           | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
     attn) timeout 300 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
+    methods) timeout 400 python3 benchmarks/bench_methods.py --out "$OUT/bench-methods.json" 2>&1 \
+               | tee "$OUT/bench-methods.log" | tail -15 ;;
     *) echo "unknown step $step" ;;
   esac
   pack
