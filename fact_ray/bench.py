@@ -648,12 +648,17 @@ def log_to_mlflow(result: BenchResult, outputs: Outputs, tracking_uri: str,
               "best_composed": result.best_composed or "none",
               **{f"version.{k}": v for k, v in result.versions}}
     metrics = [Metric(k, v, now, 0) for k, v in _metrics(result).items()]
-    tags = [RunTag(f"fact_ray.status.{r.name}", r.status) for r in result.rows]
+    tags = [RunTag(f"fact_ray.status.{mlflow_key(r.name)}", r.status) for r in result.rows]
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)
     for p in (outputs.json, outputs.png, outputs.text):
         client.log_artifact(run_id, str(p))
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def mlflow_key(variant: str) -> str:
+    """A variant name as MLflow accepts it in metric and tag names (no "+"): composed+compile -> composed_compile."""
+    return variant.replace("+", "_")
 
 
 def _metrics(result: BenchResult) -> dict[str, float]:
@@ -667,5 +672,6 @@ def _metrics(result: BenchResult) -> dict[str, float]:
                   "max_abs_err": r.max_abs_err, "compile_s": r.compile_s,
                   "allclose": None if r.allclose is None else float(r.allclose),
                   "kernels": None if r.kernels is None else float(r.kernels)}
-        out.update({f"{r.name}.{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(v)})
+        out.update({f"{mlflow_key(r.name)}.{k}": float(v) for k, v in values.items()
+                    if v is not None and math.isfinite(v)})
     return out

@@ -269,7 +269,11 @@ def test_plot_writes_a_real_png(tmp_path):
 def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from dataclasses import replace
+
     result = hand_made()
+    stacked = replace(result.row("composed"), name="composed+compile")  # "+" is not a legal MLflow name character
+    result = replace(result, rows=(*result.rows, stacked))
     out = bn.write_outputs(result, tmp_path / "out")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = bn.log_to_mlflow(result, out, uri)
@@ -281,7 +285,8 @@ def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_path):
     assert run.data.params["gpu"] == "Hand GPU" and run.data.params["artifact"] == "/tmp/art"
     m = run.data.metrics
     assert m["eager.median_ms"] == 2.0 and m["compile-default.speedup"] == 2.0 and m["composed.rel_err"] == 5e-7
-    assert m["composed.kernels"] == 0.0
+    assert m["composed.kernels"] == 0.0 and m["composed_compile.throughput_ms"] == 0.8
+    assert run.data.tags["fact_ray.status.composed_compile"] == "ok"
     assert not any(k.startswith("compile-max-autotune.") for k in m)  # nothing measured, nothing logged
     files = {f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id)}
     assert files == {out.json.name, out.png.name, out.text.name}
