@@ -257,13 +257,16 @@ def _excerpt(log: str, lines: int = 40) -> str:
 
 
 def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, retune: bool = False,
-        track: bool = True, fresh_since: datetime | None = None) -> RunSummary:
+        track: bool = True, fresh_since: datetime | None = None, only_incumbent: bool = False,
+        retune_keys: frozenset[str] | None = None) -> RunSummary:
     """Capture, discover, compile and tune `ref` on Ray; record winners in the table and the run in MLflow.
 
     `listeners` get every farm event (the console progress is one); with `track` an MlflowListener for
     `settings.resolved_tracking_uri` is added. User errors (unreachable Ray/tracking, unwritable table, a bad
     model, no nvcc) raise as one-line `UserError`s, before anything is written where they can be checked first.
-    `fresh_since` (the fleet's night start): a re-tune serves the rows written since then (see `_plan`).
+    `fresh_since` (the fleet's night start): a re-tune serves the rows written since then; `only_incumbent`: a
+    re-tune measures each key's incumbent alone (a night's first phase); `retune_keys`: only these keys are
+    re-tuned, the others served (see `_plan`).
     """
     from fact_ray.actors.discovery import make_ranker
     from fact_ray.pattern_table import PatternTable
@@ -301,17 +304,18 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
         if pre is not None:
             lap("wait for MLflow")
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
+    night = _Night(fresh_since, only_incumbent, retune_keys)
     if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
-                                     pre.toolchain, settings.budget, pre.disc, retune, _host_env(pre), fresh_since):
+                                     pre.toolchain, settings.budget, pre.disc, retune, _host_env(pre), night):
         return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False,
-                                   early=early, fresh_since=fresh_since).go(), mlflow_listener)
+                                   early=early, night=night).go(), mlflow_listener)
     if settings.llm != "off":
         pre = None  # the agent ranks the matches in its actor, on the Ray path
     from fact_ray.actors import cluster  # here, not above: a run the table serves whole never imports Ray
 
     conn = cluster.connect(settings.ray_address)
     try:
-        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre, fresh_since=fresh_since)
+        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre, night=night)
         summary = driver.go()
     finally:
         cluster.disconnect(conn)
@@ -368,8 +372,18 @@ def _patterns_of(matches: Sequence[Match]) -> list[_Pattern]:
     return patterns
 
 
+@dataclass(frozen=True)
+class _Night:
+    """How a fleet's night re-tunes (fact_ray.fleet): rows written since `fresh_since` are tonight's and served;
+    `only_incumbent` measures each key's incumbent alone; `retune_keys` limits the re-tune to these keys."""
+
+    fresh_since: datetime | None = None
+    only_incumbent: bool = False
+    retune_keys: frozenset[str] | None = None
+
+
 def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, toolchain: Any, budget: int,
-          disc: Any, retune: bool, host_env: dict[str, str] | None = None, fresh_since: datetime | None = None
+          disc: Any, retune: bool, host_env: dict[str, str] | None = None, night: _Night | None = None
           ) -> list[_Pattern]:
     """Serve what the table has (status FROM_TABLE), mark what no template realizes (NOT_REALIZABLE), plan the
     rest: the patterns that need compiles and trials.
@@ -377,16 +391,17 @@ def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, t
     The incumbent (the key's current winner) leads its pattern's candidates, so a re-tune re-measures it first;
     kernels the table invalidated are never candidates again. A winner whose recorded environment differs from
     `host_env` (driver, cuBLAS, GPU model, ...: `nightly.environment_drift`) is not served as is: only it is planned,
-    to be re-verified here. With `fresh_since`, a re-tune serves rows written since then (tonight: a pattern another
-    model of the fleet shares was already re-tuned)."""
+    to be re-verified here. `night` (a fleet's re-tune): see `_Night`."""
     from fact_ray.nightly import environment_drift, warm_start
     from fact_ray.pattern_table import TableKey
     from fact_ray.pattern_table.truth import invalidated
 
     host_env = host_env or {}
+    night = night or _Night()
     todo: list[_Pattern] = []
     for p in patterns:
         row, banned, drift = None, frozenset(), ()
+        wanted = retune and (night.retune_keys is None or p.key in night.retune_keys)
         if p.match.family in (*GEMM_FAMILIES, *FUSED_FAMILIES):
             key = TableKey.of(p.key, policy, arch, toolchain)
             here = TableKey.of(p.key, policy, arch, toolchain, host_env.get("gpu_name") or None)
@@ -395,17 +410,18 @@ def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, t
             banned = invalidated(table.history(key))
             if row is not None and row.valid:
                 drift = environment_drift(row, host_env)
-                fresh = fresh_since is not None and row.created_at >= fresh_since
-                if (not retune or fresh) and not drift:
+                fresh = night.fresh_since is not None and row.created_at >= night.fresh_since
+                if (not wanted or fresh) and not drift:
                     p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
                     continue
         first = warm_start(row if row is not None and row.valid else None)
         _plan_pattern(p, policy, arch, budget, (*first, *disc.hinted(p.key)), banned)
-        if drift and not retune and first and p.status != NOT_REALIZABLE:
-            # Re-verification only: the incumbent alone (the PyTorch op is always timed beside it).
+        if first and p.status != NOT_REALIZABLE and ((drift and not wanted) or (wanted and night.only_incumbent)):
+            # The incumbent alone (the PyTorch op is always timed beside it): a re-verification, or a night's
+            # first phase.
             p.configs = [c for c in p.configs if c.name == first[0]]
             p.sources = [src for src in p.sources if any(c.name == first[0] for c in src.configs)]
-            p.reason = "re-verified: " + "; ".join(drift)
+            p.reason = ("re-verified: " + "; ".join(drift)) if drift else "incumbent re-measured"
         if p.status != NOT_REALIZABLE:
             todo.append(p)
     return todo
@@ -447,9 +463,9 @@ class _Driver:
 
     def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float,
                  pre: _Setup | None = None, on_ray: bool = True, early: Sequence[tuple[str, float]] = (),
-                 fresh_since: datetime | None = None) -> None:
+                 night: _Night | None = None) -> None:
         self.ref = ref
-        self.fresh_since = fresh_since
+        self.night = night or _Night()
         self.pre = pre  # discovery already done in this process (see _setup_here)
         self.on_ray = on_ray
         # `early`: the steps run() timed before this driver existed; "setup" then counts what is left of it.
@@ -600,7 +616,7 @@ class _Driver:
             self.bus.emit(PatternStarted(match=p.match, index=p.index - 1, total=len(patterns)))
         ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None)
         todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune,
-                     _host_env(setup), self.fresh_since)
+                     _host_env(setup), self.night)
         for p in patterns:
             if p.status in (FROM_TABLE, NOT_REALIZABLE):
                 self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=p.from_table,

@@ -8,6 +8,8 @@
     policies = ["fp32"]         # default policies of every model
     webhook = "https://hooks.example/fact-ray"   # optional: the night's summary is POSTed here as JSON
     register = true             # compose, log and register each model's artifact (needs a GPU); default false
+    explore = "on-change"       # new candidates only for keys whose incumbent regressed, failed or lost; "always":
+                                # every key, every night
 
     [[models]]
     name = "minigpt"            # optional (default: the ref)
@@ -18,10 +20,17 @@ One model entry is one set of input shapes (the model's `get_inputs`, or the fac
 served at several shapes is listed once per shape, each entry naming a file or factory for it.
 
 The night (`retune`): one Ray connection for the whole fleet (the cluster of `--address`, or the running cluster a
-`ray job submit` job joins, or a local one), then per (model, policy) a farm run with `retune` and the night's
-start as `fresh_since`: a pattern that two models share is tuned for the first and served tonight's row for the
-second. Each tuned key's incumbent leads its candidates (re-measured first), and `nightly.judge` compares the night
-with the previous one and writes the demotions and invalidations. On a machine without a GPU every step up to the
+`ray job submit` job joins, or a local one), then per (model, policy):
+
+1. incumbents first: a farm run that re-measures each key's incumbent alone (beside the PyTorch op); keys with no
+   winner yet are tuned in full. A pattern two models share is measured for the first and served tonight's row for
+   the second (`fresh_since`: the night's start);
+2. new candidates: a farm run re-tuning, with the full budget (the incumbent again first), the keys whose incumbent
+   regressed, failed verification or lost to the PyTorch op (`explore = "on-change"`), or every key
+   (`explore = "always"`).
+
+`nightly.judge` compares each key with the previous night and writes the demotions and invalidations. A night in
+which nothing changed is therefore one trial per key, not a budget's worth. On a machine without a GPU every step up to the
 trials still runs (capture, discovery, planning, compiles) and the report says what could not be measured.
 """
 
@@ -42,7 +51,8 @@ from fact_ray.events import PatternFinished, PatternStarted, RunStarted
 from fact_ray.nightly import DEFAULT_THRESHOLD, KeyVerdict, ModelNight, NightReport
 from fact_ray.types import Precision
 
-_TOP = {"name", "budget", "time_cap_s", "threshold", "policies", "webhook", "register", "models"}
+_TOP = {"name", "budget", "time_cap_s", "threshold", "policies", "webhook", "register", "explore", "models"}
+EXPLORE = ("on-change", "always")
 _MODEL = {"name", "ref", "policies"}
 
 
@@ -62,6 +72,7 @@ class Fleet:
     threshold: float = DEFAULT_THRESHOLD
     webhook: str = ""
     register: bool = False
+    explore: str = "on-change"
     path: str = ""
 
     def jobs(self) -> list[tuple[FleetModel, Precision]]:
@@ -118,9 +129,12 @@ def load_fleet(path: str | os.PathLike) -> Fleet:
         fleet = Fleet(name=str(data.get("name") or p.stem), models=tuple(models), budget=int(data.get("budget", 16)),
                       time_cap_s=float(data.get("time_cap_s", 6 * 3600)),
                       threshold=float(data.get("threshold", DEFAULT_THRESHOLD)), webhook=str(data.get("webhook", "")),
-                      register=bool(data.get("register", False)), path=str(p.resolve()))
+                      register=bool(data.get("register", False)), explore=str(data.get("explore", "on-change")),
+                      path=str(p.resolve()))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    if fleet.explore not in EXPLORE:
+        raise ConfigError(f"{path}: explore must be one of {', '.join(EXPLORE)}, got {fleet.explore!r}")
     if fleet.budget < 1 or fleet.time_cap_s <= 0 or fleet.threshold < 0:
         raise ConfigError(f"{path}: budget and time_cap_s must be positive, threshold not negative")
     return fleet
@@ -179,6 +193,17 @@ def _judge_run(summary: Any, col: _Collector, table: Any, night_start: datetime,
     return tuple(verdicts), tuple(notes)
 
 
+def _phase(ref: str, settings: Settings, opts: "NightOptions", table: Any, night_start: datetime, threshold: float,
+           shared: dict, **how: Any) -> tuple[Any, tuple[KeyVerdict, ...], tuple[str, ...]]:
+    """One farm run of the night (`how`: farm.run's night arguments), judged."""
+    from fact_ray import farm
+
+    col = _Collector()
+    summary = farm.run(ref, settings, [col, *opts.listeners], retune=True, track=opts.track, **how)
+    verdicts, notes = _judge_run(summary, col, table, night_start, threshold, shared)
+    return summary, verdicts, (*summary.notes, *notes)
+
+
 @dataclass
 class NightOptions:
     out_dir: str = ""  # where the report files go ("" -> <home>/nights/<fleet>/<night>)
@@ -189,7 +214,6 @@ class NightOptions:
 
 def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -> NightReport:
     """Re-tune the whole fleet tonight and judge it; returns the night's report (files written by `report_html`)."""
-    from fact_ray import farm
     from fact_ray.actors import cluster
     from fact_ray.pattern_table import PatternTable
 
@@ -205,6 +229,7 @@ def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -
     base = replace(settings, budget=fleet.budget)
     conn = cluster.connect(settings.ray_address)  # one Ray for every model of the night
     shared: dict[tuple, KeyVerdict] = {}
+    done: set[tuple[str, str]] = set()  # (key, policy) decided tonight: a second model sharing one is served
     models: list[ModelNight] = []
     gpus = 0
     try:
@@ -215,12 +240,23 @@ def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -
             if time.monotonic() - t0 > fleet.time_cap_s:
                 models.append(ModelNight(fm.name, policy.value, "", "", (), failed="not run: the time cap was reached"))
                 continue
-            opts.say(f"{label}: re-tuning")
-            col = _Collector()
+            opts.say(f"{label}: re-measuring the incumbents")
             m0 = time.monotonic()
             try:
-                summary = farm.run(fm.ref, replace(run_settings, policy=policy), [col, *opts.listeners],
-                                   retune=True, track=opts.track, fresh_since=night_start)
+                first = fleet.explore == "on-change"
+                summary, verdicts, notes = _phase(fm.ref, replace(run_settings, policy=policy), opts, table,
+                                                  night_start, fleet.threshold, shared, fresh_since=night_start,
+                                                  only_incumbent=first)
+                again = frozenset(v.match_key for v in verdicts if (v.regressed or v.invalidated or v.changed)
+                                  and (v.match_key, policy.value) not in done)
+                if first and again:
+                    opts.say(f"{label}: new candidates for {len(again)} patterns")
+                    summary, later, notes2 = _phase(fm.ref, replace(run_settings, policy=policy), opts, table,
+                                                    night_start, fleet.threshold, shared, retune_keys=again)
+                    by_key = {v.match_key: v for v in later}
+                    verdicts = tuple(by_key.get(v.match_key, v) for v in verdicts)
+                    notes = (*notes, *(n for n in notes2 if n not in notes))
+                done |= {(v.match_key, policy.value) for v in verdicts}
             except Exception as e:  # noqa: BLE001 -- one model failing must not stop the fleet: recorded, alerted
                 from fact_ray.errors import UserError
 
@@ -231,8 +267,6 @@ def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -
                                          failed=line))
                 opts.say(f"{label}: FAILED: {line}")
                 continue
-            verdicts, notes = _judge_run(summary, col, table, night_start, fleet.threshold, shared)
-            notes = (*summary.notes, *notes)
             models.append(ModelNight(fm.name, policy.value, summary.arch.value, summary.gpu, verdicts,
                                      seconds=time.monotonic() - m0, notes=notes, run_id=summary.run_id,
                                      mlflow_run_id=summary.mlflow_run_id))

@@ -70,3 +70,35 @@ def test_token_authentication_stays_on(config):
             assert "RAY_AUTH_MODE=token" in cmd
     assert any("auth_token" in k for k in config["file_mounts"])
     assert not any("RAY_AUTH_MODE=disabled" in c for c in config["head_start_ray_commands"])
+
+
+def test_head_mlflow_has_a_database_backend_and_an_object_store_for_artifacts(config):
+    server = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--backend-store-uri postgresql://" in server and "--artifacts-destination s3://" in server
+    setup = " ".join(config["head_setup_commands"])
+    assert "postgresql" in setup and "psycopg2" in setup and "boto3" in setup
+
+
+def test_nightly_schedules_are_ready(config):
+    """The cron line, the KubeRay RayJob and its CronJob in deploy/ submit the fleet's re-tune."""
+    from fact_ray.fleet import load_fleet
+
+    fleet = load_fleet(ROOT / "deploy" / "fleet.example.toml")
+    assert len(fleet.models) >= 4 and all(Path(m.ref).is_file() for m in fleet.models)
+    (line,) = [ln for ln in (ROOT / "deploy" / "cron" / "nightly.cron").read_text().splitlines()
+               if ln and not ln.startswith("#") and "=" not in ln.split()[0]]
+    fields = line.split(None, 5)
+    assert fields[:5] == ["30", "2", "*", "*", "*"]
+    assert "ray job submit" in fields[5] and "fact-ray retune --fleet deploy/fleet.example.toml" in fields[5]
+    rayjob = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob-nightly.yaml").read_text())
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    assert rayjob["spec"]["entrypoint"].startswith("fact-ray retune --fleet")
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert any(w["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for w in workers)
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "cronjob-nightly.yaml").read_text()))
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    assert cron["spec"]["schedule"] == "30 2 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert "kubectl create -f -" in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["rules"][0]["resources"] == ["rayjobs"] and "create" in role["rules"][0]["verbs"]

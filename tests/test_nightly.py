@@ -194,3 +194,28 @@ def test_an_environment_change_forces_reverification_before_serving(tmp_path, ti
     table.commit([_winner_row(gemm, incumbent, gpu="NVIDIA H100 80GB HBM3", days=1)])
     by_key, _ = _plan(table, disc, host={"gpu_name": "NVIDIA H100 80GB HBM3"})
     assert by_key[gemm.key].status == farm.FROM_TABLE
+
+
+def test_a_nights_first_phase_measures_incumbents_only_and_the_second_only_the_keys_asked(tmp_path, tiny):
+    disc, gemm = tiny
+    incumbent = _space_names(disc, gemm)[5]
+    table = PatternTable(str(tmp_path))
+    table.commit([_winner_row(gemm, incumbent)])
+    patterns = farm._patterns_of(disc.matches)
+    todo = farm._plan(patterns, table, Precision.FP32, Arch.SM80, TC, 4, disc, True, {"gpu_name": GPU},
+                      farm._Night(fresh_since=NIGHT1, only_incumbent=True))
+    p = next(x for x in todo if x.key == gemm.key)
+    assert [c.name for c in p.configs] == [incumbent] and p.reason == "incumbent re-measured"
+    # A pattern with no winner yet is tuned in full in the first phase already.
+    others = [x for x in todo if x.key != gemm.key]
+    assert all(len(x.configs) != 1 or x.match.family not in farm.GEMM_FAMILIES for x in others)
+    # Second phase: only the keys asked for are re-tuned (incumbent first, full budget); the rest are served.
+    patterns = farm._patterns_of(disc.matches)
+    todo = farm._plan(patterns, table, Precision.FP32, Arch.SM80, TC, 4, disc, True, {"gpu_name": GPU},
+                      farm._Night(retune_keys=frozenset({gemm.key})))
+    p = next(x for x in todo if x.key == gemm.key)
+    assert [c.name for c in p.configs][0] == incumbent and len(p.configs) == 4
+    patterns = farm._patterns_of(disc.matches)
+    todo = farm._plan(patterns, table, Precision.FP32, Arch.SM80, TC, 4, disc, True, {"gpu_name": GPU},
+                      farm._Night(retune_keys=frozenset({"some other key"})))
+    assert gemm.key not in {x.key for x in todo}
