@@ -64,15 +64,16 @@ def text(report: NightReport) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=report.summary_line())
-    body = rows(report)
-    cols = list(body[0]) if body else ["model"]
-    for c in cols:
-        t.add_column(c, overflow="fold")
-    for r in body:
-        t.add_row(*(r[c] for c in cols))
     con = Console(width=200, record=True, file=open(os.devnull, "w"))
-    con.print(t)
+    con.print(report.summary_line(), markup=False)
+    body = rows(report)
+    if body:  # none on a night that measured nothing: the notes below say why
+        t = Table()
+        for c in body[0]:
+            t.add_column(c, overflow="fold")
+        for r in body:
+            t.add_row(*r.values())
+        con.print(t)
     for m in report.models:
         for n in m.notes:
             con.print(f"{m.model} {m.policy}: {n}", markup=False)

@@ -168,14 +168,21 @@ ref = "{TINY}"
     job_env = {"FACT_RAY_HOME": str(tmp_path / "home"), "FACT_RAY_TABLE_URI": str(tmp_path / "table"),
                "FACT_RAY_TRACKING_URI": store, "FACT_RAY_ARCH": "sm80", "COLUMNS": "200"}
     out = tmp_path / "night"
-    r = subprocess.run([*RAY, "job", "submit", f"--address={address}", "--submission-id=fact-ray-night-test",
-                        f"--runtime-env-json={json.dumps({'env_vars': job_env})}", "--",
-                        FACT_RAY, "retune", "--fleet", str(fleet), "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    for attempt in range(20):
+        # The head's job agent starts a little after `ray start` returns: until it answers, a submission is
+        # refused before any job exists, so it is sent again.
+        job_id = f"fact-ray-night-test-{attempt}"
+        r = subprocess.run([*RAY, "job", "submit", f"--address={address}", f"--submission-id={job_id}",
+                            f"--runtime-env-json={json.dumps({'env_vars': job_env})}", "--",
+                            FACT_RAY, "retune", "--fleet", str(fleet), "--out", str(out)],
+                           env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+        if "No available agent to submit job" not in r.stderr:
+            break
+        time.sleep(10)
     logs = r.stdout[-4000:] + r.stderr[-2000:]
-    status = subprocess.run([*RAY, "job", "status", f"--address={address}", "fact-ray-night-test"], env=env,
+    status = subprocess.run([*RAY, "job", "status", f"--address={address}", job_id], env=env,
                             capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "SUCCEEDED" in status.stdout + status.stderr, logs + status.stdout
+    assert r.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout + status.stderr, logs
     doc = json.loads((out / "night.json").read_text())
     assert doc["fleet"] == "jobtest" and doc["gpus"] == 0 and doc["exit_code"] == 0
     (model,) = doc["models"]
