@@ -41,11 +41,20 @@ class Compiled:
 
 
 @ray.remote(num_cpus=1, max_retries=DEFAULT_MAX_RETRIES, retry_exceptions=False, num_returns=2)
-def compile_source(source: Source, cache_dir: str, nvcc: str) -> tuple[Compiled, bytes]:
-    """Build one translation unit. Returns (metadata, .so bytes or b"")."""
-    from fact_ray.realize.build import build  # the codegen stack loads on the worker, not at import
+def compile_source(source: Source, cache_dir: str, nvcc: str, shared: str = "") -> tuple[Compiled, bytes]:
+    """Build one translation unit. Returns (metadata, .so bytes or b""). `shared`: the cluster's shared build cache
+    (fact_ray.shared_cache), pulled from before building and pushed to after a fresh build."""
+    from fact_ray.realize.build import build, key_of  # the codegen stack loads on the worker, not at import
 
+    remote = None
+    if shared:
+        from fact_ray.shared_cache import SharedBuildCache
+
+        remote = SharedBuildCache(shared)
+        remote.pull(key_of(source, nvcc), cache_dir)
     lib = build(source, cache_dir, nvcc)
+    if remote is not None and lib.ok and not lib.cached:
+        remote.push(lib.key, cache_dir)
     data = b""
     if lib.ok:
         with open(lib.path, "rb") as f:
@@ -83,10 +92,10 @@ def unwrap_user_error(e: BaseException) -> None:
 
 def compile_all(sources: Sequence[Source], cache_dir: str, nvcc: str = "nvcc", *, max_in_flight: int = 0,
                 max_retries: int = DEFAULT_MAX_RETRIES, on_done: Callable[[CompileOutcome], None] | None = None,
-                ) -> list[CompileOutcome]:
+                shared: str = "") -> list[CompileOutcome]:
     """Compile every source on the cluster, reporting each outcome as it finishes (in completion order through
     `on_done`); returns them in the order of `sources`. `max_in_flight` 0 lets Ray's CPU slots bound the
-    parallelism; a positive value also caps it from the driver (`--jobs`)."""
+    parallelism; a positive value also caps it from the driver (`--jobs`). `shared`: see `compile_source`."""
     pending = list(range(len(sources)))
     pending.reverse()  # pop() from the end keeps submission in source order
     running: dict[Any, tuple[int, Any, float]] = {}
@@ -98,7 +107,7 @@ def compile_all(sources: Sequence[Source], cache_dir: str, nvcc: str = "nvcc", *
             src = sources[i]
             meta_ref, so_ref = compile_source.options(
                 max_retries=max_retries, memory=COMPILE_MEMORY.get(src.arch, COMPILE_MEMORY[Arch.SM90]),
-            ).remote(src, cache_dir, nvcc)
+            ).remote(src, cache_dir, nvcc, shared)
             running[meta_ref] = (i, so_ref, time.monotonic())
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:

@@ -699,7 +699,11 @@ class _Driver:
 
         if not sources:
             return []
-        return compile_all(sources, self.cache_dir, self.s.nvcc, max_in_flight=self.s.jobs, on_done=done)
+        from fact_ray.shared_cache import cache_uri_for_table
+
+        # A table at a URI every node reaches also shares what the nodes build (see shared_cache).
+        return compile_all(sources, self.cache_dir, self.s.nvcc, max_in_flight=self.s.jobs, on_done=done,
+                           shared=cache_uri_for_table(self.table.uri))
 
     # ------------------------------------------------------------------ trials
 

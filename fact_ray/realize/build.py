@@ -127,6 +127,11 @@ def build_key(source_text: str, nvcc_version: str, flags: Sequence[str], cutlass
     return h.hexdigest()
 
 
+def key_of(source: Source, nvcc: str = "nvcc") -> str:
+    """The cache key `build` files `source` under (for a shared cache to look it up before building)."""
+    return build_key(source.code, nvcc_version(nvcc), flags_for(source), cutlass_version(), arch_targets(source))
+
+
 def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / key[:2] / key
 
@@ -167,7 +172,7 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
     toolchain is missing. `include_dirs` come after CUTLASS's and, like them, are not keyed (machine paths)."""
     nvcc_path = _resolve_nvcc(nvcc)
     flags = flags_for(source)
-    key = build_key(source.code, nvcc_version(nvcc), flags, cutlass_version(), arch_targets(source))
+    key = key_of(source, nvcc)
     meta = read_entry(cache_dir, key)
     if meta is not None:
         return _library(source, key, meta, cache_dir, cached=True)
