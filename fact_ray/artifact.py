@@ -417,7 +417,7 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
         n = len(composition_of(composed).replacements)
         raise NotAvailable(f"{loaded.name}: {n} pattern(s) composed from the table, but there is no CUDA GPU to check "
                            "the module end to end; an unchecked composition is never saved")
-    report = check(loaded.module, composed, policy, example_inputs=loaded.inputs)
+    report = check(loaded.module, composed, policy, example_inputs=loaded.inputs, rebuild=loaded.rebuild)
     if not report.passed:
         raise ComposeError(f"{loaded.name}: the composed module failed its end-to-end check ({report.reason}); "
                            "nothing saved")

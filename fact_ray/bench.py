@@ -15,7 +15,6 @@ row with its one-line reason; the others go on. Results: `format_table` (rich), 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -205,7 +204,7 @@ def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, 
     ready: dict[str, Variant] = {}
     first: dict[str, float] = {}
     with torch.no_grad(), precision_mode(policy):
-        reference = _reference_outputs(loaded.module, inputs, device)
+        reference = _reference_outputs(loaded, inputs, device)
         for name, build in builders.items():
             say(f"{name}: building and running once")
             try:
@@ -251,11 +250,14 @@ def _errors_of(fn: Callable[..., Any], inputs: Sequence[Any], reference: Any,
         return str(e)
 
 
-def _reference_outputs(module: Any, inputs: Sequence[Any], device: Any) -> Any:
-    """The original module in float64 on the same inputs (measuring.md); the copy is dropped at once."""
+def _reference_outputs(loaded: Any, inputs: Sequence[Any], device: Any) -> Any:
+    """The original module in float64 on the same inputs (measuring.md): a fresh instance loaded with the model's
+    state (fact_ray.reference), dropped at once."""
     import torch
 
-    reference = copy.deepcopy(module).to(device=device, dtype=torch.float64).eval()
+    from fact_ray.reference import float64_reference
+
+    reference = float64_reference(loaded.module, rebuild=getattr(loaded, "rebuild", None), device=device)
     out = reference(*[x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs])
     del reference
     return out

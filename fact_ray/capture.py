@@ -29,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -50,6 +50,9 @@ class LoadedModel:
     name: str
     model_hash: str
     ref: str = ""
+    # Builds the same model again (Model(*get_init_inputs()), or the factory's module): the float64 reference is a
+    # fresh instance loaded with this one's state (fact_ray.reference), never a deep copy that closures escape.
+    rebuild: Optional[Callable[[], torch.nn.Module]] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +119,7 @@ def under_policy(loaded: LoadedModel, policy: Any) -> LoadedModel:
     inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in loaded.inputs)
     return LoadedModel(module=loaded.module, inputs=inputs, name=loaded.name, model_hash=loaded.model_hash,
-                       ref=loaded.ref)
+                       ref=loaded.ref, rebuild=loaded.rebuild)
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:
@@ -184,7 +187,8 @@ def _build(ref: str, name: str, mod: Any, source: str) -> LoadedModel:
     if not isinstance(inputs, (list, tuple)):
         raise ModelInvalid(f"{ref}: get_inputs() must return a list, got {type(inputs).__name__}")
     model_hash = hashlib.sha256((source + "\0" + repr(list(init))).encode()).hexdigest()
-    return LoadedModel(module=module.eval(), inputs=tuple(inputs), name=name, model_hash=model_hash, ref=ref)
+    return LoadedModel(module=module.eval(), inputs=tuple(inputs), name=name, model_hash=model_hash, ref=ref,
+                       rebuild=lambda: model_cls(*init))
 
 
 def _load_factory(ref: str) -> LoadedModel:
@@ -212,7 +216,13 @@ def _load_factory(ref: str) -> LoadedModel:
     except (OSError, TypeError):
         source = getattr(mod, "__file__", "") or mod_name  # compiled module: its path stands for its source
     model_hash = hashlib.sha256((source + "\0" + repr(attr)).encode()).hexdigest()
-    return LoadedModel(module=module.eval(), inputs=tuple(inputs), name=ref, model_hash=model_hash, ref=ref)
+    return LoadedModel(module=module.eval(), inputs=tuple(inputs), name=ref, model_hash=model_hash, ref=ref,
+                       rebuild=lambda: _rebuilt_by_factory(factory, ref))
+
+
+def _rebuilt_by_factory(factory: Any, ref: str) -> torch.nn.Module:
+    result = _call(factory, f"{ref}: rebuilding the model")
+    return result[0]
 
 
 def _call(fn: Any, what: str) -> Any:

@@ -428,8 +428,11 @@ def _leaves(x: Any) -> list[torch.Tensor]:
 
 def check(original: torch.nn.Module, composed: ComposedModule, policy: Precision | str,
           seeds: Sequence[int] = (0, 1, 2), *, device: str | torch.device | None = None,
-          example_inputs: Sequence[Any] | None = None) -> CheckReport:
+          example_inputs: Sequence[Any] | None = None, rebuild: Any = None) -> CheckReport:
     """Composed vs the original in float64 on fresh random inputs, per seed, within the policy's tolerance.
+
+    The float64 original is a fresh instance from `rebuild` (`LoadedModel.rebuild`) loaded with `original`'s
+    state, or a deep copy where no closure escapes it (fact_ray.reference).
 
     The report is attached to `composed` (save refuses a module without a passing one) and returned.
     """
@@ -438,7 +441,9 @@ def check(original: torch.nn.Module, composed: ComposedModule, policy: Precision
         raise NotAvailable("no CUDA GPU: the composed module's kernels cannot run here, so it cannot be checked")
     comp = composition_of(composed)
     dev = torch.device(device or "cuda")
-    reference = copy.deepcopy(original).to(device=dev, dtype=torch.float64).eval()
+    from fact_ray.reference import float64_reference
+
+    reference = float64_reference(original, rebuild=rebuild, device=dev)
     composed.to(dev)
     rel_errs, max_abs = [], []
     reason = ""
