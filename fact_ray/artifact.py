@@ -115,6 +115,7 @@ def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gp
         "kept": list(comp.kept),
         # What the whole-module guarantee kept the composition for (fact_ray/guarantee.py); None when it did not run.
         "guarantee": _guarantee_json(composed),
+        "fallbacks": [{"match_key": k, "reason": why} for k, why in comp.fallbacks],
     }
 
 
@@ -267,26 +268,23 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     """Restore a composed module from an artifact folder, for `model`: a model reference (file or
     `pkg.mod:factory`), a `fact_ray.capture.LoadedModel`, or an `nn.Module` together with `inputs`.
     The module runs the model's own parameters; no nvcc, no tuning, no pattern table."""
-    from fact_ray.capture import LoadedModel, capture, load_model, under_policy
+    from fact_ray.capture import capture, under_policy
     from fact_ray.compose import KernelChoice, compose
     from fact_ray.compose import graph_hash as graph_hash_of
     from fact_ray.discover import discover
 
+    from fact_ray.shapes import load_dispatch, read_dispatch
+
     where = f"artifact {artifact}"
+    dispatch = read_dispatch(artifact)
+    if dispatch is not None:  # several shape buckets: a ShapeDispatch over one composition per bucket
+        return load_dispatch(artifact, dispatch, _loaded_model(model, inputs), device=device,
+                             expect_arch=expect_arch, expect_toolchain=expect_toolchain)
     manifest = read_manifest(artifact)
     check_target(manifest, expect_arch=expect_arch, expect_toolchain=expect_toolchain, where=where)
     digests = verify_libraries(artifact, manifest)
 
-    if isinstance(model, LoadedModel):
-        loaded = model
-    elif isinstance(model, (str, os.PathLike)):
-        loaded = load_model(str(model))
-    else:
-        import torch
-
-        if not isinstance(model, torch.nn.Module) or inputs is None:
-            raise ArtifactError("load needs a model reference, or an nn.Module with inputs= (example inputs)")
-        loaded = LoadedModel(module=model.eval(), inputs=tuple(inputs), name=type(model).__name__, model_hash="")
+    loaded = _loaded_model(model, inputs)
     want = manifest["model"]
     if loaded.model_hash and loaded.model_hash != want["hash"]:
         raise ArtifactError(f"{where} is for model {want['name']} (hash {want['hash'][:12]}), not {loaded.name} "
@@ -314,6 +312,21 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     return composed
 
 
+def _loaded_model(model: Any, inputs: Any) -> Any:
+    """`load`'s model argument as a LoadedModel: a reference, a LoadedModel, or an nn.Module with inputs."""
+    from fact_ray.capture import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(str(model))
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or inputs is None:
+        raise ArtifactError("load needs a model reference, or an nn.Module with inputs= (example inputs)")
+    return LoadedModel(module=model.eval(), inputs=tuple(inputs), name=type(model).__name__, model_hash="")
+
+
 def _inputs_beside_parameters(loaded: Any) -> Any:
     """The same model with its example inputs moved to where its parameters live: a module that was composed and
     moved to a GPU keeps CPU example inputs, and tracing it would mix devices."""
@@ -329,7 +342,17 @@ def _inputs_beside_parameters(loaded: Any) -> Any:
 
 
 def load_report(path: str | os.PathLike) -> str:
-    """What an artifact holds, for a person: model, target, toolchain, check, and one line per kernel."""
+    """What an artifact holds, for a person: model, target, toolchain, check, and one line per kernel (per shape
+    bucket, after the bucket rule, for a dispatch artifact)."""
+    from fact_ray.shapes import read_dispatch
+
+    dispatch = read_dispatch(path)
+    if dispatch is not None:
+        head = [f"dispatch   {Path(path)}: {len(dispatch['buckets'])} shape bucket(s), rule {dispatch['rule']} "
+                f"(any other shape runs {dispatch['untuned']})"]
+        head += [f"  not composed: shapes {sk['spec']}: {sk['reason']}" for sk in dispatch.get("skipped", [])]
+        return "\n".join(head + [f"\n[shapes {b['spec']}]\n" + load_report(Path(path) / b["artifact"])
+                                 for b in dispatch["buckets"]])
     m = read_manifest(path)
     tc = m.get("toolchain", {})
     chk = m.get("check")
@@ -350,6 +373,8 @@ def load_report(path: str | os.PathLike) -> str:
         f"kernels    {len(m['patterns'])} pattern(s) replaced, {len(m.get('kept', []))} kept as PyTorch ops",
         f"guarantee  {(m.get('guarantee') or {}).get('summary') or 'not run (every trial winner composed)'}",
     ]
+    for fb in m.get("fallbacks", []):  # said once, here: winners whose kernel cannot take the graph's operands
+        lines.append(f"  fallback: {fb['reason']}")
     for p in m["patterns"]:
         sp = p.get("speedup")
         lines.append(f"  {p['rule']:<22} at {p['anchor']:<14} {p['config']['name']}  "

@@ -101,6 +101,7 @@ class Variant:
     fn: Callable[..., Any]
     compiled: bool = False
     kernels: Optional[int] = None
+    note: str = ""  # said once in its row (a composed module's replacements that kept their PyTorch op)
 
 
 Builder = Callable[[], Variant]
@@ -236,6 +237,7 @@ def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, 
             continue
         rel, mx, close = err
         status, reason = _status(rel, policy)
+        reason = reason or v.note
         rows.append(VariantRow(name, status, reason=reason, time=times[name], speedup=ups.get(name), rel_err=rel,
                                max_abs_err=mx, allclose=close, compile_s=first[name] if v.compiled else None,
                                kernels=v.kernels, throughput=per_call[name], throughput_speedup=thr_ups.get(name)))
@@ -285,7 +287,12 @@ def _compiled(module: Any, mode: Optional[str]) -> Builder:
 def _composed_variant(composed: Any) -> Variant:
     from fact_ray.compose import composition_of
 
-    return Variant(composed, kernels=len(composition_of(composed).replacements))
+    comp = composition_of(composed)
+    note = ""
+    if comp.fallbacks:
+        more = f" (and {len(comp.fallbacks) - 1} more)" if len(comp.fallbacks) > 1 else ""
+        note = f"{len(comp.fallbacks)} winner(s) kept the PyTorch op: {comp.fallbacks[0][1]}{more}"
+    return Variant(composed, kernels=len(comp.replacements), note=note)
 
 
 # --------------------------------------------------------------------------------------------- the bench

@@ -53,6 +53,8 @@ class LoadedModel:
     # Builds the same model again (Model(*get_init_inputs()), or the factory's module): the float64 reference is a
     # fresh instance loaded with this one's state (fact_ray.reference), never a deep copy that closures escape.
     rebuild: Optional[Callable[[], torch.nn.Module]] = field(default=None, repr=False, compare=False)
+    # The shape buckets the model file names with get_shapes() (fact_ray.shapes); empty when it names none.
+    buckets: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,8 +95,19 @@ def exported_args(ep: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def load_model(ref: str) -> LoadedModel:
-    """Build the model a reference names; every failure a user can cause is a typed, one-line error."""
+    """Build the model a reference names; every failure a user can cause is a typed, one-line error.
+
+    `ref@shapes=<bucket>` (fact_ray.shapes.shaped_ref) is the same model with example inputs at the bucket's
+    shapes."""
+    import dataclasses
+
+    from fact_ray.shapes import inputs_for, split_ref
+
     ref = str(ref)
+    base, bucket = split_ref(ref)
+    if bucket is not None:
+        loaded = load_model(base)
+        return dataclasses.replace(loaded, inputs=inputs_for(loaded.inputs, bucket), ref=ref)
     if _FACTORY_REF.match(ref) and not Path(ref).exists():
         return _load_factory(ref)
     return _load_file(ref)
@@ -119,7 +132,7 @@ def under_policy(loaded: LoadedModel, policy: Any) -> LoadedModel:
     inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in loaded.inputs)
     return LoadedModel(module=loaded.module, inputs=inputs, name=loaded.name, model_hash=loaded.model_hash,
-                       ref=loaded.ref, rebuild=loaded.rebuild)
+                       ref=loaded.ref, rebuild=loaded.rebuild, buckets=loaded.buckets)
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:
@@ -187,8 +200,14 @@ def _build(ref: str, name: str, mod: Any, source: str) -> LoadedModel:
     if not isinstance(inputs, (list, tuple)):
         raise ModelInvalid(f"{ref}: get_inputs() must return a list, got {type(inputs).__name__}")
     model_hash = hashlib.sha256((source + "\0" + repr(list(init))).encode()).hexdigest()
+    get_shapes = getattr(mod, "get_shapes", None)
+    buckets: tuple[Any, ...] = ()
+    if callable(get_shapes):
+        from fact_ray.shapes import buckets_from
+
+        buckets = buckets_from(_call(get_shapes, f"{ref}: get_shapes()"), ref)
     return LoadedModel(module=module.eval(), inputs=tuple(inputs), name=name, model_hash=model_hash, ref=ref,
-                       rebuild=lambda: model_cls(*init))
+                       rebuild=lambda: model_cls(*init), buckets=buckets)
 
 
 def _load_factory(ref: str) -> LoadedModel:

@@ -38,6 +38,9 @@ _TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default
 _FAMILIES = typer.Option(None, "--families", help="Compose only these pattern families (comma list: gemm for "
                          "every GEMM family, attention, layernorm, rmsnorm; default: all); the rest keep PyTorch.")
 _BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
+_SHAPES = typer.Option(None, "--shapes", help="Shape buckets to tune/compose for: per input dims joined by x, "
+                       "inputs by ',', buckets by ';' (e.g. \"1x512x1024;8x2048x1024\"). Default for run: the "
+                       "model file's get_shapes(), if any. Other shapes run the PyTorch ops.")
 _LLM = typer.Option(None, "--llm", help="LLM discovery agent: off (default: the rules rank alone), rank, or propose. "
                     "Needs OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server.")
 _LLM_MODEL = typer.Option(None, "--llm-model", help="Model name to ask at the OpenAI-compatible endpoint.")
@@ -202,15 +205,26 @@ def tune(
 
 def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri: Optional[str],
          policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool,
-         llm: Optional[str] = None, llm_model: Optional[str] = None) -> None:
+         llm: Optional[str] = None, llm_model: Optional[str] = None, shapes: Optional[str] = None) -> None:
     def body() -> None:
         s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri, policy=policy, arch=arch,
                       budget=budget, llm=llm, llm_model=llm_model)
         from fact_ray import farm
+        from fact_ray import shapes as sh
         from fact_ray.progress import ConsoleProgress
 
         con = _console()
-        summary = farm.run(model, s, [ConsoleProgress()], retune=retune)
+        buckets = sh.model_buckets(model, shapes)
+        # Each shape bucket is tuned as a model of its own (its patterns have their own table keys); the last
+        # run's summary and exit code stand for the job, every bucket's table is printed.
+        for bucket in buckets[:-1]:
+            con.print(f"[bold]shapes {bucket.spec}[/]")
+            con.print(farm.format_summary(farm.run(sh.shaped_ref(model, bucket), s, [ConsoleProgress()],
+                                                   retune=retune)))
+        if buckets:
+            con.print(f"[bold]shapes {buckets[-1].spec}[/]")
+        last = sh.shaped_ref(model, buckets[-1]) if buckets else model
+        summary = farm.run(last, s, [ConsoleProgress()], retune=retune)
         con.print(farm.format_summary(summary))
         for note in summary.notes:
             con.print(f"[yellow]note:[/] {note}")
@@ -238,13 +252,15 @@ def run(
     retune: bool = typer.Option(False, "--retune", help="Ignore winners already in the table."),
     llm: Optional[str] = _LLM,
     llm_model: Optional[str] = _LLM_MODEL,
+    shapes: Optional[str] = _SHAPES,
 ) -> None:
     """The main job: capture, discover, compile and tune every pattern on Ray, record winners and the run.
 
     Patterns with a valid winner in the table are served from it (no compile, no trial) unless --retune.
-    Without a GPU, every CPU step still runs and the summary says which steps need a GPU.
+    Without a GPU, every CPU step still runs and the summary says which steps need a GPU. With --shapes (or a
+    get_shapes() in the model file) every shape bucket is tuned in turn.
     """
-    _run(model, address, table, tracking_uri, policy, arch, budget, retune, llm, llm_model)
+    _run(model, address, table, tracking_uri, policy, arch, budget, retune, llm, llm_model, shapes)
 
 
 @app.command()
@@ -332,6 +348,7 @@ def compose(
                                                "compile: default, max-autotune or reduce-overhead."),
     package: bool = typer.Option(False, "--package", help="Also emit the compiled form: an AOTInductor package "
                                  "(aoti/model.pt2) inside the artifact."),
+    shapes: Optional[str] = _SHAPES,
 ) -> None:
     """Compose MODEL from the table's winners, check it end to end on the local GPU, save an artifact.
 
@@ -356,7 +373,14 @@ def compose(
         if load and chosen:
             raise UserError("--families chooses what to compose from the table; --load restores a composition")
         base, mode = parse_against(against), parse_compile_mode(compile_mode)
-        path = artifact.compose_from_table(model, s, out, chosen, against=base, compile_mode=mode, say=typer.echo)
+        from fact_ray import shapes as sh
+
+        buckets = sh.model_buckets(model, shapes)
+        if buckets:  # one artifact per shape bucket under --out, and dispatch.json with the bucket rule
+            path = sh.compose_buckets(model, s, out, buckets, chosen, against=base, compile_mode=mode, say=typer.echo)
+        else:
+            path = artifact.compose_from_table(model, s, out, chosen, against=base, compile_mode=mode,
+                                               say=typer.echo)
         if package:
             from fact_ray.deploy import package_artifact
 

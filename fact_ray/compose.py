@@ -90,6 +90,9 @@ class Composition:
     replacements: tuple[Replacement, ...]
     kept: tuple[str, ...]  # match keys that keep their PyTorch ops (no winner)
     inputs: tuple[TensorMeta | None, ...] = field(default=())  # the user inputs as captured (check draws these)
+    # (match key, one line) for winners whose kernel cannot take the operands as the graph holds them (a strided
+    # view, fact_ray.layouts): they keep their PyTorch ops, and their keys are in `kept` too.
+    fallbacks: tuple[tuple[str, str], ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,7 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
             covered[n] = m.anchor
 
     replacements: list[Replacement] = []
+    fallbacks: list[tuple[str, str]] = []
     for m in chosen:
         choice = _choice(winners[m.key])
         cfg = choice.config
@@ -337,6 +341,10 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         if not Precision(cfg.precision).serves(policy):
             raise ComposeError(f"kernel {cfg.name} was tuned under {cfg.precision.value}, the composition runs "
                                f"under {policy.value}")
+        misfit = _operand_misfit(captured, index, m)
+        if misfit:  # this replacement keeps its PyTorch op; the others go on (layouts.py)
+            fallbacks.append((m.key, f"{m.rule} at {m.anchor} keeps its PyTorch op: {misfit}"))
+            continue
         if m.family in fused.FUSED_FAMILIES:
             replacements.append(_compose_fused(gm, index, m, choice, policy, digests))
             continue
@@ -364,17 +372,33 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
     gm.graph.eliminate_dead_code()  # what only fed a replaced subgraph (a causal mask's slice and compare)
     gm.graph.lint()
     gm.recompile()
-    kept = tuple(dict.fromkeys(m.key for m in matches if m.key not in winners))
+    fell_back = {k for k, _ in fallbacks}
+    kept = tuple(dict.fromkeys(m.key for m in matches if m.key not in winners or m.key in fell_back))
     user_inputs = tuple(n.meta for n in captured.graph.nodes if n.op == "placeholder" and n.kind == "input")
     setattr(gm, COMPOSITION_ATTR, Composition(
         model_name=captured.graph.model_name, model_hash=captured.graph.model_hash,
         graph_hash=graph_hash(captured.graph), capture=captured.method, policy=policy,
-        arch=wanted_arch, replacements=tuple(replacements), kept=kept, inputs=user_inputs))
+        arch=wanted_arch, replacements=tuple(replacements), kept=kept, inputs=user_inputs,
+        fallbacks=tuple(fallbacks)))
     if replacements:  # our kernels have no backward: a call with autograd on fails at once (fact_ray/inference.py)
         from fact_ray.inference import guard
 
         guard(gm)
     return gm
+
+
+def _operand_misfit(captured: Any, index: dict[str, torch.fx.Node], m: Match) -> str:
+    """Why m's kernel cannot take its operands as the captured graph holds them ("" when it can)."""
+    from fact_ray.layouts import misfit
+
+    operands = dict(m.param("operands", ()) or ())
+    metas = {n.name: n.meta for n in captured.graph.nodes}
+    offsets = {}
+    for name in operands.values():
+        val = index[name].meta.get("val") if name in index else None
+        if isinstance(val, torch.Tensor):
+            offsets[name] = int(val.storage_offset())
+    return misfit(m.family, operands, metas, offsets)
 
 
 def _compose_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], m: Match, choice: KernelChoice,

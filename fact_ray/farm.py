@@ -330,6 +330,9 @@ def _finish_run(summary: RunSummary, mlflow_listener: Any) -> RunSummary:
 
 def _check_model_path(ref: str) -> None:
     """A model file that is not there fails in a second, not after Ray has started (capture checks the rest)."""
+    from fact_ray.shapes import split_ref
+
+    ref = split_ref(ref)[0]  # a shape bucket's reference names the same file
     looks_like_file = ref.endswith(".py") or os.sep in ref
     if looks_like_file and not Path(ref).exists():
         raise ModelNotFound(f"{ref}: no such file (give a KernelBench-format .py file, or pkg.module:factory)")

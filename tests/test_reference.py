@@ -20,11 +20,6 @@ SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
 CLOSURE = str(SUITE / "kb_minigpt_closure.py")
 
 
-@pytest.fixture
-def small(monkeypatch):
-    for k, v in {"FR_BATCH": "2", "FR_SEQ": "16", "FR_EMBD": "32", "FR_HEADS": "4"}.items():
-        monkeypatch.setenv(k, v)
-
 
 def test_a_deep_copy_of_the_closure_model_is_not_float64(small):
     loaded = load_model(CLOSURE)
