@@ -248,6 +248,10 @@ def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: M
         raise ComposeError(f"{match.rule} at {match.anchor}: the graph has no shape for the output or operand a")
     kernel_dtype = getattr(torch, problem.dtype)
     with graph.inserting_before(anchor):
+        if has_residual(problem):  # a residual added after the GEMM's rows were viewed ([B, T, N], GPT-2's Conv1D)
+            want, res = tuple(output_shape(problem, a_meta[0])), _meta_of(args[-1])
+            if res is not None and tuple(res[0]) != want and math.prod(res[0]) == math.prod(want):
+                args[-1] = graph.call_function(torch.ops.aten.reshape.default, (args[-1], list(want)))
         if anchor_meta[1] != kernel_dtype:  # a bf16/fp16 policy on a wider model: cast in, cast back out
             args = [graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": kernel_dtype})
                     for x in args]

@@ -65,7 +65,7 @@ def work(m: Match, policy: Precision) -> tuple[int, int, bool]:
     """(FLOPs, fewest bytes, runs on tensor cores) of one match."""
     p = dict(m.params)
     e = element_bytes(m.dtype, policy)
-    if m.family in GEMM_FAMILIES:
+    if m.family in GEMM_FAMILIES or m.family == "baddbmm":
         M, N, K, L = p["M"], p["N"], p["K"], p["L"]
         b_copies = 1 if p.get("broadcast_b") else L
         if m.family == "swiglu":  # two GEMMs sharing A, one output
@@ -79,7 +79,7 @@ def work(m: Match, policy: Precision) -> tuple[int, int, bool]:
         if p.get("residual"):
             nbytes += e * M * N * L
         return flops, nbytes, True
-    if m.family == "attention":
+    if m.family in ("attention", "attention_gqa"):
         B, H, S, D = p["B"], p["H"], p["S"], p["D"]
         # QK^T and PV; a causal kernel skips the blocks above the diagonal, about half the work.
         flops = 4 * B * H * S * S * D

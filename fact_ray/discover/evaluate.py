@@ -222,6 +222,22 @@ def mask_form(view: GraphView, name: str) -> tuple[str, int] | None:
     return None
 
 
+def all_visible(view: GraphView, name: str) -> bool:
+    """Whether node `name` evaluates, from the graph alone, to a mask that hides nothing: all True (a boolean
+    keep-mask) or all 0 (an additive mask). HF's BERT and ViT pass SDPA such a mask built from an all-ones padding
+    mask; attention with it is attention without a mask. A mask computed from a user input is not evaluable here,
+    so it is never taken for visible."""
+    try:
+        value = Evaluator(view).value(name)
+    except NotEvaluable:
+        return False
+    if not isinstance(value, torch.Tensor) or value.numel() == 0:
+        return False
+    if value.dtype == torch.bool:
+        return bool(value.all())
+    return value.is_floating_point() and bool((value == 0).all())
+
+
 def scalar_value(view: GraphView, value: Any) -> float | None:
     """A number given inline, or a node evaluating to a one-element tensor (a lifted constant)."""
     if isinstance(value, bool) or value is None:

@@ -63,6 +63,14 @@ def swaps_last_two(view: GraphView, node: Node) -> bool:
     return False
 
 
+def keeps_rows(view: GraphView, node: Node) -> bool:
+    """A view that only regroups the leading (row) dimensions: [M, N] <-> [B, T, N], the last dim unchanged."""
+    if not node.args or not isinstance(node.args[0], Ref) or node.meta is None:
+        return False
+    src = view.meta(node.args[0].name)
+    return src is not None and bool(src.shape) and bool(node.meta.shape) and src.shape[-1] == node.meta.shape[-1]
+
+
 def plain_add(view: GraphView, node: Node) -> bool:
     """An add without a scaling alpha (x + y, not x + 2*y)."""
     return node.kwarg("alpha", 1) == 1 and len(node.args) == 2
@@ -251,11 +259,15 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 
 
+def _sdpa_args(node: Node) -> dict[str, Any]:
+    return {name: (node.args[i] if i < len(node.args) else node.kwarg(name, _SDPA_DEFAULTS[i]))
+            for i, name in enumerate(_SDPA_ARGS)}
+
+
 def _read_sdpa(b: Bound) -> dict[str, Any] | None:
     node = b.node("sdpa")
     assert node is not None
-    arg = {name: (node.args[i] if i < len(node.args) else node.kwarg(name, _SDPA_DEFAULTS[i]))
-           for i, name in enumerate(_SDPA_ARGS)}
+    arg = _sdpa_args(node)
     q, k, v = b.meta("q"), b.meta("k"), b.meta("v")
     if q is None or k is None or v is None or q.shape != k.shape or k.shape != v.shape:
         return None  # cross-attention, grouped heads or a different value width: not this family
@@ -265,6 +277,8 @@ def _read_sdpa(b: Bound) -> dict[str, Any] | None:
     B, H, S, D = dims
     causal = bool(arg["is_causal"])
     mask = arg["attn_mask"]
+    if isinstance(mask, Ref) and evaluate.all_visible(b.view, mask.name):
+        mask = None  # a mask that hides nothing (HF's BERT and ViT without padding): no mask
     if mask is not None:
         found = evaluate.mask_form(b.view, mask.name) if isinstance(mask, Ref) else None
         if found is None or found[0] not in ("keep", "additive") or found[1] != S or causal:
@@ -274,6 +288,29 @@ def _read_sdpa(b: Bound) -> dict[str, Any] | None:
     scale = float(scale) if is_number(scale) else 1.0 / math.sqrt(D)
     return {"B": B, "H": H, "S": S, "D": D, "causal": causal, "scale": scale, "spelling": "sdpa",
             "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
+
+
+def read_attention_gqa(b: Bound) -> dict[str, Any] | None:
+    """SDPA whose key/value heads are fewer than its query heads (enable_gqa): listed, not realized."""
+    node = b.node("sdpa")
+    q, k, v = b.meta("q"), b.meta("k"), b.meta("v")
+    if node is None or q is None or k is None or v is None or len(q.shape) != 4 or len(k.shape) != 4:
+        return None
+    if q.shape[1] == k.shape[1]:
+        return None  # as many heads: the attention rule's case
+    B, H, S, D = q.shape
+    return {"B": B, "H": H, "S": S, "D": D, "kv_heads": k.shape[1], "causal": bool(_sdpa_args(node)["is_causal"]),
+            "spelling": "sdpa_gqa", "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
+
+
+def read_baddbmm(b: Bound) -> dict[str, Any] | None:
+    """beta * input + alpha * (A @ B) over [L, M, K] @ [L, K, N]: listed, not realized."""
+    g, a, bl = b.node("gemm"), b.meta("a"), b.meta("b_view") or b.meta("b")
+    if g is None or a is None or bl is None or len(a.shape) != 3 or len(bl.shape) != 3:
+        return None
+    L, M, K = a.shape
+    return {"M": M, "N": bl.shape[2], "K": K, "L": L, "beta": g.kwarg("beta", 1), "alpha": g.kwarg("alpha", 1),
+            "dtype": a.dtype, "operands": {"input": b.get("input"), "a": b.get("a"), "b": b.get("b")}}
 
 
 # ------------------------------------------------------------------------------------------- normalisation

@@ -37,8 +37,11 @@ def format_matches(matches: list[Match], title: str | None = None) -> Table:
                          ("shapes", "left"), ("dtype", "left"),
                          ("time (measured)" if measured else "est. time", "right"), ("share", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    from fact_ray.discover.rules import NOT_REALIZED
+
     for i, m in enumerate(matches, 1):
-        table.add_row(str(i), m.rule, m.family, _nodes_cell(m), _shapes_cell(m), m.dtype,
+        family = f"{m.family} (not realized yet)" if m.family in NOT_REALIZED else m.family
+        table.add_row(str(i), m.rule, family, _nodes_cell(m), _shapes_cell(m), m.dtype,
                       format_seconds(m.est_time_s), f"{100 * m.share:.1f}%")
     return table
 
