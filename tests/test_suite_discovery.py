@@ -90,3 +90,28 @@ def test_sdpa_with_grouped_query_heads_is_listed_not_missed():
     (m,) = discover(capture(LoadedModel(GQA(), (q, k, v), "gqa", "h")).graph, "sm90", "fp32")
     p = dict(m.params)
     assert m.family == "attention_gqa" in NOT_REALIZED and (p["H"], p["kv_heads"], p["causal"]) == (8, 2, True)
+
+
+def test_kv_heads_repeated_before_an_explicit_product_is_attention():
+    import math
+
+    import torch
+    import torch.nn as nn
+
+    from fact_ray.capture import LoadedModel
+
+    class Repeated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(32, 32, dtype=torch.bool).triu(1))
+
+        def forward(self, q, k, v):
+            k = k.repeat_interleave(4, dim=1)  # GQA's K, one way
+            v = v[:, :, None].expand(2, 2, 4, 32, 16).reshape(2, 8, 32, 16)  # and V, HF's repeat_kv way
+            s = (q @ k.transpose(-2, -1)) / math.sqrt(16)
+            return torch.softmax(s.masked_fill(self.mask, float("-inf")), -1) @ v
+
+    q, k, v = torch.randn(2, 8, 32, 16), torch.randn(2, 2, 32, 16), torch.randn(2, 2, 32, 16)
+    (m,) = discover(capture(LoadedModel(Repeated(), (q, k, v), "rep", "h")).graph, "sm90", "fp32")
+    p = dict(m.params)
+    assert m.family == "attention" and (p["H"], p["causal"], p["scale"]) == (8, True, 0.25)
