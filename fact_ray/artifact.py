@@ -272,7 +272,6 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     from fact_ray.compose import KernelChoice, compose
     from fact_ray.compose import graph_hash as graph_hash_of
     from fact_ray.discover import discover
-
     from fact_ray.shapes import load_dispatch, read_dispatch
 
     where = f"artifact {artifact}"
