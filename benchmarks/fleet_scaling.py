@@ -1,7 +1,8 @@
 """How a fleet's night scales with GPUs, and what a night with nothing changed costs.
 
-    .venv/bin/python benchmarks/fleet_scaling.py                          # deploy/fleet.example.toml, 1 vs all GPUs
-    .venv/bin/python benchmarks/fleet_scaling.py --fleet my.toml --gpus 1,2,4 --budget 8 --out /tmp/scaling.json
+    .venv/bin/python benchmarks/fleet_scaling.py                          # benchmarks/fleets/scaling.toml, 1 vs all
+    .venv/bin/python benchmarks/fleet_scaling.py --fleet my.toml --gpus 1,2,4 --out /tmp/scaling.json
+    bash benchmarks/gpu_session.sh fleet:1+4:3000                           # on a 4-GPU host, logs under $OUT
 
 Each measurement is one `fact-ray retune --fleet` night in a fresh subprocess whose CUDA_VISIBLE_DEVICES shows it
 the first k GPUs (so its local Ray has k trial workers), with its own empty pattern table and MLflow store (a
@@ -42,8 +43,15 @@ def gpu_count() -> int:
 
 
 def night(fleet: str, gpus: int, work: Path, cache: Path, tag: str, table: Path | None = None) -> dict:
-    """One timed `fact-ray retune --fleet` in a subprocess that sees `gpus` GPUs."""
-    table = table or work / f"table-{tag}"
+    """One timed `fact-ray retune --fleet` in a subprocess that sees `gpus` GPUs. A night already timed in this work
+    folder (a call cut off by a time limit, run again with the same --keep) is read back, not run again."""
+    done = work / f"result-{tag}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if table is None:  # a cold night: nothing left from an earlier, cut-off attempt
+        table = work / f"table-{tag}"
+        for stale in (table, work / f"home-{tag}", work / f"mlflow-{tag}.db"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
            "FACT_RAY_HOME": str(work / f"home-{tag}"), "FACT_RAY_TABLE_URI": str(table),
            "FACT_RAY_TRACKING_URI": f"sqlite:///{work / f'mlflow-{tag}.db'}", "FACT_RAY_CACHE_DIR": str(cache),
@@ -55,16 +63,18 @@ def night(fleet: str, gpus: int, work: Path, cache: Path, tag: str, table: Path 
     seconds = time.monotonic() - t0
     doc = json.loads((out / "night.json").read_text()) if (out / "night.json").is_file() else {}
     verdicts = [v for m in doc.get("models", []) for v in m["patterns"]]
-    return {"tag": tag, "gpus": gpus, "seconds": round(seconds, 2), "night_seconds": doc.get("seconds"),
+    result = {"tag": tag, "gpus": gpus, "seconds": round(seconds, 2), "night_seconds": doc.get("seconds"),
             "exit_code": r.returncode, "patterns": len(verdicts), "changed": sum(v["changed"] for v in verdicts),
             "regressed": sum(v["regressed"] for v in verdicts), "failed": [m["failed"] for m in doc.get("models", [])
                                                                           if m["failed"]],
             "stderr_tail": r.stderr[-1500:] if r.returncode not in (0, 1) else ""}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fleet", default=str(ROOT / "deploy" / "fleet.example.toml"))
+    ap.add_argument("--fleet", default=str(ROOT / "benchmarks" / "fleets" / "scaling.toml"))
     ap.add_argument("--gpus", default="", help="Comma list of GPU counts (default: 1 and all).")
     ap.add_argument("--out", default="")
     ap.add_argument("--keep", default="", help="Keep the work folder here (tables, stores, reports).")

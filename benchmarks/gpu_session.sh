@@ -7,7 +7,10 @@
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
 # e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
 # composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
-# timing methods side by side on a Llama-style block: benchmarks/bench_methods.py)
+# timing methods side by side on a Llama-style block: benchmarks/bench_methods.py), fleet:<gpu counts, '+'
+# between>[:<timeout>] (issue 13: benchmarks/fleet_scaling.py, a fleet's cold night on 1 vs N GPUs and a night with
+# nothing changed; resumable: a call cut off by the 10-minute limit is continued by the same step in the next call
+# on the same machine, the nights timed so far kept under .fact-ray/fleet-work/)
 #   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
 #   bash benchmarks/gpu_session.sh farm:fp32:8 bench:examples/minigpt.py:fp32
 set -uo pipefail
@@ -60,6 +63,8 @@ for step in "$@"; do
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
     methods) timeout 400 python3 benchmarks/bench_methods.py --out "$OUT/bench-methods.json" 2>&1 \
                | tee "$OUT/bench-methods.log" | tail -15 ;;
+    fleet) timeout "${b:-580}" python3 benchmarks/fleet_scaling.py ${a:+--gpus "${a//+/,}"} --out "$OUT/fleet-scaling.json" \
+             --keep .fact-ray/fleet-work 2>&1 | tee "$OUT/fleet-scaling.log" | tail -20 ;;
     *) echo "unknown step $step" ;;
   esac
   pack
