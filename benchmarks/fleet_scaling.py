@@ -50,8 +50,9 @@ def night(fleet: str, gpus: int, work: Path, cache: Path, tag: str, table: Path 
         return json.loads(done.read_text())
     if table is None:  # a cold night: nothing left from an earlier, cut-off attempt
         table = work / f"table-{tag}"
-        for stale in (table, work / f"home-{tag}", work / f"mlflow-{tag}.db"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        for stale in (table, work / f"home-{tag}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (work / f"mlflow-{tag}.db").unlink(missing_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
            "FACT_RAY_HOME": str(work / f"home-{tag}"), "FACT_RAY_TABLE_URI": str(table),
            "FACT_RAY_TRACKING_URI": f"sqlite:///{work / f'mlflow-{tag}.db'}", "FACT_RAY_CACHE_DIR": str(cache),
