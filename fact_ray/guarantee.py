@@ -2,8 +2,10 @@
 
 Per-pattern wins do not add up on their own: each kernel call has a dispatch cost, the glue around a replaced
 subgraph stays unfused, and at inference sizes those costs can outweigh what the kernel saves (issue 18). So the
-composed module itself is timed against the original, on the same inputs, under the same policy, interleaved
-(`realize.bench.time_interleaved`, whose timer can be injected so the selection runs on a CPU in tests).
+composed module itself is timed against the original, on the same inputs, under the same policy, side by side
+and as `fact-ray bench` reports it (`realize.bench.time_serving`: each module warmed up in its own loop, then
+rounds of one synchronised call per module; the medians of those latencies decide). Its timer can be injected
+so the selection runs on a CPU in tests.
 
 Method: greedy backward elimination (an ablation). Start from every replacement that won its trial. Each round
 times, in the same interleaved rounds, the baseline, the module with the current set S, and for every r in S the
@@ -67,7 +69,7 @@ class Guarantee:
     dropped: tuple[Dropped, ...]
     rounds: int
     reps: int
-    method: str = "greedy backward elimination (leave one out per round), medians of interleaved rounds"
+    method: str = "greedy backward elimination (leave one out per round), median latency of one synchronised call"
 
     @property
     def summary(self) -> str:
@@ -104,7 +106,7 @@ def select(candidates: Sequence[str], build: Callable[[frozenset[str]], Callable
     timing inputs (it is called once per set and cached); `baseline()` runs the baseline. `describe` maps a key to
     (rule, anchor) for the report. `timer` is `time_interleaved`'s: None times with CUDA events.
     """
-    from fact_ray.realize.bench import time_interleaved
+    from fact_ray.realize.bench import time_serving
 
     if against not in AGAINST:
         raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
@@ -134,7 +136,9 @@ def select(candidates: Sequence[str], build: Callable[[frozenset[str]], Callable
             fns.update({k: module(have - {k}) for k in current})
         say(f"guarantee round {rounds}: the module with {len(current)} replacement(s) against {len(fns) - 2} "
             f"leave-one-out module(s) and the baseline, {reps} interleaved rounds")
-        times = time_interleaved(fns, warmup=warmup, reps=reps, timer=timer)
+        # Latency, not the old interleaved event pairs: at inference sizes modules are launch-bound, and calls of
+        # different modules interleaved without a sync time a host that keeps switching programs (docs/bench.md).
+        times, _ = time_serving(fns, rounds=reps, calls=1, warmup=warmup, warmup_s=0.2, max_warmup=50, timer=timer)
         with_ms = times[_WITH].median_ms
         base_ms = times[_BASE].median_ms
         without = {k: (times[k].median_ms if k in times else base_ms) for k in current}
