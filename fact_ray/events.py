@@ -120,6 +120,8 @@ class TrialFinished:
     match_key: str
     trial: Trial
     step: int  # 0-based trial index within the pattern: the x axis of per-trial metrics
+    gpu_slot: int = -1  # the trial worker that ran it (one per GPU of the cluster); -1: none ran it
+    host: str = ""  # the node of that worker
 
 
 @dataclass(frozen=True)

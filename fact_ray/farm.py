@@ -732,11 +732,12 @@ class _Driver:
 
         def outcome(out: TrialOutcome) -> None:
             p, cfg = owners[out.index]
+            where = {"gpu_slot": out.worker, "host": out.host}  # which GPU ran it (MLflow shows the spread)
             if out.done:
                 res = out.value
                 if p.torch_trial is None:
                     p.torch_trial = res.torch_trial
-                    self._trial_event(p, res.torch_trial)
+                    self._trial_event(p, res.torch_trial, **where)
                 trial = res.trial
             else:
                 trial = Trial(cfg.name, out.status, error=out.error)
@@ -746,7 +747,7 @@ class _Driver:
                     log.warning("trial of %s on %s raised unexpectedly (worker replaced):\n%s", cfg.name,
                                 out.host or "a worker", out.detail)
             p.trials.append(trial)
-            self._trial_event(p, trial)
+            self._trial_event(p, trial, **where)
             p.expected_trials -= 1
             if p.expected_trials == 0:
                 self._finish(p, arch, ctx, built)
@@ -754,8 +755,8 @@ class _Driver:
         if calls:
             self.pool.run(calls, outcome)
 
-    def _trial_event(self, p: _Pattern, trial: Trial) -> None:
-        self.bus.emit(TrialFinished(match_key=p.key, trial=trial, step=p.step))
+    def _trial_event(self, p: _Pattern, trial: Trial, gpu_slot: int = -1, host: str = "") -> None:
+        self.bus.emit(TrialFinished(match_key=p.key, trial=trial, step=p.step, gpu_slot=gpu_slot, host=host))
         p.step += 1
 
     def _finish(self, p: _Pattern, arch: Arch, ctx: Any, built: dict[str, Any]) -> None:

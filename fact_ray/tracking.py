@@ -11,7 +11,8 @@ Layout of one `fact-ray run` in MLflow (experiment "fact-ray" by default):
                  artifact agent.json
       child run "<index> <rule>"               tags fact_ray.kind=pattern, fact_ray.match_key, mlflow.parentRunId
         params   rule, family, match_key, shapes, dtype, anchor, index, policy, arch, match_params, winner
-        metrics  per trial step: time_ms, trial_baseline_ms, trial_speedup, best_so_far_ms;
+        metrics  per trial step: time_ms, trial_baseline_ms, trial_speedup, best_so_far_ms, gpu_slot (the trial
+                 worker, one per GPU, that ran it);
                  per compile step: compile_s;
                  final (own names, so a per-step value never shadows them): best_ms, baseline_ms, speedup,
                  trials, failures, compiles, compile_failures
@@ -283,6 +284,8 @@ class MlflowListener:
         if t.baseline is not None:
             metrics["trial_baseline_ms"] = t.baseline.median_ms
         metrics["trial_speedup"] = t.speedup
+        if ev.gpu_slot >= 0:
+            metrics["gpu_slot"] = ev.gpu_slot  # which trial worker (one per GPU) ran this step
         if p.best_ms < math.inf:
             metrics["best_so_far_ms"] = p.best_ms
         self._batch(p.run_id, metrics=metrics, step=ev.step)

@@ -78,7 +78,7 @@ def _emit_run(sink, tmp: Path, run_id: str, base_ms: float, times: list[float | 
     sink.emit(ArtifactProduced(str(prof), "profile", match_key=m1.key))  # belongs to the pattern's child run
     trials = _trials(base_ms, times)
     for step, t in enumerate(trials):
-        sink.emit(TrialFinished(m1.key, t, step))
+        sink.emit(TrialFinished(m1.key, t, step, gpu_slot=step % 2, host="node-1"))  # two GPUs took turns
     ok = [t for t in trials[1:] if t.status == "ok"]
     best = min(ok, key=lambda t: t.time.median_ms) if ok else trials[0]
     code = f"// winner of {run_id}\nextern \"C\" int k_run() {{ return 0; }}\n"
@@ -126,6 +126,8 @@ def _check_logged(client, parent_id: str, facts: dict, tmp: Path) -> None:
     assert m["speedup"] == pytest.approx(base / best.time.median_ms)
     assert (m["trials"], m["failures"], m["compiles"], m["compile_failures"]) == (len(facts["trials"]), 2, 2, 1)
     assert c1.data.params["winner"] == best.candidate_name
+    slots = [(h.step, h.value) for h in client.get_metric_history(c1.info.run_id, "gpu_slot")]
+    assert sorted(slots) == [(i, float(i % 2)) for i in range(len(facts["trials"]))]  # which GPU ran what
     assert c2.data.tags["fact_ray.from_table"] == "true" and c2.data.metrics["speedup"] == pytest.approx(2.0)
 
     # Per-trial steps: one time_ms point per timed trial at its step; the wrong one has none.
