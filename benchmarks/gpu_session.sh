@@ -5,6 +5,7 @@
 # (into the same table), bench:<model>:<policy>[:<bench options, '+' for spaces>], profile:<model>:<policy> (one more
 # `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
+# suite:<policy>:<budget>[:<timeout>] (issue 15: benchmarks/suite.py over benchmarks/models/, FR_* sizes from the env),
 # e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
 # composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
 # timing methods side by side on a Llama-style block: benchmarks/bench_methods.py), fleet:<gpu counts, '+'
@@ -61,6 +62,8 @@ for step in "$@"; do
            | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
     attn) timeout 300 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
+    suite) timeout "${c:-560}" python3 benchmarks/suite.py --policy "${a:-bf16}" --budget "${b:-8}" --out "$OUT/suite" 2>&1 \
+             | tee "$OUT/suite-${a:-bf16}.log" | tail -30 ;;  # issue 15: every model of benchmarks/models/
     methods) timeout 400 python3 benchmarks/bench_methods.py --out "$OUT/bench-methods.json" 2>&1 \
                | tee "$OUT/bench-methods.log" | tail -15 ;;
     fleet) timeout "${b:-580}" python3 benchmarks/fleet_scaling.py ${a:+--gpus "${a//+/,}"} --out "$OUT/fleet-scaling.json" \
