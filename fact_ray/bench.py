@@ -284,15 +284,28 @@ def _compiled(module: Any, mode: Optional[str]) -> Builder:
     return build
 
 
-def _composed_variant(composed: Any) -> Variant:
+def _composed_variant(composed: Any, inputs: Sequence[Any] = ()) -> Variant:
     from fact_ray.compose import composition_of
+    from fact_ray.shapes import ShapeDispatch
 
+    if isinstance(composed, ShapeDispatch):  # a dispatch artifact: the bucket these inputs fall in, if any
+        served = composed.module_for(*inputs)
+        if served is composed.original:
+            return Variant(composed, kernels=0, note=f"shapes {bucket_of_inputs(inputs)}: no tuned bucket, the "
+                                                    "PyTorch ops (rule exact-input-shapes)")
+        return dataclasses.replace(_composed_variant(served), fn=composed)
     comp = composition_of(composed)
     note = ""
     if comp.fallbacks:
         more = f" (and {len(comp.fallbacks) - 1} more)" if len(comp.fallbacks) > 1 else ""
         note = f"{len(comp.fallbacks)} winner(s) kept the PyTorch op: {comp.fallbacks[0][1]}{more}"
     return Variant(composed, kernels=len(comp.replacements), note=note)
+
+
+def bucket_of_inputs(inputs: Sequence[Any]) -> str:
+    from fact_ray.shapes import bucket_of
+
+    return bucket_of(inputs).spec
 
 
 # --------------------------------------------------------------------------------------------- the bench
@@ -363,7 +376,9 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
     gpu = require_gpu()
     policy = Precision(settings.policy)
     if artifact:
-        check_artifact_policy(art.read_manifest(artifact), policy, f"artifact {artifact}")
+        from fact_ray.shapes import policy_manifest
+
+        check_artifact_policy(policy_manifest(artifact), policy, f"artifact {artifact}")
     loaded = _on_cuda(under_policy(load_model(ref), policy))
     notes: list[str] = []
     builders: dict[str, Builder] = {EAGER: lambda: Variant(loaded.module)}
@@ -376,7 +391,7 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
             # A given artifact that does not fit (another model, arch, torch) is the user's error: it stops here.
             composed = art.load(artifact, loaded, device="cuda")
             used["path"] = str(artifact)
-            builders[COMPOSED] = lambda: _composed_variant(composed)
+            builders[COMPOSED] = lambda: _composed_variant(composed, loaded.inputs)
         else:
             builders[COMPOSED] = _from_table(ref, settings, loaded, policy, used, families, say)
         builders.update(_stacked(builders[COMPOSED], [v for v in variants if v in _COMPOSED_MODE]))

@@ -211,6 +211,15 @@ def read_dispatch(path: str | os.PathLike) -> Optional[dict[str, Any]]:
     return data
 
 
+def policy_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest that says an artifact's policy: its own, or a dispatch artifact's first bucket's (every bucket
+    of one is composed under one policy)."""
+    from fact_ray.artifact import read_manifest
+
+    data = read_dispatch(path)
+    return read_manifest(path if data is None else Path(path) / data["buckets"][0]["artifact"])
+
+
 def load_dispatch(path: str | os.PathLike, data: Mapping[str, Any], loaded: Any, *, device: Any = None,
                   **load_kw: Any) -> ShapeDispatch:
     """Each bucket's artifact composed over the very module `loaded` holds (inputs drawn at its shapes)."""

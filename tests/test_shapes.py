@@ -69,6 +69,11 @@ def test_untuned_shape_runs_the_pytorch_ops_and_returns_the_right_answer(small):
         assert torch.allclose(served(x_tuned), base.module(x_tuned), rtol=1e-5, atol=1e-6)
         with pytest.raises(Exception):  # what the dispatch avoids: a composition is specialised to its shapes
             comps[buckets[0]](x_untuned)
+    from fact_ray.bench import _composed_variant
+
+    untuned, tuned = _composed_variant(served, (x_untuned,)), _composed_variant(served, (x_tuned,))
+    assert untuned.fn is served and untuned.kernels == 0 and "3x5x32: no tuned bucket" in untuned.note
+    assert tuned.fn is served and tuned.kernels == 0 and tuned.note == ""  # the bucket's composition (no kernels)
 
 
 @pytest.mark.nvcc
@@ -100,6 +105,7 @@ def test_dispatch_artifact_saves_the_rule_and_loads_a_served_module(tmp_path):
     manifest = json.loads((tmp_path / "art" / sh.DISPATCH_FILE).read_text())
     assert manifest["rule"] == sh.RULE and [b["spec"] for b in manifest["buckets"]] == ["2x8x64", "4x16x64"]
     assert "rule exact-input-shapes" in load_report(tmp_path / "art")
+    assert sh.policy_manifest(tmp_path / "art")["policy"] == "fp32"  # what bench --artifact checks
 
     served = load(tmp_path / "art", base, expect_arch="sm80")
     assert isinstance(served, sh.ShapeDispatch) and served.buckets == base.buckets
