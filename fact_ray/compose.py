@@ -299,6 +299,8 @@ def _replace_subgraph(graph: torch.fx.Graph, index: dict[str, torch.fx.Node], ma
     for node in reversed(members):
         if node in keep:
             continue
+        for check in [u for u in node.users if _is_assertion(u)]:  # export's runtime check of a value that is gone
+            graph.erase_node(check)
         if node.users:
             users = ", ".join(u.name for u in node.users)
             raise ComposeError(f"{match.rule} at {match.anchor}: intermediate {node.name} is also used by {users}; "
@@ -307,6 +309,15 @@ def _replace_subgraph(graph: torch.fx.Graph, index: dict[str, torch.fx.Node], ma
     # A later match may read this one's output as an operand (ln_2 reads the attention block's residual add, the
     # MLP projection reads the FC's GELU): by name, which from now on means the kernel's output.
     index[match.anchor] = out
+
+
+def _is_assertion(node: torch.fx.Node) -> bool:
+    """torch.export's `_assert_tensor_metadata` and kin: they read a tensor but compute nothing (discovery does
+    not count them as users either, discover/view.py)."""
+    from fact_ray.capture import canonical_target
+    from fact_ray.discover.view import is_assertion
+
+    return node.op == "call_function" and not node.users and is_assertion(canonical_target(node.target))
 
 
 def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any], policy: Precision | str, *,

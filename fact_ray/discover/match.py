@@ -127,6 +127,9 @@ class Matcher:
                 return
             skipped.append(name)
             name = node.args[0].name
+        if pat.name and (pat.name, name) in st.bindings and not skipped:
+            yield st  # a named node met again (an upcast x read twice, as a Var may be): it matched the first time
+            return
         if name in st.covered or any(s in st.covered for s in skipped):
             return
         if pat.check is not None and not pat.check(view, node):

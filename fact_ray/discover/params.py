@@ -342,6 +342,11 @@ def read_rmsnorm(b: Bound) -> dict[str, Any] | None:
     x = b.meta("x")
     if x is None or not x.shape:
         return None
+    if b.has("upcast"):  # computed in float32 between two casts: only as x's own dtype back again, never a
+        up, down, w = b.meta("upcast"), b.meta("downcast"), b.meta("weight")  # float32 model's rows
+        if up is None or down is None or w is None or up.dtype != "float32" or x.dtype == "float32" \
+                or down.dtype != x.dtype or w.dtype != x.dtype:
+            return None
     if b.has("normalized_shape"):  # aten.rms_norm
         shape = b.get("normalized_shape")
         if not isinstance(shape, tuple) or tuple(x.shape[-len(shape):]) != shape:

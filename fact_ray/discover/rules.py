@@ -122,23 +122,39 @@ _OPT_WEIGHT = alt(Absent(), Var("weight"))
 LAYERNORM = op("aten.layer_norm", args=(Var("x"), Const("normalized_shape"), _OPT_WEIGHT, alt(Absent(), Var("bias")),
                                         alt(Absent(), Const("eps"))), name="norm")
 
-_SQUARE = alt(
-    op("aten.pow", args=(Var("x"), Const("power", lambda v: v == 2))),
-    op("aten.mul", args=(Var("x"), Var("x"))),
-    op("aten.square", args=(Var("x"),)),
-)
-_MEAN_SQ = op("aten.mean", args=(_SQUARE, Const("mean_dims"), Const("keepdim", lambda v: v is True)), name="mean")
-_DENOM = op("aten.add", args=(_MEAN_SQ, Const("eps", P.is_number)), name="eps_add", commutative=True,
-            check=P.plain_add)
-_NORMED = alt(
-    op("aten.mul", args=(Var("x"), alt(op("aten.rsqrt", args=(_DENOM,)),
-                                       op("aten.reciprocal", args=(op("aten.sqrt", args=(_DENOM,)),)))),
-       name="normed", commutative=True),
-    op("aten.div", args=(Var("x"), op("aten.sqrt", args=(_DENOM,))), name="normed"),
-)
+def _square(x: Pattern) -> Pattern:
+    return alt(
+        op("aten.pow", args=(x, Const("power", lambda v: v == 2))),
+        op("aten.mul", args=(x, x)),
+        op("aten.square", args=(x,)),
+    )
+
+
+def _normed(x: Pattern) -> Pattern:
+    """x * rsqrt(mean(x^2) + eps), in its spellings, over the row values `x`."""
+    mean_sq = op("aten.mean", args=(_square(x), Const("mean_dims"), Const("keepdim", lambda v: v is True)),
+                 name="mean")
+    denom = op("aten.add", args=(mean_sq, Const("eps", P.is_number)), name="eps_add", commutative=True,
+               check=P.plain_add)
+    return alt(
+        op("aten.mul", args=(x, alt(op("aten.rsqrt", args=(denom,)),
+                                    op("aten.reciprocal", args=(op("aten.sqrt", args=(denom,)),)))),
+           name="normed", commutative=True),
+        op("aten.div", args=(x, op("aten.sqrt", args=(denom,))), name="normed"),
+    )
+
+
+_NORMED = _normed(Var("x"))
+CASTS = ("aten.to", "aten._to_copy")
+# HF's LlamaRMSNorm in a bf16 model: the rows upcast to float32, normalised, cast back, then scaled by the weight
+# (`weight * hidden.to(input_dtype)`). The kernel reads and writes x's dtype and computes in float32 inside.
+_RMSNORM_UPCAST = op("aten.mul", args=(op(*CASTS, args=(_normed(op(*CASTS, args=(Var("x"),), name="upcast")),),
+                                          name="downcast"),
+                                       Var("weight", check=P.is_vector)), name="scaled", commutative=True)
 RMSNORM = alt(
     op("aten.rms_norm", args=(Var("x"), Const("normalized_shape"), _OPT_WEIGHT, alt(Absent(), Const("eps"))),
        name="norm"),
+    _RMSNORM_UPCAST,
     op("aten.mul", args=(_NORMED, Var("weight", check=P.is_vector)), name="scaled", commutative=True),
     _NORMED,
 )
