@@ -8,8 +8,16 @@ beside it and moved into place with one `os.replace`, so a crash leaves no entry
 A damaged entry (no .so, unreadable meta.json, size or hash mismatch) is a miss and is rebuilt.
 
 A compile error is a fact about the candidates in that TU, not a failure of the run: it comes back as
-Library(ok=False, log=<whole log>) and is cached like a success. A missing nvcc is the user's to fix:
-NotAvailable.
+Library(ok=False, log=<whole log>) and is cached like a success. A failure of the machine is not: nvcc or one of
+its children (cicc, ptxas, cudafe++) killed by a signal (the OOM killer on a several-GB sm90a TU, a user), nvcc
+exiting 128 + a signal number, or the time limit. Such a build is retried (`MACHINE_RETRIES`), and if it fails
+again it comes back as Library(ok=False) with a log that says so, and nothing is cached: the next run compiles it
+again. A missing nvcc is the user's to fix: NotAvailable.
+
+nvcc runs in its own process group, killed whole on a timeout or an interrupt, so no orphaned cicc or cudafe++
+keeps eating memory. A build killed with its driver (SIGKILL, a lost Ray worker) leaves a `.tmp-*` folder
+holding an `owner` file (host, pid); `sweep_stale` (run by `build_many`) removes the folders whose owner on this
+host is dead, after killing any compiler process still working inside them.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -51,6 +61,10 @@ GENCODES = {
 
 META_VERSION = 1
 DEFAULT_TIMEOUT_S = 1800.0
+# A machine failure (signal, OOM, timeout) is retried this many times before the build is reported failed
+# (uncached). One retry: an OOM kill under a burst of parallel sm90a compiles rarely repeats.
+MACHINE_RETRIES = 1
+OWNER = "owner"  # in a temp build folder: "<host> <pid>" of the process building there
 
 
 def _resolve_nvcc(nvcc: str) -> str:
@@ -189,24 +203,50 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
 
     final = entry_dir(cache_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(MACHINE_RETRIES + 1):
+        lib, cacheable = _compile(source, key, final, nvcc_path, nvcc, flags, include_dirs, timeout_s, cache_dir)
+        if cacheable or attempt == MACHINE_RETRIES:
+            return lib
+    raise AssertionError("unreachable")
+
+
+def machine_failure(rc: int, log: str) -> str:
+    """Why a failed nvcc run is the machine's fault and not the source's ("" when it is the source's).
+
+    nvcc reports a child killed by signal N as exit status 128 + N and prints "Killed" (the OOM killer sends
+    SIGKILL to the biggest process, which is cicc); nvcc itself killed gives a negative status here."""
+    if rc < 0:
+        return f"nvcc was killed by signal {-rc}"
+    if 128 < rc <= 128 + 64:
+        return f"a compiler process was killed by signal {rc - 128} (out of memory?)"
+    for marker in ("died due to signal", "out of memory", "std::bad_alloc", "Cannot allocate memory"):
+        if marker in log:
+            return f"the compiler ran out of memory or was killed ({marker!r} in its log)"
+    return ""
+
+
+def _compile(source: Source, key: str, final: Path, nvcc_path: str, nvcc: str, flags: Sequence[str],
+             include_dirs: Sequence[str], timeout_s: float, cache_dir: str | os.PathLike) -> tuple[Library, bool]:
+    """One nvcc run in a temp folder beside the entry: (library, whether its outcome was cached)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
     try:
+        (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         (tmp / f"{source.name}.cu").write_text(source.code)
         includes = (f"-I{p}" for p in (*include_paths(), *include_dirs))
         cmd = [nvcc_path, *flags, *includes, "-o", "lib.so", f"{source.name}.cu"]
         t0 = time.monotonic()
-        cacheable = True
-        try:
-            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout_s)
-            rc, log = proc.returncode, proc.stdout + proc.stderr
-            # Killed by a signal (the OOM killer, a user) says nothing about the source: do not cache it.
-            cacheable = rc >= 0
-        except subprocess.TimeoutExpired as e:
-            rc, cacheable = -1, False
-            log = _text(e.stdout) + _text(e.stderr) + f"\nfact-ray: nvcc timed out after {timeout_s:.0f} s\n"
+        rc, log, timed_out = _run_group(cmd, tmp, timeout_s)
+        if timed_out:
+            log += f"\nfact-ray: nvcc timed out after {timeout_s:.0f} s\n"
+            why = f"nvcc timed out after {timeout_s:.0f} s"
+        else:
+            why = machine_failure(rc, log) if rc != 0 else ""
         seconds = time.monotonic() - t0
         ok = rc == 0 and (tmp / "lib.so").is_file()
         header = f"$ {' '.join(cmd)}\n# exit status {rc}, {seconds:.1f} s\n"
+        if why:
+            header += f"# fact-ray: {why}: a failure of the machine, not of the source; not cached\n"
+            return Library(source=source, key=key, ok=False, log=header + log, seconds=seconds), False
         (tmp / "build.log").write_text(header + log)
         meta = {"meta_version": META_VERSION, "key": key, "ok": ok, "source": source.name,
                 "symbols": sorted(set(source.symbols)), "nvcc_version": nvcc_version(nvcc),
@@ -215,13 +255,89 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
         if ok:
             meta |= {"so_size": (tmp / "lib.so").stat().st_size, "so_sha256": file_sha256(tmp / "lib.so")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if not cacheable:
-            return Library(source=source, key=key, ok=False, log=header + log, seconds=seconds)
+        (tmp / OWNER).unlink()
         _install(tmp, final, cache_dir, key)
         meta = read_entry(cache_dir, key) or meta
-        return _library(source, key, meta, cache_dir, cached=False)
+        return _library(source, key, meta, cache_dir, cached=False), True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_group(cmd: Sequence[str], cwd: Path, timeout_s: float) -> tuple[int, str, bool]:
+    """Run nvcc in a process group of its own: (exit status, output, timed out). On a timeout or anything
+    raised while waiting (KeyboardInterrupt), the whole group is killed: nvcc's children too."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out, False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, _ = proc.communicate()
+        return -1, out or "", True
+    except BaseException:
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass  # already gone
+
+
+def _owner_alive(folder: Path) -> bool:
+    """False only when the folder's owner file names a dead process of this host; a folder without one (an
+    older fact-ray, or one just being created) or owned elsewhere (a shared cache) is left alone."""
+    try:
+        host, pid = (folder / OWNER).read_text().split()
+        pid_n = int(pid)
+    except (OSError, ValueError):
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """Pids of this host's processes whose working folder is `folder` (orphaned cicc, cudafe++, ptxas)."""
+    pids = []
+    target = str(folder.resolve())
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+        except OSError:
+            continue
+        if cwd == target or cwd.startswith(target + "/"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def sweep_stale(cache_dir: str | os.PathLike) -> list[str]:
+    """Remove temp build folders left by a build whose process died (killed run, lost node), after killing any
+    compiler process still running in them. Returns the folders removed."""
+    removed = []
+    for tmp in Path(cache_dir).glob("*/.tmp-*"):
+        if not tmp.is_dir() or _owner_alive(tmp):
+            continue
+        for pid in _processes_in(tmp) if Path("/proc").is_dir() else ():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(str(tmp))
+    return removed
 
 
 def _install(tmp: Path, final: Path, cache_dir: str | os.PathLike, key: str) -> None:
@@ -241,12 +357,6 @@ def _install(tmp: Path, final: Path, cache_dir: str | os.PathLike, key: str) -> 
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _text(b: bytes | str | None) -> str:
-    if b is None:
-        return ""
-    return b if isinstance(b, str) else b.decode(errors="replace")
-
-
 def build_many(sources: Sequence[Source], cache_dir: str, jobs: int = 0, nvcc: str = "nvcc",
                timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Library]:
     """Build sources with up to `jobs` nvcc processes at once (0: one per CPU); results in input order.
@@ -254,6 +364,7 @@ def build_many(sources: Sequence[Source], cache_dir: str, jobs: int = 0, nvcc: s
     Identical sources are compiled once. Memory, not cores, bounds `jobs` for sm90 TUs (3.5-5.5 GB each).
     """
     _resolve_nvcc(nvcc)  # fail once, up front, with the one-line fix
+    sweep_stale(cache_dir)
     jobs = jobs or os.cpu_count() or 1
     unique: dict[str, Source] = {}
     for s in sources:
