@@ -10,7 +10,9 @@ explicit `allow_unchecked=True` saves one, marked unchecked in the manifest; tes
 `load` re-captures the model, re-discovers its patterns, checks that every stored pattern is still there, loads the
 stored libraries and composes: it never runs nvcc, never tunes and never opens the pattern table. It refuses, in
 one line naming both sides, an artifact made for another arch, another torch or CUTLASS version, another model,
-or one whose library bytes do not match their recorded sha256.
+or one whose library bytes do not match their recorded sha256. Every check on the folder itself (names,
+hashes, the optional signature) runs before any of the model's code, and the libraries are loaded from a private
+copy of the bytes that were hashed: see `artifact_trust`.
 
 `compose_from_table` is the `fact-ray compose` pipeline (capture, discover, winners from the table, compose,
 check on the GPU, save); `load_report` prints what an artifact holds.
@@ -27,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from fact_ray.errors import ArtifactError, ComposeError, NotAvailable
+from fact_ray import artifact_trust as trust
+from fact_ray.errors import ArtifactError, CompileError, ComposeError, NotAvailable
 from fact_ray.types import Arch, KernelConfig, Precision, to_jsonable
 
 SCHEMA_VERSION = 1
@@ -146,8 +149,9 @@ def _gpu_name() -> str:
 
 
 def save(composed: Any, path: str | os.PathLike, *, toolchain: Mapping[str, str] | None = None,
-         gpu_name: str | None = None, allow_unchecked: bool = False) -> Path:
-    """Write the artifact folder atomically and return its path. See the module doc for what is refused."""
+         gpu_name: str | None = None, allow_unchecked: bool = False, key: bytes | None = None) -> Path:
+    """Write the artifact folder atomically and return its path. See the module doc for what is refused.
+    With a key (`key=`, else FACT_RAY_ARTIFACT_KEY) the manifest is signed (artifact_trust)."""
     from fact_ray.compose import composition_of, sha256_file
 
     manifest = manifest_of(composed, toolchain=toolchain, gpu_name=gpu_name, allow_unchecked=allow_unchecked)
@@ -167,7 +171,11 @@ def save(composed: Any, path: str | os.PathLike, *, toolchain: Mapping[str, str]
             shutil.copyfile(r.library_path, dest)
             if sha256_file(str(dest)) != r.library_sha256:  # the .so changed since compose read it
                 raise ArtifactError(f"library {r.library_path} changed after composition (sha256 differs)")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        (tmp / MANIFEST).write_bytes(manifest_bytes)
+        key = key if key is not None else trust.key_from_env()
+        if key:
+            (tmp / trust.SIGNATURE).write_text(trust.signature_of(manifest_bytes, key) + "\n")
         _install(tmp, final)
     except OSError as e:
         raise ArtifactError(f"cannot write the artifact at {final}: {e.strerror or e}") from None
@@ -190,40 +198,36 @@ def _install(tmp: Path, final: Path) -> None:
 # --------------------------------------------------------------------------------------------- load
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike, *, key: bytes | None = None) -> dict[str, Any]:
+    """The manifest, checked: its signature when a key is given, every field load reads, every library name
+    content-addressed inside the folder. One ArtifactError line for anything damaged or foreign."""
     p = Path(path)
     if not p.is_dir():
         raise ArtifactError(f"{p}: no such artifact folder")
     try:
-        manifest = json.loads((p / MANIFEST).read_text())
+        raw = (p / MANIFEST).read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{p}: no {MANIFEST} (not a fact-ray artifact)") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise ArtifactError(f"{p}/{MANIFEST} cannot be read ({e})") from None
+    trust.check_signature(p, raw, key)
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"{p}/{MANIFEST} cannot be read ({str(e)[:160]})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != "fact-ray-composition":
         raise ArtifactError(f"{p}/{MANIFEST} is not a fact-ray composition manifest")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{p}: artifact schema version {manifest.get('schema_version')}, this fact-ray reads "
                             f"{SCHEMA_VERSION}")
+    trust.validate_manifest(manifest, str(p))
     return manifest
 
 
 def verify_libraries(path: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, str]:
-    """Every library's bytes against its recorded sha256; returns local path -> sha256."""
-    from fact_ray.compose import sha256_file
-
-    out = {}
-    for pat in manifest["patterns"]:
-        lib = Path(path) / pat["library"]
-        if not lib.is_file():
-            raise ArtifactError(f"{path}: library {pat['library']} is missing")
-        if str(lib) not in out:
-            digest = sha256_file(str(lib))
-            if digest != pat["sha256"]:
-                raise ArtifactError(f"{path}: library {pat['library']} is damaged (sha256 {digest[:12]}, "
-                                    f"manifest {pat['sha256'][:12]})")
-            out[str(lib)] = digest
-    return out
+    """Every library's bytes against its recorded sha256, copied to a private folder; returns the private copy's
+    path -> sha256 (load uses only those copies)."""
+    return {private: digest for private, digest in trust.stage_libraries(Path(path), manifest).values()}
 
 
 def check_target(manifest: Mapping[str, Any], *, expect_arch: Arch | str | None = None,
@@ -253,21 +257,28 @@ def check_target(manifest: Mapping[str, Any], *, expect_arch: Arch | str | None 
 def _config_from(data: Mapping[str, Any]) -> KernelConfig:
     from dataclasses import fields
 
+    if not isinstance(data, dict):
+        raise ArtifactError("a stored kernel config is not a JSON object")
     names = {f.name for f in fields(KernelConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ArtifactError(f"stored kernel config {data.get('name', '?')!r} has fields this fact-ray does not know: "
                             f"{', '.join(unknown)}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    kw["arch"], kw["precision"] = Arch(kw["arch"]), Precision(kw["precision"])
-    return KernelConfig(**kw)
+    try:
+        kw["arch"], kw["precision"] = Arch(kw["arch"]), Precision(kw["precision"])
+        return KernelConfig(**kw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"stored kernel config {data.get('name', '?')!r} is not valid ({e})") from None
 
 
 def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device: Any = None,
-         expect_arch: Arch | str | None = None, expect_toolchain: Mapping[str, str] | None = None) -> Any:
+         expect_arch: Arch | str | None = None, expect_toolchain: Mapping[str, str] | None = None,
+         key: bytes | None = None, _checked: Mapping[str, Any] | None = None) -> Any:
     """Restore a composed module from an artifact folder, for `model`: a model reference (file or
     `pkg.mod:factory`), a `fact_ray.capture.LoadedModel`, or an `nn.Module` together with `inputs`.
-    The module runs the model's own parameters; no nvcc, no tuning, no pattern table."""
+    The module runs the model's own parameters; no nvcc, no tuning, no pattern table. With a key (`key=`, else
+    FACT_RAY_ARTIFACT_KEY) only an artifact signed with it loads."""
     from fact_ray.capture import capture, under_policy
     from fact_ray.compose import KernelChoice, compose
     from fact_ray.compose import graph_hash as graph_hash_of
@@ -275,13 +286,19 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     from fact_ray.shapes import load_dispatch, read_dispatch
 
     where = f"artifact {artifact}"
+    key = key if key is not None else trust.key_from_env()
     dispatch = read_dispatch(artifact)
     if dispatch is not None:  # several shape buckets: a ShapeDispatch over one composition per bucket
+        # Every bucket is checked (names, signature, target, library bytes) before the model's code runs.
+        checked = {str(Path(artifact) / e): _checked_artifact(Path(artifact) / e, key, expect_arch, expect_toolchain)
+                   for e in trust.bucket_folders(artifact, dispatch)}
         return load_dispatch(artifact, dispatch, _loaded_model(model, inputs), device=device,
-                             expect_arch=expect_arch, expect_toolchain=expect_toolchain)
-    manifest = read_manifest(artifact)
-    check_target(manifest, expect_arch=expect_arch, expect_toolchain=expect_toolchain, where=where)
-    digests = verify_libraries(artifact, manifest)
+                             expect_arch=expect_arch, expect_toolchain=expect_toolchain, key=key, _checked=checked)
+    if _checked is not None and str(artifact) in _checked:
+        manifest, staged = _checked[str(artifact)]
+    else:
+        manifest, staged = _checked_artifact(artifact, key, expect_arch, expect_toolchain)
+    digests = {private: digest for private, digest in staged.values()}
 
     loaded = _loaded_model(model, inputs)
     want = manifest["model"]
@@ -302,13 +319,24 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
             raise ArtifactError(f"{where}: pattern {pat['rule']} ({pat['match_key'][:60]}) is not in {loaded.name}")
         speedup = pat.get("speedup")
         winners[pat["match_key"]] = KernelChoice(
-            config=_config_from(pat["config"]), library_path=str(Path(artifact) / pat["library"]),
+            config=_config_from(pat["config"]), library_path=staged[pat["library"]][0],
             symbol=pat["symbol"], speedup=float("nan") if speedup is None else float(speedup))
-    composed = compose(captured, matches, winners, policy, arch=arch, digests=digests)
+    try:
+        composed = compose(captured, matches, winners, policy, arch=arch, digests=digests)
+    except CompileError as e:  # a library that will not load or speaks another ABI: the artifact's fault
+        raise ArtifactError(f"{where}: {str(e).splitlines()[0][:300]}") from None
     composed.fact_ray_manifest = manifest
     if device is not None:
         composed.to(device)
     return composed
+
+
+def _checked_artifact(artifact: str | os.PathLike, key: bytes | None, expect_arch: Any,
+                      expect_toolchain: Any) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """(manifest, staged libraries) of one artifact folder, every check done (no model code runs here)."""
+    manifest = read_manifest(artifact, key=key)
+    check_target(manifest, expect_arch=expect_arch, expect_toolchain=expect_toolchain, where=f"artifact {artifact}")
+    return manifest, trust.stage_libraries(Path(artifact), manifest)
 
 
 def _loaded_model(model: Any, inputs: Any) -> Any:

@@ -55,21 +55,19 @@ def settings(root: Path, **kw) -> Settings:
 # --------------------------------------------------------------------------------------------- bad settings
 
 
+@pytest.mark.timeout(120)  # a hang guard, not a speed claim (issue 14: no test asserts a wall time)
 def test_unreachable_ray_address_fails_fast(tmp_path):
     for address in (f"ray://127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"):
-        t0 = time.monotonic()
         with pytest.raises(ServiceUnreachable, match="not reachable"):
             farm.run(MODEL, settings(tmp_path, ray_address=address))
-        assert time.monotonic() - t0 < 10
     assert not ray.is_initialized()
     assert not (tmp_path / "table").exists()
 
 
+@pytest.mark.timeout(120)  # a hang guard, not a speed claim
 def test_unreachable_tracking_server_fails_before_any_work(tmp_path):
-    t0 = time.monotonic()
     with pytest.raises(ServiceUnreachable, match="tracking server"):
         farm.run(MODEL, settings(tmp_path, tracking_uri=f"http://127.0.0.1:{closed_port()}"))
-    assert time.monotonic() - t0 < 15
     assert not (tmp_path / "table").exists() and not (tmp_path / "cache").exists()
     assert not ray.is_initialized()
 
@@ -262,7 +260,7 @@ def test_trial_pool_records_timeout_crash_and_failure_and_replaces_the_worker(lo
     status = [o.status for o in outs]
     assert status == ["done", "timeout", "done", "crashed", "done", "failed", "done", "wrong", "done"]
     assert len(seen) == len(calls)  # each outcome reported once, as it came
-    assert "within 4 s" in outs[1].error and 4 <= outs[1].seconds < 30
+    assert "within 4 s" in outs[1].error and outs[1].seconds >= 4
     assert "died" in outs[3].error
     assert outs[5].error == "ValueError: boom" and "Traceback" in outs[5].detail
     assert outs[7].error.startswith("WrongAnswer")

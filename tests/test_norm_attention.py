@@ -505,12 +505,10 @@ def test_an_artifact_with_attention_and_norm_kernels_loads_in_a_fresh_process_wi
     fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'nvcc-was-called'}\nexit 1\n")
     fake.chmod(0o755)
     code = textwrap.dedent(f"""
-        import json, sys, time
-        t0 = time.perf_counter()
+        import json, sys
         import fact_ray
         module = fact_ray.load({str(art)!r}, {SMALL_BLOCK!r}, expect_arch="sm80")
-        print(json.dumps({{"seconds": time.perf_counter() - t0,
-                          "ops": sorted(r.op.split("_")[0] for r in module.fact_ray.replacements),
+        print(json.dumps({{"ops": sorted(r.op.split("_")[0] for r in module.fact_ray.replacements),
                           "build": "fact_ray.realize.build" in sys.modules}}))
     """)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}", FACT_RAY_NVCC=str(fake))
@@ -519,4 +517,3 @@ def test_an_artifact_with_attention_and_norm_kernels_loads_in_a_fresh_process_wi
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not (tmp_path / "nvcc-was-called").exists() and not result["build"]
     assert result["ops"].count("attn") == 1 and result["ops"].count("layernorm") == 2
-    assert result["seconds"] < 5.0, result
