@@ -9,7 +9,13 @@ The model is advice, never authority. Whatever the endpoint does (malformed or o
 refusals, timeouts, 429/5xx past the retries, a dead endpoint, a spent token budget), `LlmAgent.consult` returns
 the rules' own ranking with one note saying why, and a proposal enters only after `llm_vet` has checked it the
 way our own templates are checked. One request per run, bounded by a per-request timeout, an overall deadline,
-retries with exponential backoff, `max_tokens` per request and a token budget per run.
+retries with exponential backoff, `max_tokens` per request, a cap on the HTTP body and a token budget per run.
+
+Deadlines are wall-clock: each attempt runs in a watcher thread that the caller stops waiting for at
+min(timeout, what is left of the run's deadline), so a server that trickles a byte at a time cannot extend it
+(an HTTP client's read timeout restarts with every byte). The body is read in chunks and refused past
+`max_body_bytes`, so a huge answer costs at most that much memory. The HTTP call is plain httpx (the transport
+the `openai` package uses) so that every byte read is ours to count.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
@@ -84,6 +91,7 @@ class LlmConfig:
     max_tokens: int = 2048  # completion tokens per request
     token_budget: int = 24000  # prompt + completion tokens per run
     max_answer_chars: int = 64000
+    max_body_bytes: int = 1 << 20  # the whole HTTP body of one answer (or error); past it the answer is refused
     max_graph_nodes: int = 120  # nodes listed in the prompt; the rest are summarised
     examples: int = 6  # vetted examples from the pattern table
     table_uri: str = ""
@@ -107,6 +115,19 @@ def config_from(llm: str, llm_model: str, *, table_uri: str = "", cache_dir: str
     if not api_key:
         raise ConfigError(f"--llm {llm}: set OPENAI_API_KEY (a local server that ignores keys accepts any "
                           "value, e.g. OPENAI_API_KEY=EMPTY)")
+    from fact_ray.redact import check_url
+
+    check_url(base_url, "OPENAI_BASE_URL")
+    for name, var in (("timeout_s", "FACT_RAY_LLM_TIMEOUT_S"), ("deadline_s", "FACT_RAY_LLM_DEADLINE_S")):
+        raw = env.get(var, "").strip()
+        if raw and name not in overrides:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = float("nan")
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(f"{var} must be a positive number of seconds, got {raw[:40]!r}")
+            overrides[name] = value
     return LlmConfig(mode=llm, model=llm_model, base_url=base_url, api_key=api_key, table_uri=table_uri,
                      cache_dir=cache_dir, nvcc=nvcc, **overrides)
 
@@ -290,68 +311,151 @@ class Reply:
 
 def ask(cfg: LlmConfig, messages: list[dict[str, str]], max_tokens: int) -> Reply:
     """One chat completion, retried with exponential backoff on 429, 5xx and connection errors, within the
-    per-request timeout and the run's deadline. Raises AgentFailed with the reason."""
-    import openai
-
-    client = openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s)
+    per-request timeout and the run's deadline, both wall-clock. Raises AgentFailed with the reason."""
     t0 = time.monotonic()
+    run_end = t0 + cfg.deadline_s
+    url = cfg.base_url.rstrip("/") + "/chat/completions"
+    body = {"model": cfg.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     requests, last = 0, ""
-    try:
-        for attempt in range(cfg.max_retries + 1):
-            left = cfg.deadline_s - (time.monotonic() - t0)
-            if left <= 0:
-                raise AgentFailed(f"LLM endpoint: no answer within the {cfg.deadline_s:g} s deadline ({last})")
-            requests += 1
+    for attempt in range(cfg.max_retries + 1):
+        left = run_end - time.monotonic()
+        if left <= 0:
+            break
+        requests += 1
+        limit = min(cfg.timeout_s, left)
+        outcome = _within(limit, lambda: _post(cfg, url, body, time.monotonic() + limit))
+        if outcome is None:
+            if limit < cfg.timeout_s:
+                raise AgentFailed(f"LLM endpoint: no answer within the {cfg.deadline_s:g} s deadline")
+            raise AgentFailed(f"LLM endpoint timed out after {limit:g} s")
+        status, data, headers = outcome
+        if status == 200:
+            return _reply(data, time.monotonic() - t0, requests)
+        if status == -1:
+            raise AgentFailed(f"LLM endpoint's answer is oversized (over {cfg.max_body_bytes} bytes)")
+        if status == 0:  # no HTTP answer at all
+            last = data.decode(errors="replace")
             retry_after = None
-            try:
-                resp = client.with_options(timeout=min(cfg.timeout_s, left)).chat.completions.create(
-                    model=cfg.model, messages=messages, max_tokens=max_tokens, temperature=0)
-            except openai.APITimeoutError:
-                raise AgentFailed(f"LLM endpoint timed out after {min(cfg.timeout_s, left):g} s") from None
-            except openai.APIConnectionError as e:
-                last = f"cannot connect to {cfg.base_url} ({_cause(e)})"
-            except openai.APIStatusError as e:
-                if e.status_code != 429 and e.status_code < 500:
-                    raise AgentFailed(f"LLM endpoint refused the request (HTTP {e.status_code})") from None
-                last = f"HTTP {e.status_code}"
-                retry_after = _retry_after(e)
-            else:
-                return _reply(resp, time.monotonic() - t0, requests)
-            if attempt == cfg.max_retries:
-                break
-            wait = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** attempt)
-            if retry_after is not None:
-                wait = min(cfg.max_backoff_s, max(wait, retry_after))
-            time.sleep(max(0.0, min(wait, cfg.deadline_s - (time.monotonic() - t0))))
-    finally:
-        client.close()
+        elif status == 429 or status >= 500:
+            last, retry_after = f"HTTP {status}", _retry_after(headers)
+        else:
+            raise AgentFailed(f"LLM endpoint refused the request (HTTP {status})")
+        if attempt == cfg.max_retries:
+            break
+        wait = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** attempt)
+        if retry_after is not None:
+            wait = min(cfg.max_backoff_s, max(wait, retry_after))
+        time.sleep(max(0.0, min(wait, run_end - time.monotonic())))
+    if time.monotonic() >= run_end:
+        raise AgentFailed(f"LLM endpoint: no answer within the {cfg.deadline_s:g} s deadline ({last})")
     raise AgentFailed(f"LLM endpoint failed after {requests} attempt(s): {last}")
 
 
-def _cause(e: BaseException) -> str:
-    inner = e.__cause__ or e.__context__
-    return (str(inner) or type(inner).__name__)[:160] if inner else (str(e) or type(e).__name__)[:160]
+def _within(limit_s: float, fn: Any) -> Any:
+    """fn() run in a daemon thread, or None when it has not returned within limit_s (wall clock). The thread
+    is left behind; `_post` ends it at its own deadline (checked between reads). What fn raises is raised here."""
+    box: list[tuple[bool, Any]] = []
 
+    def target() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller's thread, which decides
+            box.append((False, e))
 
-def _retry_after(e: Any) -> float | None:
-    try:
-        return float(e.response.headers.get("retry-after"))
-    except (TypeError, ValueError, AttributeError):
+    t = threading.Thread(target=target, name="fact-ray-llm-request", daemon=True)
+    t.start()
+    t.join(limit_s)
+    if not box:
         return None
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
-def _reply(resp: Any, latency: float, requests: int) -> Reply:
-    choice = resp.choices[0] if getattr(resp, "choices", None) else None
-    msg = getattr(choice, "message", None)
-    refusal = getattr(msg, "refusal", None)
-    if refusal:
+class _Overrun(Exception):
+    pass
+
+
+def _post(cfg: LlmConfig, url: str, body: dict[str, Any], end: float) -> tuple[int, bytes, Mapping[str, str]]:
+    """POST and read the answer in chunks: (status, body, headers); (0, reason, {}) when there was no HTTP
+    answer; (-1, b"", {}) when the body passed cfg.max_body_bytes. Reading stops at `end`. urllib from the
+    standard library: proxies from the environment are honoured as by any HTTP client."""
+    import urllib.error
+    import urllib.request
+
+    from fact_ray.redact import redact
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Authorization": f"Bearer {cfg.api_key}", "Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        try:
+            resp = urllib.request.urlopen(req, timeout=max(0.05, end - time.monotonic()))
+        except urllib.error.HTTPError as e:
+            resp = e  # an HTTP answer all the same: its status and (capped) body decide
+        with resp:
+            status, headers = resp.status if hasattr(resp, "status") else resp.code, resp.headers
+            chunks, size = [], 0
+            while True:
+                if time.monotonic() > end:
+                    raise _Overrun()
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    return -1, b"", {}
+                chunks.append(chunk)
+            return status, b"".join(chunks), headers
+    except _Overrun:
+        return 0, b"the answer was still arriving at the deadline", {}
+    except (OSError, ValueError, http_client_errors()) as e:
+        return 0, redact(f"cannot connect to {cfg.base_url} ({type(e).__name__}: {str(e)[:160]})").encode(), {}
+
+
+def http_client_errors() -> type[Exception]:
+    import http.client
+
+    return http.client.HTTPException
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    try:
+        value = float(headers.get("retry-after", ""))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
+def _int(value: Any, what: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AgentFailed(f"LLM answer's usage.{what} is not a token count ({str(value)[:40]!r})")
+    return value
+
+
+def _reply(data: bytes, latency: float, requests: int) -> Reply:
+    """The chat completion's text and usage from the raw body; AgentFailed for anything malformed."""
+    try:
+        resp = json.loads(data)
+    except (ValueError, RecursionError):
+        raise AgentFailed("LLM endpoint answered with a body that is not JSON") from None
+    choices = resp.get("choices") if isinstance(resp, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    msg = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(msg, dict):
+        raise AgentFailed("LLM answer is not a chat completion (no choices[0].message)")
+    if msg.get("refusal"):
         raise AgentFailed("LLM refused to answer")
-    text = getattr(msg, "content", None)
+    text = msg.get("content")
     if not isinstance(text, str):
         raise AgentFailed("LLM answer has no text content")
-    usage = getattr(resp, "usage", None)
-    return Reply(text, int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0),
-                 latency, requests)
+    usage = resp.get("usage") or {}
+    if not isinstance(usage, dict):
+        raise AgentFailed("LLM answer's usage is not an object")
+    return Reply(text, _int(usage.get("prompt_tokens"), "prompt_tokens"),
+                 _int(usage.get("completion_tokens"), "completion_tokens"), latency, requests)
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.S)
@@ -374,7 +478,23 @@ def parse_answer(text: str, max_chars: int) -> dict[str, Any]:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "top level"
         raise AgentFailed(f"LLM answer does not fit the schema at {where[:80]}") from None
+    _check_whole_names(data)
     return data
+
+
+_ID = re.compile(r"m[0-9]{1,4}")
+_RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+def _check_whole_names(data: dict[str, Any]) -> None:
+    """The schema's patterns end in `$`, which JSON Schema's Python engine (re.search) lets match before a trailing
+    newline: "m1\\n" or "my_rule\\n" would pass it. Ids and rule names must match whole (fullmatch)."""
+    names = [("ranking", r, _ID) for r in data.get("ranking", [])]
+    names += [("hints/match", h["match"], _ID) for h in data.get("hints", [])]
+    names += [("rules/name", r["name"], _RULE_NAME) for r in data.get("rules", [])]
+    for where, value, pattern in names:
+        if not pattern.fullmatch(value):
+            raise AgentFailed(f"LLM answer does not fit the schema at {where} ({value[:40]!r})")
 
 
 def apply_ranking(matches: Sequence[Match], ranking: Sequence[str]) -> tuple[list[Match], list[Move]]:

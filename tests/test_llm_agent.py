@@ -1,4 +1,4 @@
-"""The LLM discovery agent against a real OpenAI-compatible HTTP server on 127.0.0.1, through the real `openai`
+"""The LLM discovery agent against a real OpenAI-compatible HTTP server on 127.0.0.1, through its real HTTP
 client: rankings, proposals (vetted; one real nvcc compile), and every way an endpoint can fail, after which the
 rules' ranking stands with one note."""
 
@@ -59,6 +59,7 @@ class FakeEndpoint:
     def __init__(self, script):
         self.script = list(script)
         self.requests: list[dict] = []
+        self.answered: list[int] = []  # statuses whose answer was written whole
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,6 +87,7 @@ class FakeEndpoint:
                         self.send_header("retry-after", "0")
                     self.end_headers()
                     self.wfile.write(data)
+                    outer.answered.append(status)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
@@ -248,10 +250,9 @@ def test_5xx_past_the_retries(endpoint, block):
 def test_timeout_leaves_the_rules_ranking(endpoint, block):
     graph, matches = block
     ep = endpoint((200, answer(ranking=["m1"]), 2.0))
-    t0 = time.monotonic()
     res = LlmAgent(cfg_for(ep.url, timeout_s=0.4)).consult(graph, matches, ARCH, POLICY)
-    assert time.monotonic() - t0 < 1.8
     rules_stand(res, matches, "timed out")
+    assert ep.requests and not ep.answered, "the agent gave up before the server answered (no wall-time bound)"
 
 
 def test_endpoint_down_leaves_the_rules_ranking(block):
