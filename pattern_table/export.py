@@ -7,6 +7,7 @@ PUT on object stores), so an interrupted export never leaves a half file under t
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 
 from fact_ray.errors import TableError
 from fact_ray.pattern_table import schema as sch
-from fact_ray.pattern_table.io import IO_ERRORS, normalise, one_line, resolve, write_atomic
+from fact_ray.pattern_table.io import IO_ERRORS, is_uri, normalise, one_line, refuse_unsafe_target, resolve, write_atomic
 from fact_ray.pattern_table.row import TableRow
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -48,16 +49,28 @@ def encode(rows: Sequence[TableRow], format: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def export_rows(rows: Sequence[TableRow], path_or_uri: str, format: str = "parquet") -> str:
-    """Write `rows` to `path_or_uri` in `format`; returns where it wrote."""
-    data = encode(rows, format)
+def export_rows(rows: Sequence[TableRow], path_or_uri: str, format: str = "parquet", *,
+                table_uri: str = "") -> str:
+    """Write `rows` to `path_or_uri` in `format`; returns where it wrote. Refuses a target that exists and is not
+    a regular file, and one inside `table_uri` (the table would read the export as more rows)."""
+    from fact_ray.redact import redact
+
     target = normalise(path_or_uri)
+    shown = redact(target)
+    if table_uri:
+        root = os.path.realpath(table_uri) if not is_uri(table_uri) else normalise(table_uri)
+        where = os.path.realpath(target) if not is_uri(target) else target
+        if where == root or where.startswith(root.rstrip("/") + "/"):
+            raise TableError(f"cannot export to {shown}: it is inside the pattern table {redact(table_uri)} (its "
+                             "rows would be read back as new rows); choose a path outside it")
+    data = encode(rows, format)
     try:
         fs, path = resolve(target)
+        refuse_unsafe_target(fs, path, shown)
         parent = path.rsplit("/", 1)[0]
         if parent:
             fs.create_dir(parent, recursive=True)
         write_atomic(fs, path, data)
     except (*IO_ERRORS, ValueError) as e:
-        raise TableError(f"cannot export the pattern table to {target}: {one_line(e)}") from None
+        raise TableError(f"cannot export the pattern table to {shown}: {redact(one_line(e))}") from None
     return target

@@ -186,7 +186,7 @@ class PatternTable:
 
     @property
     def damaged(self) -> dict[str, str]:
-        """Files skipped as damaged so far: URI -> reason."""
+        """Files (URI) and rows (URI#row<i>) skipped so far as damaged or unreadable here -> reason."""
         return dict(self._damaged)
 
     def forget(self) -> None:
@@ -219,16 +219,31 @@ class PatternTable:
             version = sch.file_version(table.schema)
             if version is None:
                 raise pa.ArrowInvalid("no pattern table schema version in its metadata")
-            table = sch.to_current(table, version, where)  # TableError for a newer version propagates
-            rows = tuple(TableRow.from_record(rec) for rec in table.to_pylist())
-        except TableError:
-            raise
+            table = sch.to_current(table, version, where)  # TableError: a version this fact-ray cannot read
+            records = table.to_pylist()
+        except TableError as e:
+            # One foreign or newer file must not block every read of the table: it is skipped like a damaged one.
+            reason = one_line(e)
+            self._damaged[where] = reason
+            warnings.warn(f"pattern table: skipping {where}: {reason}", stacklevel=2)
+            return ()
         except (*IO_ERRORS, ValueError, KeyError) as e:
             reason = one_line(e)
             self._damaged[where] = reason
             warnings.warn(f"pattern table: skipping damaged file {where}: {reason}", stacklevel=2)
             return ()
-        return rows
+        rows = []
+        for i, rec in enumerate(records):
+            try:
+                row = TableRow.from_record(rec)
+                row.config  # noqa: B018 -- parsed now, so a bad config_json is one skipped row, not a failed run
+            except (TableError, ValueError, KeyError, TypeError) as e:
+                reason = one_line(e)
+                self._damaged[f"{where}#row{i}"] = reason
+                warnings.warn(f"pattern table: skipping row {i} of {where}: {reason}", stacklevel=2)
+                continue
+            rows.append(row)
+        return tuple(rows)
 
     def _ordered(self) -> list[TableRow]:
         """All rows, oldest first: by creation time, then commit file name, then order within the commit."""
@@ -289,7 +304,7 @@ class PatternTable:
         return [r for r in self._ordered() if text in r.match_key or text in r.config_name]
 
     def export(self, path_or_uri: str, format: str = "parquet") -> str:
-        return export_rows(self.all_rows(), path_or_uri, format)
+        return export_rows(self.all_rows(), path_or_uri, format, table_uri=self.uri)
 
 
 def _key_filter(key: TableKey) -> pc.Expression:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from fact_ray.errors import TableError, UserError
+from fact_ray.errors import TableError
 from fact_ray.pattern_table import (
     SCHEMA_VERSION,
     PatternTable,
@@ -254,18 +254,22 @@ def test_v1_file_is_read_by_upgrade(tmp_path):
     assert table.damaged == {}
 
 
-def test_newer_schema_version_is_refused_naming_both(tmp_path):
+def test_newer_schema_version_is_skipped_naming_both(tmp_path):
+    """A file of a newer (or unknown) schema version is skipped with a warning naming both versions; it never
+    blocks the rest of the table (issue 14, item 6)."""
     table = PatternTable(str(tmp_path))
     table.commit([_row("k1", 1.0)])
     newer = pa.schema([pa.field("rule", pa.string())],
                       metadata={b"fact_ray.schema_version": str(SCHEMA_VERSION + 1).encode()})
     (tmp_path / "rows").mkdir(exist_ok=True)  # the flat folder: commits now go to their partition
     pq.write_table(pa.Table.from_pylist([{"rule": "x"}], schema=newer), tmp_path / "rows" / "29990101T0Z-new.parquet")
-    with pytest.raises(TableError) as info:
-        PatternTable(str(tmp_path)).all_rows()
-    msg = str(info.value)
+    fresh = PatternTable(str(tmp_path))
+    with pytest.warns(UserWarning, match="skipping") as info:
+        rows = fresh.all_rows()
+    assert [r.config_name for r in rows] == ["k1"]
+    msg = str(info[0].message)
     assert f"v{SCHEMA_VERSION + 1}" in msg and f"v{SCHEMA_VERSION}" in msg and "\n" not in msg
-    assert isinstance(info.value, UserError)  # the CLI prints it as one line
+    assert len(fresh.damaged) == 1
 
 
 # ------------------------------------------------------------------------------------------- not writable
