@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import uuid
@@ -83,10 +84,8 @@ def _write_local(path: str, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):  # never created
             os.unlink(tmp)
-        except OSError:
-            pass  # never created
         raise
     try:
         dfd = os.open(folder or ".", os.O_RDONLY)
