@@ -1,7 +1,10 @@
 """Connecting to Ray, and asking the cluster what it has (CPUs, GPUs, toolchain).
 
 `connect` fails fast with one line when an address has nothing behind it: Ray's own client waits 30 s (ray://)
-or loops on the GCS for a minute (host:port) before giving up, so a plain TCP probe goes first.
+or loops on the GCS for a minute (host:port) before giving up, so a probe goes first. A TCP connect is not
+enough: any service on that port accepts it (a web server, ssh), and Ray then waits on it for minutes. Both Ray
+endpoints (the GCS at host:port, the client server at ray://host:10001) are gRPC, that is HTTP/2: the probe
+sends HTTP/2's client preface and requires the server's first frame to be SETTINGS, as every HTTP/2 server's is.
 """
 
 from __future__ import annotations
@@ -39,16 +42,33 @@ def split_address(address: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+# HTTP/2 client connection preface, then an empty SETTINGS frame (length 0, type 4, flags 0, stream 0).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     hp = split_address(address)
     if hp is None:
         return
     try:
-        with socket.create_connection(hp, timeout=timeout_s):
-            pass
+        with socket.create_connection(hp, timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        head = b""
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ServiceUnreachable(f"Ray cluster at {address} is not reachable ({reason})") from None
+    if len(head) < 9 or head[3] != 4:
+        seen = "no answer" if not head else f"it answered {head[:9]!r}"
+        raise ServiceUnreachable(f"{address} is not a Ray cluster: something listens there but does not speak "
+                                 f"gRPC ({seen}); check --address (ray://head:10001 or head:6379)")
 
 
 def connect(address: str, *, num_cpus: int | None = None) -> Connection:

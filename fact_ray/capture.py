@@ -175,7 +175,10 @@ def _import_file(ref: str, mod_name: str, spec: Any) -> Any:
     except SyntaxError as e:
         sys.modules.pop(mod_name, None)
         raise ModelInvalid(f"{ref}:{e.lineno}: syntax error: {e.msg}") from None
-    except (Exception, SystemExit) as e:
+    except KeyboardInterrupt:
+        sys.modules.pop(mod_name, None)
+        raise
+    except BaseException as e:  # as in _call: whatever the user's file raises is its error
         sys.modules.pop(mod_name, None)
         raise ModelRaised(f"{ref}: importing the file raised {_one_line(e)}") from e
     return mod
@@ -220,7 +223,9 @@ def _load_factory(ref: str) -> LoadedModel:
         raise ModelRaised(f"{ref}: importing {mod_name} raised {_one_line(e)}") from e
     except SyntaxError as e:
         raise ModelInvalid(f"{ref}: {e.filename}:{e.lineno}: syntax error: {e.msg}") from None
-    except (Exception, SystemExit) as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # as in _call
         raise ModelRaised(f"{ref}: importing {mod_name} raised {_one_line(e)}") from e
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
@@ -247,7 +252,9 @@ def _rebuilt_by_factory(factory: Any, ref: str) -> torch.nn.Module:
 def _call(fn: Any, what: str) -> Any:
     try:
         return fn()
-    except (Exception, SystemExit) as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # the user's code: SystemExit, or its own BaseException subclass, is its error
         raise ModelRaised(f"{what} raised {_one_line(e)}") from e
 
 

@@ -7,6 +7,10 @@ the folder it lives in), its init arguments (both in `model_hash`), the shapes a
 parameters and buffers, the torch version, and fact-ray's own capture code. A changed file anywhere in the
 model's folder is a new key; nothing is ever served for a model that changed. Entries are pickles of frozen
 dataclasses written atomically under `<home>/captures/`; an unreadable one is traced again and overwritten.
+
+A pickle can name any function to call while it loads, so a file planted in the captures folder would run code.
+Entries are read with an unpickler that resolves only the few classes an entry is made of (`_ALLOWED`: the graph's
+dataclasses); a file naming anything else is refused as foreign (traced again and overwritten), never run.
 """
 
 from __future__ import annotations
@@ -98,6 +102,25 @@ def key_of(loaded: Any) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+# What an entry is made of; everything else a pickle could name (os.system, builtins.eval...) is refused.
+_ALLOWED = frozenset({("fact_ray.capture_cache", "CachedCapture"),
+                      *(("fact_ray.types", n) for n in ("Graph", "Node", "Ref", "TensorMeta", "Precision", "Arch")),
+                      *(("builtins", n) for n in ("slice", "frozenset", "set", "complex", "range"))})
+
+
+class _EntryUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which no capture entry holds")
+        return super().find_class(module, name)
+
+
+def read_entry(path: str | os.PathLike) -> Any:
+    """An entry's object, resolving only `_ALLOWED` classes (UnpicklingError for anything else)."""
+    with open(path, "rb") as f:
+        return _EntryUnpickler(f).load()
+
+
 def captured(loaded: Any, cache_dir: str | os.PathLike) -> tuple[CachedCapture, bool]:
     """The model's graph, from the cache when its key is there, else traced (and stored). Returns (it, hit)."""
     from fact_ray.capture import capture
@@ -105,8 +128,7 @@ def captured(loaded: Any, cache_dir: str | os.PathLike) -> tuple[CachedCapture, 
     path = Path(cache_dir) / f"{key_of(loaded)}.pkl"
     if path.is_file():
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f)
+            entry = read_entry(path)
             if isinstance(entry, CachedCapture):
                 return entry, True
             log.warning("capture cache entry %s holds a %s; tracing again", path, type(entry).__name__)

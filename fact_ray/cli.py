@@ -6,6 +6,7 @@ A `UserError` becomes one line on stderr and its exit code (2 by default); a tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any, Callable, Optional
@@ -62,12 +63,14 @@ def _console():
 
 def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command body: a user error is one line and its exit code, never a traceback unless --debug."""
+    from fact_ray.redact import redact
+
     try:
         return fn()
     except UserError as e:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {redact(' '.join(str(e).split()))}", err=True)  # one line, credentials masked
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -203,6 +206,27 @@ def tune(
 # ---------------------------------------------------------------------------------------------- run / retune
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler, `kill`, `ray job stop`) ends a run as Ctrl-C does: the farm closes its MLflow run as
+    KILLED and its workers, instead of the process vanishing with the run left RUNNING. The previous handler
+    comes back after the run (the CLI may be called in-process)."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri: Optional[str],
          policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool,
          llm: Optional[str] = None, llm_model: Optional[str] = None, shapes: Optional[str] = None) -> None:
@@ -237,7 +261,8 @@ def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri:
         if summary.exit_code:
             raise typer.Exit(summary.exit_code)
 
-    _guard(body)
+    with _terminate_as_interrupt():
+        _guard(body)
 
 
 @app.command()
@@ -610,6 +635,7 @@ def doctor(
         from fact_ray import doctor as dr
 
         s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri)
+        dr.check_inputs(s)
         checks = dr.run_checks(s)
         t = Table(title="fact-ray doctor")
         for col in ("item", "status", "detail", "fix"):

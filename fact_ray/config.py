@@ -7,7 +7,9 @@ pattern table and build cache under `.fact-ray/`, the LLM off.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +53,15 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+_STR_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings) if f.type == "str")
+
+
 def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
+    if isinstance(value, (dict, list, bool)) or (name in _STR_FIELDS and not isinstance(value, str)):
+        # A wrongly typed fact-ray.toml entry (budget = [1], nvcc = 5) names the setting, not a traceback.
+        raise ConfigError(f"setting {name} has the wrong type ({type(value).__name__}: {str(value)[:40]!r})")
     if name == "policy":
         try:
             return Precision(str(value).lower())
@@ -65,20 +73,35 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_arch(str(value))
     if name in ("budget", "jobs"):
         try:
-            return int(value)
+            n = int(value)
         except ValueError:
             raise ConfigError(f"setting {name} must be an integer, got {value!r}") from None
+        least = 1 if name == "budget" else 0
+        if n < least:
+            what = "candidates per pattern, at least 1" if name == "budget" else "0 (all CPUs) or more"
+            raise ConfigError(f"setting {name} must be {what}, got {n}")
+        return n
     if name == "trial_timeout_s":
-        return float(value)
+        try:
+            t = float(value)
+        except ValueError:
+            t = math.nan
+        if not (t > 0 and math.isfinite(t)):
+            raise ConfigError(f"setting trial_timeout_s must be a positive number of seconds, got {value!r}")
+        return t
     if name == "llm" and str(value) not in ("off", "rank", "propose"):
         raise ConfigError(f"--llm must be off, rank or propose, got {value!r}")
     return str(value)
 
 
+_ARCH_SPELLING = re.compile(r"(?:sm_?)?(80|90)a?")  # sm90, sm_90, sm90a, 90: one optional "a", no more
+
+
 def parse_arch(value: str) -> Arch:
-    v = value.lower().replace("sm_", "sm").rstrip("a")
-    aliases = {"a100": "sm80", "h100": "sm90", "h200": "sm90", "80": "sm80", "90": "sm90"}
-    v = aliases.get(v, v)
+    v = value.strip().lower()
+    aliases = {"a100": "sm80", "h100": "sm90", "h200": "sm90"}
+    m = _ARCH_SPELLING.fullmatch(v)
+    v = f"sm{m.group(1)}" if m else aliases.get(v, v)
     try:
         return Arch(v)
     except ValueError:
@@ -110,9 +133,13 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     path = Path(file or env.get("FACT_RAY_CONFIG", "fact-ray.toml"))
     if path.is_file():
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         for k, v in data.items():
             if k not in _FIELDS:
                 raise ConfigError(f"{path}: unknown setting {k!r}")

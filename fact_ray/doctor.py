@@ -114,7 +114,11 @@ def check_ray(address: str) -> Check:
     if address == "auto":
         return Check("Ray", True, f"ray {ver}; address auto (the cluster this node belongs to)")
     u = urllib.parse.urlparse(address if "://" in address else f"ray://{address}")
-    host, port = u.hostname or "127.0.0.1", u.port or 10001
+    try:
+        host, port = u.hostname or "127.0.0.1", u.port or 10001
+    except ValueError as e:  # a port that is not a number or out of range
+        return Check("Ray", False, f"--address {address!r} is not a valid address ({e})",
+                     "pass ray://host:10001, host:6379 or auto")
     ok = _tcp_open(host, port)
     return Check("Ray", ok, f"ray {ver}; {address} {'answers' if ok else 'does not answer'}",
                  "" if ok else "start the cluster (ray up cluster.yaml) or fix --address")
@@ -158,13 +162,38 @@ def check_llm(settings: Settings) -> Check:
         return Check("LLM endpoint", False, f"--llm {settings.llm} but OPENAI_BASE_URL is not set",
                      "export OPENAI_BASE_URL (and OPENAI_API_KEY) of an OpenAI-compatible server", optional=True)
     u = urllib.parse.urlparse(base)
-    ok = _tcp_open(u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80))
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:
+        return Check("LLM endpoint", False, f"OPENAI_BASE_URL {base!r} is not a valid URL ({e})",
+                     "fix OPENAI_BASE_URL (e.g. http://127.0.0.1:8000/v1)", optional=True)
+    ok = _tcp_open(u.hostname or "127.0.0.1", port)
     return Check("LLM endpoint", ok, f"{base} {'answers' if ok else 'does not answer'}",
                  "" if ok else "start the server or fix OPENAI_BASE_URL", optional=True)
 
 
+def check_inputs(settings: Settings, env: dict[str, str] | None = None) -> None:
+    """What the user typed, before any probe: a --address or OPENAI_BASE_URL that is not an address at all (a
+    port that is not a number) is one ConfigError line, not a row."""
+    from fact_ray.redact import check_url
+
+    env = dict(os.environ) if env is None else env
+    base = env.get("OPENAI_BASE_URL", "").strip()
+    if base:
+        check_url(base, "OPENAI_BASE_URL")
+    address = settings.ray_address.strip()
+    if address and address not in ("auto", "local"):
+        check_url(address if "://" in address else f"ray://{address}", "--address", schemes=("ray",))
+
+
 def run_checks(settings: Settings) -> list[Check]:
-    return [*check_gpu(), check_nvcc(settings.nvcc), *check_cutlass(), check_attention_headers(settings.nvcc),
-            check_torch(),
-            check_ray(settings.ray_address), check_tracking(settings.resolved_tracking_uri),
-            check_table(settings.resolved_table_uri), check_llm(settings)]
+    """Every check, with credentials in URIs masked (fact_ray.redact): doctor output is pasted into tickets."""
+    import dataclasses
+
+    from fact_ray.redact import redact
+
+    checks = [*check_gpu(), check_nvcc(settings.nvcc), *check_cutlass(), check_attention_headers(settings.nvcc),
+              check_torch(),
+              check_ray(settings.ray_address), check_tracking(settings.resolved_tracking_uri),
+              check_table(settings.resolved_table_uri), check_llm(settings)]
+    return [dataclasses.replace(c, detail=redact(c.detail), fix=redact(c.fix)) for c in checks]

@@ -21,11 +21,18 @@ Layout of one `fact-ray run` in MLflow (experiment "fact-ray" by default):
 Only `MlflowClient` with explicit run ids is used: the fluent API keeps a process-global active run, which
 would tangle with anything else in the process that uses MLflow.
 
+Failure modes handled here: a fresh sqlite store is set up (schema migrations, the experiment) under a file lock
+beside it, so several first runs at once do not race; a store that cannot be opened (a corrupt mlflow.db) is one
+ServiceUnreachable line; every run carries the host and pid that logged it (`fact_ray.host`, `fact_ray.pid`), and
+a new run first closes as KILLED the RUNNING runs of this tool whose process on this host is gone (a SIGKILLed
+driver cannot close its own). URIs and settings are redacted (`fact_ray.redact`) before they are logged.
+
 mlflow is imported lazily (it takes over a second to import), so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -57,6 +64,8 @@ DEFAULT_EXPERIMENT = "fact-ray"
 TAG_KIND = "fact_ray.kind"
 TAG_RUN_ID = "fact_ray.run_id"
 TAG_MATCH_KEY = "fact_ray.match_key"
+TAG_HOST = "fact_ray.host"
+TAG_PID = "fact_ray.pid"
 
 # MLflow's HTTP client retries 7 times with exponential backoff and waits 120 s per request by default: minutes
 # of silence when a server dies mid-run. We shorten both unless the user chose values.
@@ -132,6 +141,78 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def _sqlite_path(tracking_uri: str) -> str | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):]
+    return None if path in ("", ":memory:") else path
+
+
+def open_store(tracking_uri: str, experiment: str):
+    """(client, experiment id): the store opened, its schema set up and the experiment made, under a file lock
+    for sqlite (first runs at once race on the migrations otherwise). One ServiceUnreachable line when the store
+    cannot be opened or set up (a corrupt database, a server error)."""
+    from fact_ray.fsutil import file_lock
+
+    db = _sqlite_path(tracking_uri)
+    lock = file_lock(db + ".lock") if db else contextlib.nullcontext()
+    with _store_errors(tracking_uri), lock:
+        client = _client(tracking_uri)
+        return client, _experiment_id(client, experiment, create=True)
+
+
+@contextlib.contextmanager
+def _store_errors(tracking_uri: str):
+    """A store that cannot be opened or read (a corrupt database, a server error) becomes one line."""
+    from fact_ray.redact import redact
+
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- sorted here: a store problem is one line, anything else propagates
+        if not _is_store_error(e):
+            raise
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ServiceUnreachable(f"tracking store {redact(tracking_uri)} cannot be opened ({redact(first)})") from e
+
+
+def _is_store_error(e: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # a server-only MLflow client
+        SQLAlchemyError = MlflowException  # noqa: N806
+    return isinstance(e, (MlflowException, SQLAlchemyError, OSError))
+
+
+def _process_alive(host: str, pid: str) -> bool:
+    import socket
+
+    if host != socket.gethostname():
+        return True  # another machine's: nothing here says it is gone
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def sweep_stale_runs(client, exp_id: str) -> list[str]:
+    """Close as KILLED this tool's RUNNING runs whose logging process on this host is gone; returns their ids."""
+    runs = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    closed = []
+    for r in runs:
+        tags = r.data.tags
+        if TAG_KIND not in tags or TAG_PID not in tags:
+            continue  # not ours, or from a fact-ray that did not record its process
+        if not _process_alive(tags.get(TAG_HOST, ""), tags[TAG_PID]):
+            client.set_terminated(r.info.run_id, "KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 def _experiment_id(client, name: str, create: bool) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -181,9 +262,11 @@ class MlflowListener:
                 os.environ.setdefault(k, v)
         if check:
             check_reachable(tracking_uri)
-        self._client = _client(tracking_uri)
+        if _sqlite_path(tracking_uri):  # opened now (the farm does it in a thread), under the set-up lock
+            self._client, self._experiment_id = open_store(tracking_uri, experiment)
+        else:  # a server: nothing is asked of it before RunStarted
+            self._client, self._experiment_id = _client(tracking_uri), ""
         self._parent: str | None = None
-        self._experiment_id = ""
         self._policy_arch: dict[str, str] = {}
         self._run_tags: dict[str, str] = {}
         self._patterns: dict[str, _Pattern] = {}
@@ -220,9 +303,15 @@ class MlflowListener:
     def _run_started(self, ev: RunStarted) -> None:
         if self._parent is not None:
             raise RuntimeError("MlflowListener: a second RunStarted; use one listener per run")
-        exp_id = _experiment_id(self._client, self.experiment, create=True)
-        self._experiment_id = exp_id
-        self._run_tags = {TAG_RUN_ID: ev.run_id}
+        import socket
+
+        from fact_ray.redact import redact
+
+        if not self._experiment_id:
+            self._experiment_id = _experiment_id(self._client, self.experiment, create=True)
+        exp_id = self._experiment_id
+        sweep_stale_runs(self._client, exp_id)
+        self._run_tags = {TAG_RUN_ID: ev.run_id, TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
         run = self._client.create_run(
             exp_id, run_name=f"{ev.model_name} {ev.policy.value} {ev.arch.value}",
             # The tag vocabulary every fact-ray run shares (night_tracking), for search_runs and the compare view.
@@ -231,11 +320,11 @@ class MlflowListener:
                   "fact_ray.gpu": ev.gpu or "none"})
         self._parent = run.info.run_id
         params = {
-            "model_name": ev.model_name, "model_hash": ev.model_hash, "model_ref": ev.model_ref,
+            "model_name": ev.model_name, "model_hash": ev.model_hash, "model_ref": redact(ev.model_ref),
             "policy": ev.policy.value, "arch": ev.arch.value, "gpu": ev.gpu or "none", "budget": ev.budget,
         }
         params.update({f"version.{k}": v for k, v in ev.versions})
-        params.update({f"setting.{k}": v for k, v in ev.extra})
+        params.update({f"setting.{k}": redact(str(v)) for k, v in ev.extra})
         self._batch(self._parent, params=params)
         self._policy_arch = {"policy": ev.policy.value, "arch": ev.arch.value}
 
@@ -247,7 +336,10 @@ class MlflowListener:
                              "llm_latency_s": ev.latency_s, "llm_requests": ev.requests, "llm_moves": ev.moves,
                              "llm_accepted": ev.accepted, "llm_rejected": ev.rejected},
                     tags={"fact_ray.llm_used": str(ev.used).lower()})
-        self._client.log_text(self._parent, json.dumps(ev.detail, indent=1, sort_keys=True), "agent.json")
+        from fact_ray.redact import redact_any
+
+        self._client.log_text(self._parent, json.dumps(redact_any(ev.detail), indent=1, sort_keys=True),
+                              "agent.json")
 
     def _pattern_started(self, ev: PatternStarted) -> None:
         m = ev.match
@@ -338,16 +430,18 @@ class MlflowListener:
 
     def _run_finished(self, ev: RunFinished) -> None:
         assert self._parent is not None
-        self._client.log_text(self._parent, json.dumps(json.loads(ev.report_json), indent=1, sort_keys=True),
-                              "report.json")
+        from fact_ray.redact import redact, redact_any
+
+        self._client.log_text(self._parent, json.dumps(redact_any(json.loads(ev.report_json)), indent=1,
+                                                       sort_keys=True), "report.json")
         if ev.report_text:
-            self._client.log_text(self._parent, ev.report_text, "report.txt")
+            self._client.log_text(self._parent, redact(ev.report_text), "report.txt")
         rows = ev.row_dicts
         if rows:
             self._client.log_text(self._parent, _rows_csv(rows), "summary.csv")
         tags = {"fact_ray.status": ev.status}
         if ev.error:
-            tags["fact_ray.error"] = ev.error
+            tags["fact_ray.error"] = redact(ev.error)
         self._batch(self._parent, metrics={"run_seconds": ev.seconds, "patterns": len(rows)}, tags=tags)
         # Patterns the farm never finished (interrupted, failed) are closed as killed, not left "running".
         for p in self._patterns.values():
@@ -441,8 +535,9 @@ def compare_runs(tracking_uri: str, run_ids: Iterable[str] = (), last: int = 5,
     pattern, then by run start. No runs: an empty list. An unknown run id: RunNotFound.
     """
     check_reachable(tracking_uri)
-    client = _client(tracking_uri)
-    exp_id = _experiment_id(client, experiment, create=False)
+    with _store_errors(tracking_uri):
+        client = _client(tracking_uri)
+        exp_id = _experiment_id(client, experiment, create=False)
     ids = list(run_ids)
     if exp_id is None:
         if ids:

@@ -38,6 +38,9 @@ ACTIVATION_ALIASES = {
 }
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _extent(match: Match, key: str, default: int | None = None) -> int:
     value = match.param(key, default)
     if value is None:
@@ -48,6 +51,9 @@ def _extent(match: Match, key: str, default: int | None = None) -> int:
         raise CannotImplement(f"{match.rule}: {key}={value!r} is not an integer (dynamic shape?)") from None
     if n < 1:
         raise CannotImplement(f"{match.rule}: {key}={n} must be positive")
+    if n > INT32_MAX:  # refused before planning: CUTLASS's GemmCoord holds int extents, a larger one wraps
+        raise CannotImplement(f"{match.rule}: {key}={n} is over CUTLASS's 32-bit extent ({INT32_MAX}); the "
+                              "PyTorch op stays")
     return n
 
 
