@@ -224,12 +224,6 @@ def read_manifest(path: str | os.PathLike, *, key: bytes | None = None) -> dict[
     return manifest
 
 
-def verify_libraries(path: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, str]:
-    """Every library's bytes against its recorded sha256, copied to a private folder; returns the private copy's
-    path -> sha256 (load uses only those copies)."""
-    return {private: digest for private, digest in trust.stage_libraries(Path(path), manifest).values()}
-
-
 def check_target(manifest: Mapping[str, Any], *, expect_arch: Arch | str | None = None,
                  expect_toolchain: Mapping[str, str] | None = None, where: str = "artifact") -> None:
     """Refuse an artifact made for another arch or toolchain. `expect_*` stand in for the local machine (tests,

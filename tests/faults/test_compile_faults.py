@@ -40,6 +40,7 @@ def small_source(value: str) -> Source:
 
 @pytest.mark.nvcc
 @nvcc_present
+@pytest.mark.recovers
 def test_killed_cicc_is_not_cached_and_next_build_succeeds(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     src = small_source("2.0f")
@@ -59,6 +60,7 @@ def test_killed_cicc_is_not_cached_and_next_build_succeeds(tmp_path, monkeypatch
 
 @pytest.mark.nvcc
 @nvcc_present
+@pytest.mark.recovers
 def test_killed_cicc_is_retried_within_the_build(tmp_path):
     cache = tmp_path / "cache"
     killer = Assassin(cache, "cicc", times=1)

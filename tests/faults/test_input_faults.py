@@ -151,6 +151,7 @@ def test_a_service_that_is_not_ray_is_refused_at_once(cli):
     assert not ray.is_initialized()
 
 
+@pytest.mark.recovers
 def test_a_planted_capture_pickle_never_runs(tmp_path):
     loaded = load_model(TINY)
     cache = tmp_path / "captures"

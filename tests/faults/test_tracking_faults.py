@@ -48,6 +48,7 @@ def _runs(uri):
     return {r.data.tags["fact_ray.run_id"]: r.info.status for r in client.search_runs([exp.experiment_id])}
 
 
+@pytest.mark.recovers
 def test_concurrent_first_runs_on_a_fresh_store_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     go = tmp_path / "go"
@@ -73,6 +74,7 @@ def test_corrupt_store_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.recovers
 def test_a_sigkilled_run_is_closed_as_killed_by_the_next_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     go = tmp_path / "go"
@@ -122,3 +124,40 @@ def test_credentials_are_not_logged_as_parameters(tmp_path):
     local = client.download_artifacts(listener.parent_run_id, "report.json", str(tmp_path))
     assert "SECRETVALUE" not in open(local).read()
     assert run.info.status == "FAILED"
+
+
+def test_sigterm_ends_a_real_run_as_killed_not_running(tmp_path):
+    """`fact-ray run` on a real local Ray, sent SIGTERM once its MLflow run exists: the run is closed at once (not
+    left RUNNING for the next run's sweep). Before Ray starts, fact-ray's handler makes it KILLED; once Ray is up,
+    Ray's own driver handler (sys.exit(15)) takes over and the farm closes it FAILED. No Python traceback."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    model = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "farm_tiny.py")
+    proc = subprocess.Popen([sys.executable, "-m", "fact_ray.cli", "run", model, "--arch", "sm80", "--budget", "2",
+                             "--tracking-uri", f"sqlite:///{db}", "--table", str(tmp_path / "table")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, FACT_RAY_HOME=str(tmp_path / "home")))
+
+    def parent_status():
+        if not db.exists():
+            return None
+        try:
+            with sqlite3.connect(db) as con:
+                row = con.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                                  "where t.key = 'fact_ray.kind' and t.value = 'run'").fetchone()
+        except sqlite3.Error:
+            return None  # the schema is still being set up
+        return row[0] if row else None
+
+    try:
+        while parent_status() != "RUNNING":
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert parent_status() in ("KILLED", "FAILED")
