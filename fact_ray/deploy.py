@@ -57,19 +57,20 @@ def package(module: Any, inputs: Sequence[Any], path: str | os.PathLike) -> Path
 def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
     """Register every op of an artifact in this process from its manifest and libraries; returns the op names.
     The artifact is checked as `fact_ray.load` checks it (arch, toolchain, library bytes)."""
-    from fact_ray.artifact import _config_from, check_target, read_manifest, verify_libraries
+    from fact_ray import artifact_trust as trust
+    from fact_ray.artifact import _config_from, check_target, read_manifest
     from fact_ray.compose import KernelChoice, library_for
     from fact_ray.realize import fused
     from fact_ray.realize.kernel import GemmKernel, op_name, register_op
     from fact_ray.types import GemmProblem
 
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(artifact, key=trust.key_from_env())
     check_target(manifest, where=f"artifact {artifact}")
-    verify_libraries(artifact, manifest)
+    staged = trust.stage_libraries(Path(artifact), manifest)  # hashed and loaded from one private copy
     names = []
     for pat in manifest["patterns"]:
         cfg = _config_from(pat["config"])
-        choice = KernelChoice(cfg, str(Path(artifact) / pat["library"]), pat["symbol"])
+        choice = KernelChoice(cfg, staged[pat["library"]][0], pat["symbol"])
         library = library_for(choice, pat["sha256"])
         data = dict(pat["problem"])
         if pat["family"] in fused.FUSED_FAMILIES:

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from fact_ray.errors import TableError
 from fact_ray.pattern_table import schema as sch
-from fact_ray.pattern_table.io import IO_ERRORS, is_uri, normalise, one_line, refuse_unsafe_target, resolve, write_atomic
+from fact_ray.pattern_table.io import (IO_ERRORS, is_uri, normalise, one_line, refuse_unsafe_target, resolve,
+                                      write_atomic)
 from fact_ray.pattern_table.row import TableRow
 
 FORMATS = ("parquet", "csv", "jsonl")
