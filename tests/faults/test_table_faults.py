@@ -83,6 +83,7 @@ def test_cli_export_to_a_link_is_one_line_exit_2(table, tmp_path):
 @pytest.mark.recovers
 def test_a_foreign_version_file_is_skipped_not_fatal(table, tmp_path, version, rows_checked):
     foreign = pa.schema([pa.field("rule", pa.string())], metadata={b"fact_ray.schema_version": version})
+    (tmp_path / "table" / "rows").mkdir(exist_ok=True)  # the flat layout, still read beside the partitions
     pq.write_table(pa.Table.from_pylist([{"rule": "x"}], schema=foreign),
                    tmp_path / "table" / "rows" / "29990101T0Z-foreign.parquet")
     fresh = PatternTable(table.uri)
@@ -103,6 +104,7 @@ def test_a_row_with_malformed_config_json_is_skipped(table, tmp_path, rows_check
     bad = [dataclasses.replace(row("bad_json", 0.1, minutes=2), config_json='{"name": "x", '),
            dataclasses.replace(row("bad_field", 0.1, minutes=3), config_json='{"name": "x", "no_such_field": 1}'),
            row("k3", 0.25, minutes=4)]
+    (tmp_path / "table" / "rows").mkdir(exist_ok=True)
     pq.write_table(rows_to_table(bad), tmp_path / "table" / "rows" / "29990101T0Z-mixed.parquet")
     fresh = PatternTable(table.uri)
     with pytest.warns(UserWarning, match="skipping row"):
