@@ -206,3 +206,24 @@ def test_cli_load_of_a_tampered_artifact_is_one_line_and_exit_2(setup):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().count("\n") == 0 and "not libs/<its sha256>.so" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_shape_dispatch_naming_a_bucket_outside_the_artifact_is_refused(setup):
+    from fact_ray import shapes
+
+    (setup["art"] / shapes.DISPATCH_FILE).write_text(json.dumps({
+        "kind": shapes.DISPATCH_KIND, "schema_version": shapes.DISPATCH_SCHEMA, "rule": shapes.RULE,
+        "buckets": [{"shapes": [[2, 8, 64]], "artifact": "../elsewhere"}]}))
+    _refused(setup, "bucket artifact '../elsewhere' is not a folder name inside the artifact")
+
+
+def test_every_bucket_is_checked_before_model_code_runs(setup):
+    from fact_ray import shapes
+
+    bucket = setup["art"] / "b0"
+    shutil.copytree(setup["art"], bucket)
+    shutil.copyfile(setup["planted"], bucket / "libs" / f"{setup['digest']}.so")  # a swapped library
+    (setup["art"] / shapes.DISPATCH_FILE).write_text(json.dumps({
+        "kind": shapes.DISPATCH_KIND, "schema_version": shapes.DISPATCH_SCHEMA, "rule": shapes.RULE,
+        "buckets": [{"shapes": [[2, 8, 64]], "artifact": "b0"}]}))
+    _refused(setup, "is damaged")
