@@ -14,8 +14,8 @@ retries with exponential backoff, `max_tokens` per request, a cap on the HTTP bo
 Deadlines are wall-clock: each attempt runs in a watcher thread that the caller stops waiting for at
 min(timeout, what is left of the run's deadline), so a server that trickles a byte at a time cannot extend it
 (an HTTP client's read timeout restarts with every byte). The body is read in chunks and refused past
-`max_body_bytes`, so a huge answer costs at most that much memory. The HTTP call is plain httpx (the transport
-the `openai` package uses) so that every byte read is ours to count.
+`max_body_bytes`, so a huge answer costs at most that much memory. The call goes through the `openai` client's
+streaming-response form, which hands over the body's bytes as they arrive, so that every byte read is ours to count.
 """
 
 from __future__ import annotations
@@ -312,9 +312,11 @@ class Reply:
 def ask(cfg: LlmConfig, messages: list[dict[str, str]], max_tokens: int) -> Reply:
     """One chat completion, retried with exponential backoff on 429, 5xx and connection errors, within the
     per-request timeout and the run's deadline, both wall-clock. Raises AgentFailed with the reason."""
+    import openai  # imported and the client made before the clock starts: a first import takes a second here
+
+    client = openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s)
     t0 = time.monotonic()
     run_end = t0 + cfg.deadline_s
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
     body = {"model": cfg.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     requests, last = 0, ""
     for attempt in range(cfg.max_retries + 1):
@@ -323,7 +325,7 @@ def ask(cfg: LlmConfig, messages: list[dict[str, str]], max_tokens: int) -> Repl
             break
         requests += 1
         limit = min(cfg.timeout_s, left)
-        outcome = _within(limit, lambda: _post(cfg, url, body, time.monotonic() + limit))
+        outcome = _within(limit, lambda: _post(cfg, client, body, time.monotonic() + limit))
         if outcome is None:
             if limit < cfg.timeout_s:
                 raise AgentFailed(f"LLM endpoint: no answer within the {cfg.deadline_s:g} s deadline")
@@ -373,50 +375,34 @@ def _within(limit_s: float, fn: Any) -> Any:
     return value
 
 
-class _Overrun(Exception):
-    pass
-
-
-def _post(cfg: LlmConfig, url: str, body: dict[str, Any], end: float) -> tuple[int, bytes, Mapping[str, str]]:
-    """POST and read the answer in chunks: (status, body, headers); (0, reason, {}) when there was no HTTP
-    answer; (-1, b"", {}) when the body passed cfg.max_body_bytes. Reading stops at `end`. urllib from the
-    standard library: proxies from the environment are honoured as by any HTTP client."""
-    import urllib.error
-    import urllib.request
+def _post(cfg: LlmConfig, client: Any, body: dict[str, Any], end: float) -> tuple[int, bytes, Mapping[str, str]]:
+    """One chat completion through the `openai` client, its body read in chunks: (status, body, headers);
+    (0, reason, {}) when there was no HTTP answer; (-1, b"", {}) when the body passed cfg.max_body_bytes.
+    The streaming-response form hands us the bytes as they arrive, so we count them and stop at `end` (the
+    client's own timeout restarts with every byte, which is why the caller also watches the wall clock)."""
+    import openai
 
     from fact_ray.redact import redact
 
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
-        "Authorization": f"Bearer {cfg.api_key}", "Content-Type": "application/json", "Accept": "application/json"})
+    client = client.with_options(timeout=max(0.05, end - time.monotonic()))
     try:
-        try:
-            resp = urllib.request.urlopen(req, timeout=max(0.05, end - time.monotonic()))
-        except urllib.error.HTTPError as e:
-            resp = e  # an HTTP answer all the same: its status and (capped) body decide
-        with resp:
-            status, headers = resp.status if hasattr(resp, "status") else resp.code, resp.headers
+        with client.chat.completions.with_streaming_response.create(**body) as resp:
             chunks, size = [], 0
-            while True:
+            for chunk in resp.iter_bytes():
                 if time.monotonic() > end:
-                    raise _Overrun()
-                chunk = resp.read(65536)
-                if not chunk:
-                    break
+                    return 0, b"the answer was still arriving at the deadline", {}
                 size += len(chunk)
                 if size > cfg.max_body_bytes:
                     return -1, b"", {}
                 chunks.append(chunk)
-            return status, b"".join(chunks), headers
-    except _Overrun:
-        return 0, b"the answer was still arriving at the deadline", {}
-    except (OSError, ValueError, http_client_errors()) as e:
+            return resp.status_code, b"".join(chunks), resp.headers
+    except openai.APIStatusError as e:  # an HTTP answer all the same: its status (and Retry-After) decide
+        return e.status_code, b"", e.response.headers
+    except openai.APIConnectionError as e:  # includes APITimeoutError
+        cause = e.__cause__ or e
+        return 0, redact(f"cannot connect to {cfg.base_url} ({type(cause).__name__}: {str(cause)[:160]})").encode(), {}
+    except (OSError, ValueError) as e:
         return 0, redact(f"cannot connect to {cfg.base_url} ({type(e).__name__}: {str(e)[:160]})").encode(), {}
-
-
-def http_client_errors() -> type[Exception]:
-    import http.client
-
-    return http.client.HTTPException
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
