@@ -101,7 +101,7 @@ def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gp
         "match_key": r.match_key, "rule": r.rule, "family": r.family, "anchor": r.anchor, "nodes": list(r.nodes),
         "op": r.op, "config": _jsonable(r.config), "problem": _jsonable(r.problem),
         "library": f"{LIBS}/{r.library_sha256}.so", "sha256": r.library_sha256, "symbol": r.symbol,
-        "speedup": _jsonable(r.speedup),
+        "speedup": _jsonable(r.speedup), "kernel": r.kernel,
     } for r in comp.replacements]
     return {
         "schema_version": SCHEMA_VERSION,

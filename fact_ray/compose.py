@@ -1,8 +1,10 @@
 """Composition: a captured graph plus the winners of its patterns -> one module that calls the winning kernels.
 
 The module is the captured graph made runnable again (`ExportedProgram.module()` for an export capture, the FX
-trace for an FX capture), with each matched subgraph that has a winner replaced by a call to its custom op
-`torch.ops.fact_ray.<name>(a, b, bias, residual)`. Matches without a winner keep their PyTorch ops. The result is
+trace for an FX capture), with each matched subgraph that has a winner replaced by a call to its kernel: the
+native dispatcher's `torch.ops.fact_ray_native.gemm(a, b, bias, residual, kernel)` (attention, norm alike; no
+Python on the hot path, realize/dispatch.py) or, only where that extension cannot be built (said once) or
+FACT_RAY_DISPATCH=python asks, the Python custom op `torch.ops.fact_ray.<name>(a, b, bias, residual)`. Matches without a winner keep their PyTorch ops. The result is
 a `torch.fx.GraphModule` holding the original's very parameters and buffers (same objects, same state-dict
 names) and taking the original's arguments; `module.fact_ray` is the `Composition` describing what was replaced,
 which `fact_ray.artifact.save` writes down.
@@ -27,8 +29,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fact_ray.errors import CannotImplement, ComposeError, NotAvailable, UserError
-from fact_ray.realize import fused
-from fact_ray.realize.kernel import GemmKernel, has_bias, has_residual, op_name, output_shape, register_op
+from fact_ray.realize import dispatch, fused
+from fact_ray.realize.kernel import has_bias, has_residual, output_shape
 from fact_ray.realize.verify import precision_mode
 from fact_ray.types import (
     Arch,
@@ -70,13 +72,14 @@ class Replacement:
     family: str
     anchor: str
     nodes: tuple[str, ...]
-    op: str  # torch.ops.fact_ray.<op>
+    op: str  # qualified op name: fact_ray_native.gemm|attention|norm, or fact_ray.<name> (Python custom op)
     config: KernelConfig
     problem: Any  # GemmProblem, or fused.AttentionProblem / NormProblem
     symbol: str
     library_path: str
     library_sha256: str
     speedup: float = float("nan")
+    kernel: str = ""  # the native dispatcher's kernel id ("" on the Python custom-op path)
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ def _ancestors_within(nodes: Sequence[torch.fx.Node], inside: set[torch.fx.Node]
 
 
 def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, problem: GemmProblem,
-             op: Any) -> None:
+             binding: dispatch.Binding) -> None:
     graph = gm.graph
     operands = dict(match.param("operands", ()) or ())
     roles = ["a", "b"] + (["bias"] if has_bias(problem) else []) + (["residual"] if has_residual(problem) else [])
@@ -255,7 +258,10 @@ def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: M
         if anchor_meta[1] != kernel_dtype:  # a bf16/fp16 policy on a wider model: cast in, cast back out
             args = [graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": kernel_dtype})
                     for x in args]
-        out = graph.call_function(op, tuple(args))
+        # Always (a, b, bias, residual): both ops take absent ones as None, and a residual must not land in bias.
+        by_role = dict(zip(roles, args))
+        call = (by_role["a"], by_role["b"], by_role.get("bias"), by_role.get("residual"), *binding.extra)
+        out = graph.call_function(binding.op, call)
         out_shape = output_shape(problem, a_meta[0])
         if tuple(out_shape) != anchor_meta[0]:
             if math.prod(out_shape) != math.prod(anchor_meta[0]):
@@ -268,7 +274,7 @@ def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: M
 
 
 def _rewrite_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, roles: Sequence[str],
-                   op: Any) -> None:
+                   binding: dispatch.Binding) -> None:
     """Attention or a norm: the op takes the match's operands as the graph holds them (absent ones as None)."""
     graph = gm.graph
     operands = dict(match.param("operands", ()) or ())
@@ -280,7 +286,7 @@ def _rewrite_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], ma
     anchor = index[match.anchor]
     args = [index[operands[r]] if operands.get(r) else None for r in roles]
     with graph.inserting_before(anchor):
-        out = graph.call_function(op, tuple(args))
+        out = graph.call_function(binding.op, (*args, *binding.extra))
     _replace_subgraph(graph, index, match, anchor, out, [a for a in args if a is not None])
 
 
@@ -344,6 +350,9 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
                 raise ComposeError(f"matches at {covered[n]} and {m.anchor} both cover node {n}: compose one of them")
             covered[n] = m.anchor
 
+    # Decided once per composition: the native dispatcher unless it cannot be built here (said once) or
+    # FACT_RAY_DISPATCH=python; nothing is built when nothing is replaced.
+    native = bool(chosen) and dispatch.available()
     replacements: list[Replacement] = []
     fallbacks: list[tuple[str, str]] = []
     for m in chosen:
@@ -361,7 +370,7 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
             fallbacks.append((m.key, f"{m.rule} at {m.anchor} keeps its PyTorch op: {misfit}"))
             continue
         if m.family in fused.FUSED_FAMILIES:
-            replacements.append(_compose_fused(gm, index, m, choice, policy, digests))
+            replacements.append(_compose_fused(gm, index, m, choice, policy, digests, native))
             continue
         try:
             problem = problem_from_match(m, policy)
@@ -375,14 +384,12 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
         digests[choice.library_path] = digest
         library = library_for(choice, digest)
-        kernel = GemmKernel(library, cfg, problem)
-        register_op(kernel, problem)
-        name = op_name(cfg, problem, library.key)
-        _rewrite(gm, index, m, problem, getattr(torch.ops.fact_ray, name).default)
+        binding = dispatch.bind_gemm(library, cfg, problem, choice.symbol, native, digest)
+        _rewrite(gm, index, m, problem, binding)
         replacements.append(Replacement(
-            match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes), op=name,
+            match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes), op=binding.name,
             config=cfg, problem=problem, symbol=choice.symbol, library_path=choice.library_path,
-            library_sha256=digest, speedup=float(choice.speedup)))
+            library_sha256=digest, speedup=float(choice.speedup), kernel=binding.kernel))
 
     gm.graph.eliminate_dead_code()  # what only fed a replaced subgraph (a causal mask's slice and compare)
     gm.graph.lint()
@@ -417,7 +424,7 @@ def _operand_misfit(captured: Any, index: dict[str, torch.fx.Node], m: Match) ->
 
 
 def _compose_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], m: Match, choice: KernelChoice,
-                   policy: Precision, digests: dict[str, str]) -> Replacement:
+                   policy: Precision, digests: dict[str, str], native: bool) -> Replacement:
     cfg = choice.config
     try:
         problem = fused.problem_of(m, policy)
@@ -429,11 +436,12 @@ def _compose_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], m:
     digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
     digests[choice.library_path] = digest
     library = library_for(choice, digest)
-    name, op = fused.register_op(cfg, problem, library)
-    _rewrite_fused(gm, index, m, fused.roles(problem), getattr(torch.ops.fact_ray, name).default)
-    return Replacement(match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes), op=name,
-                       config=cfg, problem=problem, symbol=choice.symbol, library_path=choice.library_path,
-                       library_sha256=digest, speedup=float(choice.speedup))
+    binding = dispatch.bind_fused(library, cfg, problem, native, digest)
+    _rewrite_fused(gm, index, m, fused.roles(problem), binding)
+    return Replacement(match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes),
+                       op=binding.name, config=cfg, problem=problem, symbol=choice.symbol,
+                       library_path=choice.library_path, library_sha256=digest, speedup=float(choice.speedup),
+                       kernel=binding.kernel)
 
 
 def composition_of(module: Any) -> Composition:

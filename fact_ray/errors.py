@@ -111,3 +111,8 @@ class ArtifactError(UserError):
 class InferenceOnly(UserError, RuntimeError):
     """A composed module was called with autograd on (grad mode with an input or a parameter that requires grad):
     its kernels have no backward, so it refuses at the call instead of failing (or warning) in `backward()`."""
+
+
+class DispatchUnavailable(NotAvailable):
+    """The native dispatcher extension (realize/dispatch.py) cannot be built or loaded here: no C++ compiler,
+    no CUDA headers for a CUDA build of torch, a compile error. One line, with the build log's path."""

@@ -36,7 +36,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from fact_ray.errors import NotAvailable
 from fact_ray.types import Library, Source, file_sha256
@@ -256,7 +256,7 @@ def _compile(source: Source, key: str, final: Path, nvcc_path: str, nvcc: str, f
             meta |= {"so_size": (tmp / "lib.so").stat().st_size, "so_sha256": file_sha256(tmp / "lib.so")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / OWNER).unlink()
-        _install(tmp, final, cache_dir, key)
+        install_entry(tmp, final, lambda: read_entry(cache_dir, key) is not None)
         meta = read_entry(cache_dir, key) or meta
         return _library(source, key, meta, cache_dir, cached=False), True
     finally:
@@ -340,13 +340,14 @@ def sweep_stale(cache_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def _install(tmp: Path, final: Path, cache_dir: str | os.PathLike, key: str) -> None:
-    """Move a finished entry into place atomically; a damaged entry there is moved aside first."""
+def install_entry(tmp: Path, final: Path, final_is_whole: Callable[[], bool]) -> None:
+    """Move a finished entry folder into place atomically; a damaged entry there is moved aside first.
+    (Also the native dispatcher's cache, realize/dispatch.py.)"""
     try:
         os.replace(tmp, final)
         return
     except OSError:
-        if read_entry(cache_dir, key) is not None:
+        if final_is_whole():
             return  # another process finished the same build first: keep theirs
     trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
     try:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from fact_ray.config import Settings, arch_for
 from fact_ray.errors import CandidateError, CannotImplement, NotAvailable
-from fact_ray.realize import fused
+from fact_ray.realize import dispatch, fused
 from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
 from fact_ray.realize.build import build_many
 from fact_ray.realize.emit import emit
@@ -197,13 +197,16 @@ def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: to
     """Time the torch op and every verified kernel interleaved. A kernel that fails here is dropped and the
     rest timed again; returns (times, crashed name -> error, name after which the context died or "")."""
     a, b, bias, residual = inputs
+    # Timed through the call a composed module makes (the native op where the dispatcher runs here); verified
+    # above through the same kernel's ctypes wrapper, which can write into a poisoned output.
+    runners = {n: dispatch.composed_gemm(k, device) for n, k in kernels.items()}
     pending = dict(kernels)
     crashed: dict[str, str] = {}
     base = lambda: base_op(a, b, bias, residual)  # noqa: E731
     while True:
         failed: list[str] = []
 
-        def guarded(name: str, k: GemmKernel) -> Callable[[], None]:
+        def guarded(name: str, k: Callable[..., Any]) -> Callable[[], None]:
             def call() -> None:
                 try:
                     k(a, b, bias, residual)
@@ -213,7 +216,7 @@ def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: to
             return call
 
         fns: dict[str, Callable[[], None]] = {TORCH: base}
-        fns.update({n: guarded(n, k) for n, k in pending.items()})
+        fns.update({n: guarded(n, runners[n]) for n in pending})
         report(TuneProgress("time", 0, len(fns), f"{len(fns)} candidates interleaved"))
         try:
             n_reps = reps if reps is not None else _choose_reps(base, timer)

@@ -1,0 +1,361 @@
+"""The native dispatcher: the composed module's kernel calls with no Python on the hot path.
+
+`templates/fr_dispatch.cpp` is one small torch extension that the kernel libraries plug into: it defines the ops
+`torch.ops.fact_ray_native.{gemm, attention, norm}` (CUDA impls that fill the C ABI structs, allocate from the
+caching allocator and launch on the current stream; Meta impls for FakeTensor, torch.compile, torch.export and
+AOTInductor) and `register_kernel`, which dlopens a kernel library, checks its ABI version and files its entry
+points under a kernel id. The libraries themselves stay torch-free.
+
+The kernel id is `"<library sha256>:<symbol>:<dtype>"`: content, not a path, so a graph (or an AOTInductor
+package) that names it means the same bytes in any process. A fresh process registers the artifact's libraries
+(`register_gemm` / `register_fused`, which `compose` calls), then runs.
+
+Build: `torch.utils.cpp_extension.load` (JIT, `is_python_module=False`) into `<build cache>/dispatch/<key>/`,
+where the key is a sha256 over the source, the ABI header, the flags and the torch, CUDA and Python versions. It
+is built in a temporary folder beside its entry and moved into place with one `os.replace` (as realize/build.py
+does), so a crash leaves no entry. A CPU-only torch builds it without the CUDA impls (`FR_DISPATCH_CUDA` unset):
+the schemas, Meta impls and `register_kernel` are all there, so CPU tests check them. A failed build is one typed
+error, `DispatchUnavailable`, whose message is the first compiler error line and the log's path.
+
+Which path a composed module takes is `FACT_RAY_DISPATCH`: `auto` (default: native, or, where the extension cannot
+be built, the Python custom ops of kernel.py / fused.py, said once on the log), `native` (a build failure is an
+error) or `python` (the Python custom ops, asked for explicitly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fact_ray.errors import CompileError, ConfigError, DispatchUnavailable
+from fact_ray.realize.abi import first_error_line
+from fact_ray.types import file_sha256
+
+log = logging.getLogger("fact_ray.dispatch")
+
+NAMESPACE = "fact_ray_native"
+SOURCE = "fr_dispatch.cpp"
+HEADERS = ("fr_abi.h",)
+DISPATCH_VERSION = 1  # bumped whenever what an entry holds changes
+MODES = ("auto", "native", "python")
+_CFLAGS = ("-O2",)
+_LIB = "fact_ray_dispatch.so"
+
+_TEMPLATES = Path(__file__).parent / "templates"
+_state: dict[str, Any] = {"path": None, "failed": None, "said": False}
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def _cuda_build() -> bool:
+    """A CUDA build of torch gets the CUDA impls (whether or not a GPU is present here)."""
+    import torch
+
+    return torch.version.cuda is not None
+
+
+def build_key(source_text: str, headers_text: str, flags: tuple[str, ...], torch_version: str,
+              cuda_version: str, python: str) -> str:
+    h = hashlib.sha256()
+    for part in ("fact-ray-dispatch", str(DISPATCH_VERSION), source_text, headers_text, "\0".join(flags),
+                 torch_version, cuda_version, python):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _inputs() -> tuple[str, tuple[str, ...], str]:
+    """(source text, flags, key) for this process's torch."""
+    import torch
+
+    source = (_TEMPLATES / SOURCE).read_text()
+    headers = "".join((_TEMPLATES / h).read_text() for h in HEADERS)
+    flags = _CFLAGS + (("-DFR_DISPATCH_CUDA",) if _cuda_build() else ())
+    python = f"{sys.implementation.cache_tag}-{platform.machine()}"
+    key = build_key(source, headers, flags, torch.__version__, str(torch.version.cuda), python)
+    return source, flags, key
+
+
+def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:
+    return Path(cache_dir) / "dispatch" / key
+
+
+def _read_entry(d: Path, key: str) -> Optional[Path]:
+    """The entry's library if the entry is whole, else None (a miss: rebuilt)."""
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        so = d / _LIB
+        if meta.get("key") != key or meta.get("version") != DISPATCH_VERSION:
+            return None
+        if so.stat().st_size != meta.get("so_size") or file_sha256(so) != meta.get("so_sha256"):
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return so
+
+
+def _default_cache_dir() -> str:
+    from fact_ray.config import load
+
+    return load().resolved_cache_dir
+
+
+def build(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The extension's library for this torch, built if the cache has none. Raises DispatchUnavailable."""
+    from torch.utils import cpp_extension
+
+    cache_dir = Path(cache_dir or _default_cache_dir())
+    source, flags, key = _inputs()
+    final = entry_dir(cache_dir, key)
+    so = _read_entry(final, key)
+    if so is not None:
+        return so
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
+    name = f"fact_ray_dispatch_{key[:16]}"
+    try:
+        (tmp / SOURCE).write_text(source)
+        t0 = time.monotonic()
+        log.warning("building the native dispatcher for torch %s (once per torch version)", _torch_version())
+        try:
+            # is_python_module=False: load() builds, then torch.ops.load_library()s the result (from tmp; the
+            # mapping survives the move below).
+            built = cpp_extension.load(
+                name=name, sources=[str(tmp / SOURCE)], extra_cflags=list(flags),
+                extra_include_paths=[str(_TEMPLATES)], build_directory=str(tmp), with_cuda=_cuda_build(),
+                is_python_module=False, verbose=False)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - any build failure is this one typed error
+            text = str(e)
+            failed = final.parent / f"failed-{key[:16]}.log"
+            failed.write_text(text)
+            raise DispatchUnavailable(f"the native dispatcher did not build: {first_error_line(text)} "
+                                      f"(log: {failed})") from None
+        _state["path"] = str(final / _LIB)
+        shutil.copyfile(built, tmp / _LIB)
+        meta = {"version": DISPATCH_VERSION, "key": key, "torch": _torch_version(), "flags": list(flags),
+                "seconds": round(time.monotonic() - t0, 3), "built_at": time.time(),
+                "so_size": (tmp / _LIB).stat().st_size, "so_sha256": file_sha256(tmp / _LIB)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        from fact_ray.realize.build import install_entry  # late: loading from the cache never needs build.py
+
+        install_entry(tmp, final, lambda: _read_entry(final, key) is not None)
+        return final / _LIB
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+
+
+def load(cache_dir: str | os.PathLike | None = None) -> str:
+    """Build (or find) and load the extension once per process; its path. Raises DispatchUnavailable."""
+    import torch
+
+    if _state["path"] is not None:
+        return _state["path"]
+    if _state["failed"] is not None:
+        raise DispatchUnavailable(_state["failed"])
+    try:
+        so = build(cache_dir)
+        if _state["path"] is None:  # found in the cache (a fresh build has loaded itself)
+            torch.ops.load_library(str(so))
+            _state["path"] = str(so)
+    except DispatchUnavailable as e:
+        _state["failed"] = str(e)
+        raise
+    return _state["path"]
+
+
+def mode() -> str:
+    value = os.environ.get("FACT_RAY_DISPATCH", "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ConfigError(f"FACT_RAY_DISPATCH={value!r}: one of {', '.join(MODES)}")
+    return value
+
+
+def available(cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether composed modules call the native ops here (see the module doc for FACT_RAY_DISPATCH). In `auto`
+    mode a build that fails is said once, on the log, and the Python custom ops are used."""
+    m = mode()
+    if m == "python":
+        return False
+    try:
+        load(cache_dir)
+        return True
+    except DispatchUnavailable as e:
+        if m == "native":
+            raise
+        if not _state["said"]:
+            _state["said"] = True
+            log.warning("%s; composed modules call their kernels through Python custom ops instead "
+                        "(FACT_RAY_DISPATCH=python says this is meant)", e)
+        return False
+
+
+def has_cuda() -> bool:
+    """Whether the loaded extension carries the CUDA impls (False on a CPU-only torch)."""
+    import torch
+
+    load()
+    return bool(torch.ops.fact_ray_native.has_cuda())
+
+
+# --------------------------------------------------------------------------------------------- registration
+
+
+def kernel_id(library_sha256: str, symbol: str, dtype: str) -> str:
+    return f"{library_sha256}:{symbol}:{dtype}"
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: str) -> str:
+    """The library's sha256, hashed once per file version (trials register many configs of one library)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
+
+
+def _register(kid: str, path: str, symbol: str, family: str, dtype: str, **gemm: Any) -> str:
+    import torch
+
+    load()
+    try:
+        torch.ops.fact_ray_native.register_kernel(kid, str(path), symbol, family, dtype, **gemm)
+    except (RuntimeError, ValueError) as e:  # the library is not one of ours: that kernel's verdict
+        raise CompileError(str(e).strip().splitlines()[0]) from None
+    return kid
+
+
+def register_gemm(library_path: str, symbol: str, problem: Any, split_k: int = 1,
+                  digest: Optional[str] = None) -> str:
+    """File one GEMM configuration of a library with the dispatcher; returns its kernel id (idempotent)."""
+    from fact_ray.realize.kernel import has_bias, has_residual
+
+    digest = digest or _digest(library_path)
+    kid = kernel_id(digest, symbol, problem.dtype)
+    return _register(kid, library_path, symbol, "gemm", problem.dtype, col_a=problem.layout_a == "col",
+                     col_b=problem.layout_b == "col", bias=has_bias(problem), residual=has_residual(problem),
+                     split_k=max(1, int(split_k)))
+
+
+# KernelConfig.template -> the dispatcher's family (the C ABI the library speaks)
+_FUSED_FAMILY = {"attention_sm80": "attention", "fmha_sm90": "fmha", "norm": "norm"}
+
+
+def register_fused(library_path: str, template: str, problem: Any, digest: Optional[str] = None) -> str:
+    """File an attention, FMHA or norm library (for the problem's dtype) with the dispatcher; its kernel id."""
+    family = _FUSED_FAMILY.get(template)
+    if family is None:
+        raise CompileError(f"template {template!r} is not one the dispatcher runs ({', '.join(_FUSED_FAMILY)})")
+    digest = digest or _digest(library_path)
+    symbol = {"attention": "fr_attn", "fmha": "fr_fmha", "norm": "fr_norm"}[family]
+    kid = kernel_id(digest, symbol, problem.dtype)
+    return _register(kid, library_path, symbol, family, problem.dtype)
+
+
+def is_registered(kid: str) -> bool:
+    import torch
+
+    load()
+    return bool(torch.ops.fact_ray_native.is_registered(kid))
+
+
+# --------------------------------------------------------------------------------------------- binding
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How a composed graph calls one kernel: `op(*operands, *extra)`. `name` is the op's qualified name
+    (`fact_ray_native.gemm`, or `fact_ray.<name>` for a Python custom op); `kernel` the native kernel id."""
+
+    op: Any
+    name: str
+    extra: tuple = ()
+    kernel: str = ""
+
+    @property
+    def native(self) -> bool:
+        return bool(self.kernel)
+
+
+def bind_gemm(library: Any, config: Any, problem: Any, symbol: str, native: bool,
+              digest: Optional[str] = None) -> Binding:
+    """`fact_ray_native.gemm(a, b, bias, residual, kernel)` where `native`, else the Python custom op. `digest`:
+    the library file's sha256 where the caller knows it."""
+    import torch
+
+    if native:
+        kid = register_gemm(library.path, symbol, problem, config.split_k, digest=digest)
+        return Binding(torch.ops.fact_ray_native.gemm.default, f"{NAMESPACE}.gemm", (kid,), kid)
+    from fact_ray.realize.kernel import GemmKernel, op_name, register_op
+
+    register_op(GemmKernel(library, config, problem), problem)
+    name = op_name(config, problem, library.key)
+    return Binding(getattr(torch.ops.fact_ray, name).default, f"fact_ray.{name}")
+
+
+def bind_fused(library: Any, config: Any, problem: Any, native: bool, digest: Optional[str] = None) -> Binding:
+    """`fact_ray_native.attention(q, k, v, causal, scale, kernel)` / `norm(x, weight, bias, eps, kind, kernel)`
+    where `native`, else the Python custom op of fused.py."""
+    import torch
+
+    from fact_ray.realize import fused
+
+    if native:
+        kid = register_fused(library.path, config.template, problem, digest=digest)
+        if isinstance(problem, fused.AttentionProblem):
+            return Binding(torch.ops.fact_ray_native.attention.default, f"{NAMESPACE}.attention",
+                           (bool(problem.causal), float(problem.scale), kid), kid)
+        return Binding(torch.ops.fact_ray_native.norm.default, f"{NAMESPACE}.norm",
+                       (float(problem.eps), problem.kind, kid), kid)
+    name, _ = fused.register_op(config, problem, library)
+    return Binding(getattr(torch.ops.fact_ray, name).default, f"fact_ray.{name}")
+
+
+def caller(binding: Binding) -> Callable[..., Any]:
+    """The bound op as a function of the operands alone."""
+    op, extra = binding.op, binding.extra
+    return lambda *operands: op(*operands, *extra)
+
+
+# --------------------------------------------------------------------------------------------- trials
+
+
+def composed_gemm(kernel: Any, device: Any) -> Callable[..., Any]:
+    """What a trial times for a verified GEMM kernel: the very call a composed module will make, the native op
+    where the dispatcher runs here, else the kernel itself (a Python custom op adds only its own wrapper). Planted
+    test kernels (not a GemmKernel) and non-CUDA devices time the kernel as given."""
+    from fact_ray.realize.kernel import GemmKernel
+
+    if type(kernel) is not GemmKernel or getattr(device, "type", str(device)) != "cuda" or not available():
+        return kernel
+    binding = bind_gemm(kernel.library, kernel.config, kernel.problem, kernel.symbol, True)
+    return caller(binding)
+
+
+def composed_fused(problem: Any, config: Any, library: Any) -> Callable[..., Any]:
+    """As composed_gemm, for an attention or norm library: `fn(*operands)` through the native op where the
+    dispatcher runs here, else fused.kernel_fn (the callable the Python custom op wraps)."""
+    if available():
+        return caller(bind_fused(library, config, problem, True))
+    from fact_ray.realize.fused import kernel_fn
+
+    return kernel_fn(problem, library)
