@@ -281,9 +281,29 @@ def test_native_gemm_matches_the_python_path_and_torch(native, tmp_path_factory,
     # under torch.compile the op is opaque and still the same kernel
     compiled = torch.compile(lambda a, w, b, r: native.gemm(a, w, b, r, kid) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(a, w, bias, res), out * 2, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu
+def test_native_gemm_refuses_bad_operands_with_one_clear_error(native):
+    from fact_ray.types import Precision
+
+    problem = GemmProblem(M=256, N=128, K=64, dtype="bfloat16", epilogue="bias")
+    cfg, lib, sym = _gemm_library(problem, Precision.BF16, Path(CACHE))
+    kid = dispatch.register_gemm(lib.path, sym, problem, cfg.split_k)
+    a = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="A is Float"):
+        native.gemm(a.float(), w, bias, None, kid)
+    with pytest.raises(ValueError, match="needs bias"):
+        native.gemm(a, w, None, None, kid)
+    with pytest.raises(ValueError, match="not contiguous"):
+        native.gemm(a.t().contiguous().t(), w, bias, None, kid)
     shifted = torch.empty(a.numel() + 8, device="cuda", dtype=a.dtype)[1:1 + a.numel()].view_as(a)  # 2 bytes off
     with pytest.raises(ValueError, match="16-byte aligned"):
-        native.gemm(shifted.copy_(a), w, bias, res, kid)
+        native.gemm(shifted.copy_(a), w, bias, None, kid)
+    torch.cuda.synchronize()  # nothing was launched on a refused call; the context is fine
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -121,6 +122,24 @@ std::shared_mutex g_mutex;
 std::unordered_map<std::string, std::unique_ptr<Kernel>> g_kernels;
 
 std::string str(c10::string_view s) { return std::string(s.data(), s.size()); }
+
+// Numbers, shapes and devices reach error messages as strings made here. Streaming a number into c10::str's
+// ostringstream from this library crashed on the GPU image (torch 2.11, g++ 13: a segfault inside
+// ostream::_M_insert<unsigned long>, the num_put facet of a locale from another libstdc++ copy), so messages hold
+// only text: std::to_string and snprintf use no locale facets.
+template <typename T>
+std::string num(T v) { return std::to_string(v); }
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+std::string dims(c10::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+std::string dev(const c10::Device& d) { return d.str(); }
 
 const char* family_name(Family f) {
   switch (f) {
@@ -220,7 +239,7 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
     int want = k->family == Family::Gemm ? kGemmAbi : k->family == Family::Attention ? kAttnAbi
              : k->family == Family::Fmha ? kFmhaAbi : kNormAbi;
     TORCH_CHECK_VALUE(version == want, "fact_ray_native.register_kernel: ", k->path, " speaks ",
-                      family_name(k->family), " ABI version ", version, ", this dispatcher speaks ", want,
+                      family_name(k->family), " ABI version ", num(version), ", this dispatcher speaks ", num(want),
                       ": rebuild it from the current templates");
     switch (k->family) {
       case Family::Gemm:
@@ -242,7 +261,7 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
         k->norm_run = symbol<int (*)(const fr_norm_args*)>(handle, "fr_norm_run", k->path);
         int element = symbol<int (*)(void)>(handle, "fr_norm_element", k->path)();
         TORCH_CHECK_VALUE(element == dtype_code(k->dtype), "fact_ray_native.register_kernel: ", k->path,
-                          " normalises element code ", element, ", not ", str(dtype_sv));
+                          " normalises element code ", num(element), ", not ", str(dtype_sv));
         break;
       }
     }
@@ -266,9 +285,9 @@ bool is_registered(c10::string_view kernel) {
 template <typename Sizes, typename Int = typename Sizes::value_type>
 std::vector<Int> gemm_out_shape(const Kernel& k, Sizes a, Sizes b) {
   TORCH_CHECK_VALUE(a.size() >= 2 && b.size() >= 2, "fact_ray_native.gemm: A and B need at least 2 dims, got ",
-                    a.size(), " and ", b.size());
-  TORCH_CHECK_VALUE(b.size() == 2 || b.size() == a.size(), "fact_ray_native.gemm: B of ", b.size(),
-                    " dims against A of ", a.size(), " (B is 2-D or has A's batch dims)");
+                    num(a.size()), " and ", num(b.size()));
+  TORCH_CHECK_VALUE(b.size() == 2 || b.size() == a.size(), "fact_ray_native.gemm: B of ", num(b.size()),
+                    " dims against A of ", num(a.size()), " (B is 2-D or has A's batch dims)");
   const size_t na = a.size(), nb = b.size();
   const Int& ka = k.col_a ? a[na - 2] : a[na - 1];
   const Int& kb = k.col_b ? b[nb - 1] : b[nb - 2];
@@ -281,8 +300,8 @@ std::vector<Int> gemm_out_shape(const Kernel& k, Sizes a, Sizes b) {
 }
 
 void check_kernel_dtype(const Kernel& k, const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == k.dtype, "fact_ray_native.", op, ": ", name, " is ", t.scalar_type(),
-                    ", kernel '", k.id, "' takes ", k.dtype);
+  TORCH_CHECK_VALUE(t.scalar_type() == k.dtype, "fact_ray_native.", op, ": ", name, " is ", c10::toString(t.scalar_type()),
+                    ", kernel '", k.id, "' takes ", c10::toString(k.dtype));
 }
 
 at::Tensor gemm_meta(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
@@ -322,14 +341,14 @@ at::Tensor norm_meta(const at::Tensor& x, const std::optional<at::Tensor>& weigh
 
 at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor&, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&, c10::string_view) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.gemm runs on cuda tensors, got ", a.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.gemm runs on cuda tensors, got ", dev(a.device()));
 }
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor&, const at::Tensor&, bool, double, c10::string_view) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.attention runs on cuda tensors, got ", q.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.attention runs on cuda tensors, got ", dev(q.device()));
 }
 at::Tensor norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
                     c10::string_view, c10::string_view) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.norm runs on cuda tensors, got ", x.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.norm runs on cuda tensors, got ", dev(x.device()));
 }
 
 // --------------------------------------------------------------------------------------------- CUDA
@@ -342,12 +361,12 @@ at::Tensor norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>&, const
 void check_operand(const Kernel& k, const at::Tensor& t, const at::Tensor& first, const char* op, const char* name,
                    bool contiguous, bool aligned = false) {
   check_kernel_dtype(k, t, op, name);
-  TORCH_CHECK_VALUE(t.device() == first.device(), "fact_ray_native.", op, ": ", name, " is on ", t.device(), ", ",
-                    "the first operand on ", first.device());
+  TORCH_CHECK_VALUE(t.device() == first.device(), "fact_ray_native.", op, ": ", name, " is on ", dev(t.device()), ", ",
+                    "the first operand on ", dev(first.device()));
   TORCH_CHECK_VALUE(!contiguous || t.is_contiguous(), "fact_ray_native.", op, ": ", name, " is not contiguous "
-                    "(stride ", t.strides(), ")");
+                    "(stride ", dims(t.strides()), ")");
   TORCH_CHECK_VALUE(!aligned || reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlign == 0, "fact_ray_native.", op, ": ", name,
-                    " is not ", kAlign, "-byte aligned");
+                    " is not ", num(kAlign), "-byte aligned");
 }
 
 int sm_count(c10::DeviceIndex device) {
@@ -357,7 +376,7 @@ int sm_count(c10::DeviceIndex device) {
   int n = counts[i].load(std::memory_order_relaxed);
   if (n == 0) {
     TORCH_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
-                "fact_ray_native: cannot read the SM count of cuda:", static_cast<int>(device));
+                "fact_ray_native: cannot read the SM count of cuda:", num(static_cast<int>(device)));
     counts[i].store(n, std::memory_order_relaxed);
   }
   return n;
@@ -397,7 +416,8 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const std::option
     for (int64_t i = 0; i < na - 2; ++i) L *= a.size(i);
     if (nb > 2) {
       TORCH_CHECK_VALUE(a.sizes().slice(0, na - 2) == b.sizes().slice(0, nb - 2), "fact_ray_native.gemm: A's "
-                        "batch dims ", a.sizes().slice(0, na - 2), " differ from B's ", b.sizes().slice(0, nb - 2));
+                        "batch dims ", dims(a.sizes().slice(0, na - 2)), " differ from B's ",
+                        dims(b.sizes().slice(0, nb - 2)));
     }
   }
   if (bias.has_value() != k.has_bias || residual.has_value() != k.has_residual) {
@@ -407,12 +427,12 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const std::option
   if (bias.has_value()) {
     check_operand(k, *bias, a, "gemm", "bias", true, true);
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "fact_ray_native.gemm: bias has shape ",
-                      bias->sizes(), ", expected [", N, "]");
+                      dims(bias->sizes()), ", expected [", num(N), "]");
   }
   if (residual.has_value()) {
     check_operand(k, *residual, a, "gemm", "residual", true, true);
     TORCH_CHECK_VALUE(residual->sizes() == c10::IntArrayRef(out_shape), "fact_ray_native.gemm: residual has "
-                      "shape ", residual->sizes(), ", expected ", c10::IntArrayRef(out_shape));
+                      "shape ", dims(residual->sizes()), ", expected ", dims(out_shape));
   }
   c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty(out_shape, a.options());
@@ -440,10 +460,10 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const std::option
   const int status = k.gemm_run(&args);
   if (status != 0) {
     const int can = k.gemm_can_implement(&args);
-    TORCH_CHECK_VALUE(can == 0, "fact_ray_native.gemm: kernel '", k.id, "' cannot implement M=", M, " N=", N,
-                      " K=", K, " L=", L, " (can_implement status ", can, ")");
-    TORCH_CHECK(false, "fact_ray_native.gemm: kernel '", k.id, "' failed to launch with status ", status, " (M=", M,
-                " N=", N, " K=", K, " L=", L, ")");
+    TORCH_CHECK_VALUE(can == 0, "fact_ray_native.gemm: kernel '", k.id, "' cannot implement M=", num(M), " N=",
+                      num(N), " K=", num(K), " L=", num(L), " (can_implement status ", num(can), ")");
+    TORCH_CHECK(false, "fact_ray_native.gemm: kernel '", k.id, "' failed to launch with status ", num(status),
+                " (M=", num(M), " N=", num(N), " K=", num(K), " L=", num(L), ")");
   }
   return out;
 }
@@ -458,11 +478,12 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   for (int i = 0; i < 3; ++i) {
     check_operand(kk, *named[i], q, "attention", names[i], false);
     TORCH_CHECK_VALUE(named[i]->stride(3) == 1, "fact_ray_native.attention: ", names[i], "'s head dim must be "
-                      "contiguous (stride ", named[i]->strides(), ")");
+                      "contiguous (stride ", dims(named[i]->strides()), ")");
   }
   const int64_t B = q.size(0), H = q.size(1), S_q = q.size(2), D = q.size(3), S_k = k.size(2);
   TORCH_CHECK_VALUE(k.sizes() == at::IntArrayRef({B, H, S_k, D}) && v.sizes() == k.sizes(),
-                    "fact_ray_native.attention: k ", k.sizes(), " and v ", v.sizes(), " do not match q ", q.sizes());
+                    "fact_ray_native.attention: k ", dims(k.sizes()), " and v ", dims(v.sizes()), " do not match q ",
+                    dims(q.sizes()));
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor o = at::empty_strided({B, H, S_q, D}, {S_q * H * D, D, H * D, 1}, q.options());
   fr_attn_args a{};
@@ -478,9 +499,10 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::DataPtr workspace = with_workspace_and_stream(a, kk.attn_workspace(&a), q.device().index());
   const int status = kk.attn_run(&a);
   TORCH_CHECK_VALUE(status != kEinval && status != kEnotsup, "fact_ray_native.attention: kernel '", kk.id,
-                    "' refused B=", B, " H=", H, " S_q=", S_q, " S_k=", S_k, " D=", D, " strides q=", q.strides(),
+                    "' refused B=", num(B), " H=", num(H), " S_q=", num(S_q), " S_k=", num(S_k), " D=", num(D),
+                    " strides q=", dims(q.strides()),
                     status == kEinval ? " (invalid)" : " (unsupported)");
-  TORCH_CHECK(status == 0, "fact_ray_native.attention: kernel '", kk.id, "' failed with CUDA error ", status);
+  TORCH_CHECK(status == 0, "fact_ray_native.attention: kernel '", kk.id, "' failed with CUDA error ", num(status));
   return o;
 }
 
@@ -493,7 +515,7 @@ at::Tensor norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   TORCH_CHECK_VALUE(rms || kind_s == "layernorm", "fact_ray_native.norm: kind '", str(kind),
                     "' is not layernorm or rmsnorm");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "fact_ray_native.norm: x must have a non-empty last dim, got ",
-                    x.sizes());
+                    dims(x.sizes()));
   check_operand(k, x, x, "norm", "x", false);
   const int64_t cols = x.size(-1);
   const std::optional<at::Tensor>* named[] = {&weight, &bias};
@@ -503,15 +525,15 @@ at::Tensor norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
     const at::Tensor& t = **named[i];
     check_operand(k, t, x, "norm", names[i], true);
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == cols, "fact_ray_native.norm: ", names[i], " has shape ",
-                      t.sizes(), ", expected [", cols, "]");
+                      dims(t.sizes()), ", expected [", num(cols), "]");
   }
   int64_t ld_x = cols, rows;
   if (x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= cols) {
     ld_x = x.stride(0);  // a strided row view (a column slice) folds into ld_x
     rows = x.size(0);
   } else {
-    TORCH_CHECK_VALUE(x.is_contiguous(), "fact_ray_native.norm: x of shape ", x.sizes(), " and stride ",
-                      x.strides(), " is not rows");
+    TORCH_CHECK_VALUE(x.is_contiguous(), "fact_ray_native.norm: x of shape ", dims(x.sizes()), " and stride ",
+                      dims(x.strides()), " is not rows");
     rows = x.numel() / cols;
   }
   c10::cuda::CUDAGuard guard(x.device());
@@ -527,8 +549,8 @@ at::Tensor norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   a.stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int status = k.norm_run(&a);
   TORCH_CHECK_VALUE(status != kEinval, "fact_ray_native.norm: kernel '", k.id, "' refused ", str(kind), " rows=",
-                    rows, " cols=", cols, " eps=", eps);
-  TORCH_CHECK(status == 0, "fact_ray_native.norm: kernel '", k.id, "' failed with CUDA error ", status);
+                    num(rows), " cols=", num(cols), " eps=", num(eps));
+  TORCH_CHECK(status == 0, "fact_ray_native.norm: kernel '", k.id, "' failed with CUDA error ", num(status));
   return y;
 }
 
