@@ -4,7 +4,8 @@ The module is the captured graph made runnable again (`ExportedProgram.module()`
 trace for an FX capture), with each matched subgraph that has a winner replaced by a call to its kernel: the
 native dispatcher's `torch.ops.fact_ray_native.gemm(a, b, bias, residual, kernel)` (attention, norm alike; no
 Python on the hot path, realize/dispatch.py) or, only where that extension cannot be built (said once) or
-FACT_RAY_DISPATCH=python asks, the Python custom op `torch.ops.fact_ray.<name>(a, b, bias, residual)`. Matches without a winner keep their PyTorch ops. The result is
+FACT_RAY_DISPATCH=python asks, the Python custom op `torch.ops.fact_ray.<name>(a, b, bias, residual)`. Matches
+without a winner keep their PyTorch ops. The result is
 a `torch.fx.GraphModule` holding the original's very parameters and buffers (same objects, same state-dict
 names) and taking the original's arguments; `module.fact_ray` is the `Composition` describing what was replaced,
 which `fact_ray.artifact.save` writes down.

@@ -1,10 +1,12 @@
 """Deploying a composed module beyond Python's graph: `torch.export`, then an AOTInductor package.
 
-A composed module calls `torch.ops.fact_ray.<name>` ops. `torch.export` keeps them as calls (their fake
-implementations give shapes), and AOTInductor compiles the rest of the graph into C++ and calls our ops through
-its proxy executor, which looks each op up in the dispatcher by name. So a process that runs the package needs
-the ops registered first: `register_artifact` does that from an artifact folder alone (no model, no nvcc, no
-table), and `load_package` registers, then loads. Both export and packaging run under `torch.no_grad()`: the
+A composed module calls `torch.ops.fact_ray_native.{gemm,attention,norm}` ops (realize/dispatch.py; or, where
+the native dispatcher cannot be built, Python custom ops `torch.ops.fact_ray.<name>`). `torch.export` keeps them
+as calls (their Meta / fake implementations give shapes), and AOTInductor compiles the rest of the graph into C++
+and calls our ops through its proxy executor, which looks each op up in the dispatcher by name; a native op's
+last argument names its kernel by content. So a process that runs the package needs the kernels registered
+first: `register_artifact` does that from an artifact folder alone (no model, no nvcc, no table), and
+`load_package` registers, then loads. Both export and packaging run under `torch.no_grad()`: the
 composed module is inference only (fact_ray/inference.py).
 
 `package_artifact` is `fact-ray compose --package`: the artifact's module on the local GPU, exported at the
@@ -55,19 +57,27 @@ def package(module: Any, inputs: Sequence[Any], path: str | os.PathLike) -> Path
 
 
 def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
-    """Register every op of an artifact in this process from its manifest and libraries; returns the op names.
+    """Register every kernel of an artifact in this process from its manifest and libraries; returns what it
+    registered: the native dispatcher's kernel ids, or the Python custom ops' names.
     The artifact is checked as `fact_ray.load` checks it (arch, toolchain, library bytes)."""
     from fact_ray import artifact_trust as trust
     from fact_ray.artifact import _config_from, check_target, read_manifest
     from fact_ray.compose import KernelChoice, library_for
-    from fact_ray.realize import fused
-    from fact_ray.realize.kernel import GemmKernel, op_name, register_op
+    from fact_ray.realize import dispatch, fused
     from fact_ray.types import GemmProblem
 
     manifest = read_manifest(artifact, key=trust.key_from_env())
     check_target(manifest, where=f"artifact {artifact}")
     staged = trust.stage_libraries(Path(artifact), manifest)  # hashed and loaded from one private copy
     names = []
+    # The path the composition took: a native kernel id in the manifest needs the native dispatcher here too.
+    native = any(pat.get("kernel") for pat in manifest["patterns"])
+    if native:
+        try:
+            dispatch.load()
+        except Exception as e:  # DispatchUnavailable: the package calls ops this process cannot provide
+            raise ArtifactError(f"artifact {artifact} calls the native dispatcher's ops, which cannot be built "
+                                f"here: {str(e).splitlines()[0]}") from None
     for pat in manifest["patterns"]:
         cfg = _config_from(pat["config"])
         choice = KernelChoice(cfg, staged[pat["library"]][0], pat["symbol"])
@@ -75,15 +85,16 @@ def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
         data = dict(pat["problem"])
         if pat["family"] in fused.FUSED_FAMILIES:
             kind = fused.AttentionProblem if pat["family"] == "attention" else fused.NormProblem
-            name, _ = fused.register_op(cfg, kind(**data), library)
+            binding = dispatch.bind_fused(library, cfg, kind(**data), native, pat["sha256"])
         else:
-            problem = GemmProblem(**data)
-            register_op(GemmKernel(library, cfg, problem), problem)
-            name = op_name(cfg, problem, library.key)
-        if name != pat["op"]:  # the manifest's problem does not give back the op the package calls
-            raise ArtifactError(f"artifact {artifact}: pattern {pat['rule']} registers {name}, the composition "
-                                f"called {pat['op']}")
-        names.append(name)
+            binding = dispatch.bind_gemm(library, cfg, GemmProblem(**data), pat["symbol"], native, pat["sha256"])
+        # What the package calls: the op and, for a native op, the kernel id (manifests before the native
+        # dispatcher name the Python op without its namespace).
+        called = (pat["op"] if "." in pat["op"] else f"fact_ray.{pat['op']}", pat.get("kernel", ""))
+        if (binding.name, binding.kernel) != called:  # the manifest's problem does not give back that call
+            raise ArtifactError(f"artifact {artifact}: pattern {pat['rule']} registers {binding.name} "
+                                f"{binding.kernel}, the composition called {called[0]} {called[1]}".rstrip())
+        names.append(binding.kernel or binding.name)
     return tuple(names)
 
 

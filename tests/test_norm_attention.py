@@ -427,9 +427,10 @@ def test_compose_replaces_attention_and_norms_and_still_traces(fused_winners):
     loaded, captured, matches = _small_block()
     module = compose(captured, matches, fused_winners, Precision.FP32)
     calls = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
-    ops = [c for c in calls if c.startswith("fact_ray.")]
-    assert len(ops) == 4 and sum(c.startswith("fact_ray.attn_") for c in ops) == 1
-    assert sum(c.startswith("fact_ray.layernorm_") for c in ops) == 2
+    # the native dispatcher's ops (realize/dispatch.py), one call per replacement
+    ops = [c for c in calls if c.startswith("fact_ray_native.")]
+    assert len(ops) == 4 and ops.count("fact_ray_native.attention.default") == 1
+    assert ops.count("fact_ray_native.norm.default") == 2
     for gone in ("aten.softmax.int", "aten.layer_norm.default", "aten.masked_fill.Scalar", "aten.eq.Scalar"):
         assert gone not in calls, f"{gone} should be replaced (or dead and removed)"
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -508,7 +509,7 @@ def test_an_artifact_with_attention_and_norm_kernels_loads_in_a_fresh_process_wi
         import json, sys
         import fact_ray
         module = fact_ray.load({str(art)!r}, {SMALL_BLOCK!r}, expect_arch="sm80")
-        print(json.dumps({{"ops": sorted(r.op.split("_")[0] for r in module.fact_ray.replacements),
+        print(json.dumps({{"ops": sorted(r.family for r in module.fact_ray.replacements),
                           "build": "fact_ray.realize.build" in sys.modules}}))
     """)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}", FACT_RAY_NVCC=str(fake))
@@ -516,4 +517,4 @@ def test_an_artifact_with_attention_and_norm_kernels_loads_in_a_fresh_process_wi
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not (tmp_path / "nvcc-was-called").exists() and not result["build"]
-    assert result["ops"].count("attn") == 1 and result["ops"].count("layernorm") == 2
+    assert result["ops"].count("attention") == 1 and result["ops"].count("layernorm") == 2

@@ -12,8 +12,14 @@ package) that names it means the same bytes in any process. A fresh process regi
 
 Build: `torch.utils.cpp_extension.load` (JIT, `is_python_module=False`) into `<build cache>/dispatch/<key>/`,
 where the key is a sha256 over the source, the ABI header, the flags and the torch, CUDA and Python versions. It
-is built in a temporary folder beside its entry and moved into place with one `os.replace` (as realize/build.py
-does), so a crash leaves no entry. A CPU-only torch builds it without the CUDA impls (`FR_DISPATCH_CUDA` unset):
+is built in a child process, in a temporary folder beside its entry, and moved into place with one `os.replace`
+(as realize/build.py does), so a crash leaves no entry.
+
+Load: `dlopen(RTLD_NOW | RTLD_LOCAL)` (its TORCH_LIBRARY registrations run as it loads), not
+`torch.ops.load_library`, which loads with RTLD_GLOBAL. On the GPU image (torch 2.11, g++ 13) the extension came out
+carrying C++ standard-library code of its own, and loaded globally it interposed on libraries loaded after it: an
+AOTInductor package's wrapper crashed compiling a std::regex in a fresh process. Loaded locally, and built with
+hidden visibility, its symbols serve itself only. (The same mix is why its error messages format numbers with std::to_string: see fr_dispatch.cpp.) A CPU-only torch builds it without the CUDA impls (`FR_DISPATCH_CUDA` unset):
 the schemas, Meta impls and `register_kernel` are all there, so CPU tests check them. A failed build is one typed
 error, `DispatchUnavailable`, whose message is the first compiler error line and the log's path.
 
@@ -28,8 +34,10 @@ import hashlib
 import json
 import logging
 import os
+import ctypes
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,11 +56,25 @@ SOURCE = "fr_dispatch.cpp"
 HEADERS = ("fr_abi.h",)
 DISPATCH_VERSION = 1  # bumped whenever what an entry holds changes
 MODES = ("auto", "native", "python")
-_CFLAGS = ("-O2",)
+# Hidden visibility, inline template instantiations included, and whatever static archive the toolchain links
+# in: the extension exports nothing a later library could bind to (see "Load" above); its ops register through
+# static initialisers, which need no exported symbol.
+_CFLAGS = ("-O2", "-fvisibility=hidden", "-fvisibility-inlines-hidden")
+_LDFLAGS = ("-Wl,--exclude-libs,ALL",)
 _LIB = "fact_ray_dispatch.so"
 
 _TEMPLATES = Path(__file__).parent / "templates"
-_state: dict[str, Any] = {"path": None, "failed": None, "said": False}
+_state: dict[str, Any] = {"path": None, "failed": None, "said": False, "handle": None}
+
+# Run in a child process: cpp_extension.load() would load the result into this process with RTLD_GLOBAL.
+_BUILD_CHILD = """
+import json, sys
+from torch.utils import cpp_extension
+a = json.loads(sys.argv[1])
+print(cpp_extension.load(name=a["name"], sources=[a["source"]], extra_cflags=a["cflags"],
+                         extra_ldflags=a["ldflags"], extra_include_paths=[a["include"]],
+                         build_directory=a["build"], with_cuda=a["cuda"], is_python_module=False, verbose=False))
+"""
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -81,7 +103,7 @@ def _inputs() -> tuple[str, tuple[str, ...], str]:
 
     source = (_TEMPLATES / SOURCE).read_text()
     headers = "".join((_TEMPLATES / h).read_text() for h in HEADERS)
-    flags = _CFLAGS + (("-DFR_DISPATCH_CUDA",) if _cuda_build() else ())
+    flags = _CFLAGS + (("-DFR_DISPATCH_CUDA",) if _cuda_build() else ()) + _LDFLAGS
     python = f"{sys.implementation.cache_tag}-{platform.machine()}"
     key = build_key(source, headers, flags, torch.__version__, str(torch.version.cuda), python)
     return source, flags, key
@@ -113,8 +135,6 @@ def _default_cache_dir() -> str:
 
 def build(cache_dir: str | os.PathLike | None = None) -> Path:
     """The extension's library for this torch, built if the cache has none. Raises DispatchUnavailable."""
-    from torch.utils import cpp_extension
-
     cache_dir = Path(cache_dir or _default_cache_dir())
     source, flags, key = _inputs()
     final = entry_dir(cache_dir, key)
@@ -128,20 +148,20 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
         (tmp / SOURCE).write_text(source)
         t0 = time.monotonic()
         log.warning("building the native dispatcher for torch %s (once per torch version)", _torch_version())
+        args = {"name": name, "source": str(tmp / SOURCE), "include": str(_TEMPLATES), "build": str(tmp),
+                "cflags": [f for f in flags if f not in _LDFLAGS], "ldflags": list(_LDFLAGS), "cuda": _cuda_build()}
         try:
-            # is_python_module=False: load() builds, then torch.ops.load_library()s the result (from tmp; the
-            # mapping survives the move below).
-            built = cpp_extension.load(
-                name=name, sources=[str(tmp / SOURCE)], extra_cflags=list(flags),
-                extra_include_paths=[str(_TEMPLATES)], build_directory=str(tmp), with_cuda=_cuda_build(),
-                is_python_module=False, verbose=False)
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - any build failure is this one typed error
-            text = str(e)
+            proc = subprocess.run([sys.executable, "-c", _BUILD_CHILD, json.dumps(args)], capture_output=True,
+                                  text=True, timeout=1800)
+            ok, text = proc.returncode == 0, proc.stdout + proc.stderr
+        except (OSError, subprocess.SubprocessError) as e:
+            ok, text = False, f"error: the build process did not run: {e}"
+        built = Path(proc.stdout.strip().splitlines()[-1]) if ok and proc.stdout.strip() else None
+        if built is None or not built.is_file():
             failed = final.parent / f"failed-{key[:16]}.log"
             failed.write_text(text)
             raise DispatchUnavailable(f"the native dispatcher did not build: {first_error_line(text)} "
-                                      f"(log: {failed})") from None
-        _state["path"] = str(final / _LIB)
+                                      f"(log: {failed})")
         shutil.copyfile(built, tmp / _LIB)
         meta = {"version": DISPATCH_VERSION, "key": key, "torch": _torch_version(), "flags": list(flags),
                 "seconds": round(time.monotonic() - t0, 3), "built_at": time.time(),
@@ -171,9 +191,12 @@ def load(cache_dir: str | os.PathLike | None = None) -> str:
         raise DispatchUnavailable(_state["failed"])
     try:
         so = build(cache_dir)
-        if _state["path"] is None:  # found in the cache (a fresh build has loaded itself)
-            torch.ops.load_library(str(so))
-            _state["path"] = str(so)
+        try:
+            _state["handle"] = ctypes.CDLL(str(so), mode=os.RTLD_NOW | os.RTLD_LOCAL)  # see "Load" above
+        except OSError as e:
+            raise DispatchUnavailable(f"the native dispatcher does not load: {str(e).splitlines()[0]}") from None
+        torch.ops.loaded_libraries.add(str(so))  # as torch.ops.load_library records what it loads
+        _state["path"] = str(so)
     except DispatchUnavailable as e:
         _state["failed"] = str(e)
         raise
