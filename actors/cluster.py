@@ -9,16 +9,14 @@ sends HTTP/2's client preface and requires the server's first frame to be SETTIN
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from fact_ray import config
-from fact_ray.errors import ServiceUnreachable
-from fact_ray.types import Arch
+from fact_ray.errors import ServiceUnreachable, first_line
+from fact_ray.toolchain import Host
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -83,7 +81,7 @@ def connect(address: str, *, num_cpus: int | None = None) -> Connection:
         try:
             ray.init(address=address, logging_level="WARNING")
         except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as e:
-            raise ServiceUnreachable(f"Ray cluster at {address}: cannot connect ({_first_line(e)})") from None
+            raise ServiceUnreachable(f"Ray cluster at {address}: cannot connect ({first_line(e)})") from None
         return Connection(address, started_here=True)
     ray.init(include_dashboard=False, num_cpus=num_cpus, logging_level="WARNING")
     return Connection("", started_here=True)
@@ -110,25 +108,9 @@ def driver_node_affinity() -> Any:
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def toolchain_info(nvcc: str) -> dict[str, str]:
-    """Versions on a compile node: nvcc, CUTLASS, torch, the benchmark method. Raises NotAvailable without nvcc."""
-    import torch
+def toolchain_info(nvcc: str) -> tuple[Host, str]:
+    """A compile node's toolchain (nvcc, CUTLASS, torch, ...) and its Ray version. Raises NotAvailable without
+    nvcc."""
+    from fact_ray.toolchain import detect
 
-    from fact_ray.realize.bench import BENCH_METHOD_VERSION
-    from fact_ray.realize.build import toolchain
-
-    tc = toolchain(nvcc)
-    return {"nvcc": str(tc.get("nvcc_version") or tc.get("nvcc") or ""),
-            "cutlass": str(tc.get("cutlass_version") or tc.get("cutlass") or ""),
-            "torch": torch.__version__, "bench_method": str(BENCH_METHOD_VERSION),
-            "ray": ray.__version__, "host": socket.gethostname(), "cpus": str(os.cpu_count() or 0)}
-
-
-def arch_for(capability: tuple[int, int], gpu_name: str, wanted: Arch | None) -> Arch:
-    """The arch to build for on the cluster's GPUs, checked against the one the user asked for."""
-    return config.arch_for(capability, f"the cluster's {gpu_name}", wanted)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
+    return detect(nvcc), ray.__version__

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from fact_ray.errors import UserError
+from fact_ray.errors import UserError, first_line
 from fact_ray.types import Arch, Library, Source
 
 # Peak host memory of one nvcc (cutlass-notes §7): a fused sm90 TU about 3.5-5.4 GB, sm80 TUs under 1 GB. Asking
@@ -127,15 +127,10 @@ def _collect(source: Source, meta_ref: Any, so_ref: Any, seconds: float) -> Comp
         raise  # a bug in build: let it show with its traceback
     except ray.exceptions.RayError as e:
         # Worker or node deaths beyond the retries: the unit is accounted for as lost, with the reason.
-        reason = f"compile task lost: {type(e).__name__}: {_first_line(e)}"
+        reason = f"compile task lost: {first_line(e)}"
         lib = Library(source=source, key="", ok=False, log=reason)
         return CompileOutcome(source, lib, lost=True, seconds=seconds)
     # The Source object built on the worker equals ours; keep ours so identity-based lookups stay valid.
     lib = replace(c.library, source=source)
     return CompileOutcome(source, lib, host=c.host, node_id=c.node_id, seconds=seconds, so_sha256=c.so_sha256,
                           so_ref=so_ref if lib.ok else None, meta_ref=meta_ref)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else ""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from fact_ray.actors.llm_vet import PROPOSABLE_FAMILIES, HintProposal, RuleProposal, vet_hint, vet_proposal
-from fact_ray.errors import ConfigError
+from fact_ray.errors import ConfigError, first_line
 from fact_ray.types import Arch, Graph, Match, Precision, to_jsonable
 
 MODES = ("off", "rank", "propose")
@@ -231,7 +231,7 @@ def retrieve_examples(table_uri: str, arch: Arch, families: Sequence[str], k: in
     try:
         rows = PatternTable(table_uri).all_rows()
     except (UserError, OSError) as e:
-        return [], f"pattern table {table_uri} unreadable ({str(e).splitlines()[0][:160]}); no examples given"
+        return [], f"pattern table {table_uri} unreadable ({first_line(e, 160)}); no examples given"
     wanted = set(families)
     rows = [r for r in rows if r.arch == Arch(arch) and r.status == "ok" and r.config_name != "torch"
             and family_of.get(r.rule) in wanted]

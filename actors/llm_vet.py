@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from fact_ray.errors import CandidateError, CannotImplement
+from fact_ray.errors import CandidateError, CannotImplement, first_line
 from fact_ray.types import Arch, Graph, Match, Precision, Ref, freeze
 
 # Families a proposal may map onto: the GEMM families a template here realizes (realize.problem).
@@ -189,9 +189,7 @@ def vet_proposal(proposal: RuleProposal, graph: Graph, arch: Arch, policy: Preci
     cfg = configs[0]
     library = build(emit([cfg], arch)[0], cache_dir, nvcc=nvcc)
     if not library.ok:
-        from fact_ray.realize.kernel import first_error_line
-
-        return Verdict(False, f"rejected: {cfg.name} failed to compile: {first_error_line(library.log)}")
+        return Verdict(False, f"rejected: {cfg.name} failed to compile: {first_line(library.log)}")
     reason = _verify_on_gpu(library, cfg, problem, policy)
     if reason:
         return Verdict(False, f"rejected: {reason}")
@@ -219,7 +217,7 @@ def _verify_on_gpu(library: Any, cfg: Any, problem: Any, policy: Precision) -> s
         res = verify(lambda a, b, bias, residual, out: kernel(a, b, bias, residual, out=out), problem, policy,
                      "cuda")
     except CandidateError as e:
-        return f"{cfg.name}: {e}".splitlines()[0]
+        return f"{cfg.name}: {first_line(e, named=False)}"
     return "" if res.ok else f"{cfg.name} is wrong: {res.reason}"
 
 

@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from fact_ray.errors import CandidateError
+from fact_ray.errors import CandidateError, first_line
+from fact_ray.toolchain import Host, detect
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,11 @@ class WorkerInfo:
     host: str
     pid: int
     device: str
-    gpu_name: str = ""  # "" without a GPU
-    capability: tuple[int, int] = (0, 0)
-    torch_version: str = ""
+    toolchain: Host = Host()  # what the worker's node runs kernels with (no nvcc asked); empty on a CPU worker
+
+    @property
+    def gpu_name(self) -> str:
+        return self.toolchain.gpu_name  # "" without a GPU
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,6 @@ def _is_cuda_error(e: BaseException) -> bool:
     return type(e).__name__ == "AcceleratorError" or "CUDA error" in str(e) or "cudaError" in str(e)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 @ray.remote(num_gpus=1, max_restarts=-1, max_task_retries=0)
 class TrialWorker:
     """One trial at a time on one GPU. `TrialWorker.options(num_gpus=0)` is the CPU variant tests use."""
@@ -97,23 +95,20 @@ class TrialWorker:
         self._ctx = WorkerContext(self._workdir, self._device)
 
     def info(self) -> WorkerInfo:
-        gpu, cap, tv = "", (0, 0), ""
-        if self._device == "cuda":
-            import torch  # only GPU workers pay for the import here
-
-            gpu, cap, tv = torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)), torch.__version__
+        # Only GPU workers pay for asking (torch's import, nvidia-smi); a trial needs no nvcc, so none is asked.
+        facts = detect(nvcc=None) if self._device == "cuda" else Host()
         return WorkerInfo(ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid(),
-                          self._device, gpu, cap, tv)
+                          self._device, facts)
 
     def run(self, *args: Any) -> CallResult:
         t0 = time.perf_counter()
         try:
             value = self._fn(self._ctx, *args)
         except CandidateError as e:
-            return CallResult(False, status=e.status, error=_one_line(e), seconds=time.perf_counter() - t0)
+            return CallResult(False, status=e.status, error=first_line(e), seconds=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - anything else is recorded, and the process is not trusted again
             cuda = _is_cuda_error(e)
-            return CallResult(False, status="crashed" if cuda else "failed", error=_one_line(e),
+            return CallResult(False, status="crashed" if cuda else "failed", error=first_line(e),
                               detail=traceback.format_exc(), restart=True, seconds=time.perf_counter() - t0)
         # A function that returned but knows its process is suspect (a kernel faulted and the CUDA context may be
         # poisoned) says so on its result; the worker is then replaced before its next trial.

@@ -27,43 +27,19 @@ import shutil
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fact_ray import artifact_trust as trust
-from fact_ray.errors import ArtifactError, CompileError, ComposeError, NotAvailable
+from fact_ray.errors import ArtifactError, CompileError, ComposeError, NotAvailable, first_line
+from fact_ray.toolchain import Host, detect
 from fact_ray.types import Arch, KernelConfig, Precision, to_jsonable
+
+if TYPE_CHECKING:
+    from fact_ray.config import Settings
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 LIBS = "libs"
-
-
-# --------------------------------------------------------------------------------------------- local facts
-
-
-def local_toolchain() -> dict[str, str]:
-    """What a loaded artifact's libraries and timings depend on here, found without running nvcc."""
-    from importlib import metadata
-
-    import torch
-
-    try:
-        cutlass = metadata.version("nvidia-cutlass")
-    except metadata.PackageNotFoundError:
-        cutlass = ""
-    return {"torch": str(torch.__version__), "cutlass": cutlass}
-
-
-def local_arch() -> tuple[Arch | None, str]:
-    """(arch of the local GPU or None, a description of it for messages)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None, "this machine (no CUDA GPU)"
-    major, minor = torch.cuda.get_device_capability()
-    name = torch.cuda.get_device_name()
-    arch = Arch.SM90 if (major, minor) == (9, 0) else Arch.SM80 if major == 8 else None
-    return arch, f"this machine's {name} (sm_{major}{minor})"
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -80,8 +56,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gpu_name: str | None = None,
-                allow_unchecked: bool = False) -> dict[str, Any]:
+def manifest_of(composed: Any, *, host: Host | None = None, allow_unchecked: bool = False) -> dict[str, Any]:
+    """The manifest of `composed`, made on `host` (default: this machine, asked once)."""
     from fact_ray.compose import CHECK_ATTR, composition_of
 
     comp = composition_of(composed)
@@ -94,9 +70,8 @@ def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gp
                            "(fact_ray.compose.check, on a GPU); an unchecked composition is never saved")
     if comp.arch is None:
         raise ComposeError(f"{comp.model_name}: no pattern was replaced, so there is no arch to save an artifact for")
-    tc = dict(toolchain) if toolchain is not None else _default_toolchain()
-    if gpu_name is None:
-        gpu_name = _gpu_name()
+    if host is None:
+        host = _this_host()
     patterns = [{
         "match_key": r.match_key, "rule": r.rule, "family": r.family, "anchor": r.anchor, "nodes": list(r.nodes),
         "op": r.op, "config": _jsonable(r.config), "problem": _jsonable(r.problem),
@@ -110,8 +85,9 @@ def manifest_of(composed: Any, *, toolchain: Mapping[str, str] | None = None, gp
         "model": {"name": comp.model_name, "hash": comp.model_hash, "graph_hash": comp.graph_hash,
                   "capture": comp.capture},
         "arch": comp.arch.value,
-        "gpu": gpu_name or "",
-        "toolchain": {k: str(tc.get(k, "")) for k in ("nvcc", "cutlass", "torch", "bench_method")},
+        "gpu": host.gpu_name,
+        # nvcc, CUTLASS, torch, the bench method, and what is recorded beside them (driver, cuBLAS, cuDNN)
+        "toolchain": host.recorded(),
         "policy": comp.policy.value,
         "check": None if report is None else _jsonable(report),
         "patterns": patterns,
@@ -129,32 +105,21 @@ def _guarantee_json(composed: Any) -> Any:
     return None if g is None else {**_jsonable(g), "summary": g.summary}
 
 
-def _default_toolchain() -> dict[str, str]:
-    from fact_ray.realize.bench import BENCH_METHOD_VERSION
-    from fact_ray.realize.build import nvcc_version
-
-    tc = local_toolchain()
+def _this_host() -> Host:
+    """This machine, with nvcc's version where there is one: saving may ask nvcc, loading never does."""
     try:
-        tc["nvcc"] = nvcc_version()  # `nvcc --version`: saving may ask, loading never does
+        return detect()
     except NotAvailable:
-        tc["nvcc"] = ""
-    tc["bench_method"] = str(BENCH_METHOD_VERSION)
-    return tc
+        return detect(nvcc=None)
 
 
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-
-
-def save(composed: Any, path: str | os.PathLike, *, toolchain: Mapping[str, str] | None = None,
-         gpu_name: str | None = None, allow_unchecked: bool = False, key: bytes | None = None) -> Path:
+def save(composed: Any, path: str | os.PathLike, *, host: Host | None = None, allow_unchecked: bool = False,
+         key: bytes | None = None) -> Path:
     """Write the artifact folder atomically and return its path. See the module doc for what is refused.
     With a key (`key=`, else FACT_RAY_ARTIFACT_KEY) the manifest is signed (artifact_trust)."""
     from fact_ray.compose import composition_of, sha256_file
 
-    manifest = manifest_of(composed, toolchain=toolchain, gpu_name=gpu_name, allow_unchecked=allow_unchecked)
+    manifest = manifest_of(composed, host=host, allow_unchecked=allow_unchecked)
     comp = composition_of(composed)
     final = Path(path).absolute()
     try:
@@ -230,22 +195,25 @@ def check_target(manifest: Mapping[str, Any], *, expect_arch: Arch | str | None 
     or preparing a deployment elsewhere); by default the local GPU and installed packages are asked."""
     art_arch = manifest["arch"]
     art_gpu = f" ({manifest['gpu']})" if manifest.get("gpu") else ""
+    local = detect(nvcc=None)
     if expect_arch is not None:
         here, desc = Arch(expect_arch), "the expected target"
+    elif local.capability is None:
+        here, desc = None, "this machine (no CUDA GPU)"
     else:
-        here, desc = local_arch()
+        major, minor = local.capability
+        here, desc = local.arch, f"this machine's {local.gpu_name} (sm_{major}{minor})"
     if here is None:
         raise ArtifactError(f"{where} was built for {art_arch}{art_gpu}; {desc} cannot run its kernels")
     if here.value != art_arch:
         raise ArtifactError(f"{where} was built for {art_arch}{art_gpu}, {desc} is {here.value}: its kernels "
                             "cannot run here")
-    local = local_toolchain()
-    local.update(expect_toolchain or {})
+    versions = {"torch": local.torch, "cutlass": local.cutlass, **(expect_toolchain or {})}
     theirs = manifest.get("toolchain", {})
     for key, label in (("torch", "torch"), ("cutlass", "CUTLASS")):
-        if key in local and str(theirs.get(key, "")) != str(local[key]):
+        if str(theirs.get(key, "")) != str(versions[key]):
             raise ArtifactError(f"{where} was made with {label} {theirs.get(key) or '(unknown)'}, this machine has "
-                                f"{label} {local[key] or '(none)'}: compose it again here")
+                                f"{label} {versions[key] or '(none)'}: compose it again here")
 
 
 def _config_from(data: Mapping[str, Any]) -> KernelConfig:
@@ -318,7 +286,7 @@ def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device:
     try:
         composed = compose(captured, matches, winners, policy, arch=arch, digests=digests)
     except CompileError as e:  # a library that will not load or speaks another ABI: the artifact's fault
-        raise ArtifactError(f"{where}: {str(e).splitlines()[0][:300]}") from None
+        raise ArtifactError(f"{where}: {first_line(e, named=False)}") from None
     composed.fact_ray_manifest = manifest
     if device is not None:
         composed.to(device)
@@ -390,6 +358,7 @@ def load_report(path: str | os.PathLike) -> str:
         f"target     {m['arch']} {m.get('gpu') or '(GPU unknown)'}, policy {m['policy']}",
         f"toolchain  nvcc {tc.get('nvcc') or '?'} | CUTLASS {tc.get('cutlass') or '?'} | torch {tc.get('torch') or '?'}"
         f" | bench method {tc.get('bench_method') or '?'}",
+        f"runtime    driver {tc.get('driver') or '?'} | cuBLAS {tc.get('cublas') or '?'} | cuDNN {tc.get('cudnn') or '?'}",
         f"check      {check_line}",
         f"kernels    {len(m['patterns'])} pattern(s) replaced, {len(m.get('kept', []))} kept as PyTorch ops",
         f"guarantee  {(m.get('guarantee') or {}).get('summary') or 'not run (every trial winner composed)'}",
@@ -408,7 +377,7 @@ def load_report(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------- pipeline
 
 
-def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
+def compose_from_table(ref: str, settings: Settings, out_dir: str | os.PathLike,
                        families: frozenset[str] = frozenset(), *, against: str | None = "eager",
                        compile_mode: str | None = None, say: Any = lambda _: None) -> Path:
     """`fact-ray compose MODEL`: the table's winners for this model, toolchain and arch, composed, checked end to end
@@ -416,32 +385,25 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
     `families` (compose.parse_families) limits the kernels to those families; the rest keep their PyTorch ops.
     `against` ("eager", "compile" or None) runs the whole-module guarantee (fact_ray/guarantee.py) before the
     check: only replacements that make the module faster stay, and the manifest records the end-to-end ratio."""
-    import torch
-
     from fact_ray.capture import capture, load_model, under_policy
     from fact_ray.compose import KernelChoice, check, compose, composition_of
-    from fact_ray.config import arch_for
     from fact_ray.discover import discover
-    from fact_ray.pattern_table import PatternTable, TableKey, Toolchain
-    from fact_ray.realize.bench import BENCH_METHOD_VERSION
-    from fact_ray.realize.build import cutlass_version, nvcc_version
+    from fact_ray.pattern_table import PatternTable, TableKey
+    from fact_ray.toolchain import key_toolchain, target_arch
 
-    policy = Precision(settings.policy)
-    gpu = torch.cuda.is_available()
-    gpu_name = torch.cuda.get_device_name() if gpu else ""
-    if gpu:
-        arch = arch_for(torch.cuda.get_device_capability(), gpu_name, settings.arch)
-    elif settings.arch is not None:
-        arch = Arch(settings.arch)
-    else:
+    policy = settings.policy
+    here = detect(nvcc=None)
+    gpu = here.capability is not None
+    arch = target_arch(settings.arch, here.capability, here.gpu_name)
+    if arch is None:
         raise NotAvailable("no CUDA GPU: composing needs one to check the result end to end (pass --arch to see "
                            "what the table holds for a GPU elsewhere)")
     loaded = under_policy(load_model(ref), policy)
     captured = capture(loaded)
     matches = discover(captured.graph, arch, policy)
-    # The toolchain the table keys on is the one the libraries were built with; `nvcc --version` names it here.
-    toolchain = Toolchain(cuda=nvcc_version(settings.nvcc), cutlass=cutlass_version(), torch=str(torch.__version__),
-                          bench_method=str(BENCH_METHOD_VERSION))
+    # The toolchain the table keys on is the one the libraries were built with: this host's nvcc names it.
+    host = detect(settings.nvcc)
+    toolchain = key_toolchain(host)
     table = PatternTable(settings.resolved_table_uri)
     libdir = str(Path(settings.home) / "compose-libs")
     winners: dict[str, KernelChoice] = {}
@@ -467,9 +429,7 @@ def compose_from_table(ref: str, settings: Any, out_dir: str | os.PathLike,
     if not report.passed:
         raise ComposeError(f"{loaded.name}: the composed module failed its end-to-end check ({report.reason}); "
                            "nothing saved")
-    tc = {"nvcc": toolchain.cuda, "cutlass": toolchain.cutlass, "torch": toolchain.torch,
-          "bench_method": toolchain.bench_method}
-    return save(composed, out_dir, toolchain=tc, gpu_name=gpu_name)
+    return save(composed, out_dir, host=host)
 
 
 def _guarded(captured: Any, matches: Any, winners: Any, policy: Precision, arch: Arch, loaded: Any, against: str,

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from fact_ray.errors import ArtifactError, ModelRaised, NotAvailable, UserError
+from fact_ray.errors import ArtifactError, ModelRaised, NotAvailable, UserError, first_line
 from fact_ray.types import Precision, TimeStats, to_jsonable
 
 EAGER, COMPILE_DEFAULT, COMPILE_MAX, COMPOSED = "eager", "compile-default", "compile-max-autotune", "composed"
@@ -177,12 +177,6 @@ def _status(rel_err: Optional[float], policy: Precision) -> tuple[str, str]:
     return OK, ""
 
 
-def _one_line(e: BaseException) -> str:
-    from fact_ray.capture import _one_line as one_line
-
-    return one_line(e, limit=240)
-
-
 # --------------------------------------------------------------------------------------------- measuring
 
 
@@ -214,8 +208,9 @@ def measure(loaded: Any, policy: Precision, builders: Mapping[str, Builder], *, 
                 ready[name] = v
             except Exception as e:  # reported as a failed row with its reason; the other variants go on
                 if name == EAGER:
-                    raise ModelRaised(f"{loaded.name}: the eager module raised on {device}: {_one_line(e)}") from e
-                failed[name] = VariantRow(name, FAILED, reason=_one_line(e))
+                    raise ModelRaised(f"{loaded.name}: the eager module raised on {device}: "
+                                      f"{first_line(e, 240)}") from e
+                failed[name] = VariantRow(name, FAILED, reason=first_line(e, 240))
         say(f"timing {', '.join(ready)}: each warmed up in its own loop, then {reps} rounds of one synchronised "
             f"call and {calls} back-to-back calls")
         fns = {n: (lambda f=v.fn: f(*inputs)) for n, v in ready.items()}
@@ -374,7 +369,7 @@ def run_bench(ref: str, settings: Any, *, artifact: str | None = None, variants:
     if artifact and families:
         raise UserError("--families chooses what to compose from the table; an --artifact is already composed")
     gpu = require_gpu()
-    policy = Precision(settings.policy)
+    policy = settings.policy
     if artifact:
         from fact_ray.shapes import policy_manifest
 
@@ -498,10 +493,7 @@ def _versions() -> dict[str, str]:
     import platform
     from importlib import metadata
 
-    import torch
-
-    from fact_ray.artifact import local_toolchain
-    from fact_ray.realize.bench import BENCH_METHOD_VERSION
+    from fact_ray.toolchain import detect
 
     def dist(name: str) -> str:
         try:
@@ -509,9 +501,9 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             return ""
 
-    return {**local_toolchain(), "cuda": str(torch.version.cuda or ""), "triton": dist("triton"),
-            "python": platform.python_version(), "fact_ray": dist("fact-ray"),
-            "bench_method": str(BENCH_METHOD_VERSION)}
+    host = detect(nvcc=None)  # what timed the variants; benching compiles nothing
+    return {**host.recorded(), "cuda": host.torch_cuda, "triton": dist("triton"),
+            "python": platform.python_version(), "fact_ray": dist("fact-ray")}
 
 
 # --------------------------------------------------------------------------------------------- reporting

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from fact_ray.errors import CaptureError, ModelInvalid, ModelNotFound, ModelRaised
+from fact_ray.errors import CaptureError, ModelInvalid, ModelNotFound, ModelRaised, first_line
 from fact_ray.types import Graph, Node, Ref, TensorMeta
 
 KERNELBENCH_HINT = "a KernelBench-format .py file defines Model, get_inputs() and get_init_inputs()"
@@ -135,15 +135,6 @@ def under_policy(loaded: LoadedModel, policy: Any) -> LoadedModel:
                        ref=loaded.ref, rebuild=loaded.rebuild, buckets=loaded.buckets)
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    """An exception as 'Type: first line of its message', cut to `limit` characters."""
-    text = str(e).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    if len(first) > limit:
-        first = first[:limit - 1].rstrip() + "…"
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def _load_file(ref: str) -> LoadedModel:
     path = Path(ref)
     if path.is_dir():
@@ -153,7 +144,7 @@ def _load_file(ref: str) -> LoadedModel:
     try:
         source = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelInvalid(f"{ref}: cannot read the file ({_one_line(e)})") from None
+        raise ModelInvalid(f"{ref}: cannot read the file ({first_line(e, 160)})") from None
     digest = hashlib.sha256(source.encode()).hexdigest()
     # A unique module name per content, so two model files both called model.py never collide in sys.modules.
     mod_name = f"fact_ray_user_model_{digest[:16]}"
@@ -180,7 +171,7 @@ def _import_file(ref: str, mod_name: str, spec: Any) -> Any:
         raise
     except BaseException as e:  # as in _call: whatever the user's file raises is its error
         sys.modules.pop(mod_name, None)
-        raise ModelRaised(f"{ref}: importing the file raised {_one_line(e)}") from e
+        raise ModelRaised(f"{ref}: importing the file raised {first_line(e, 160)}") from e
     return mod
 
 
@@ -220,13 +211,13 @@ def _load_factory(ref: str) -> LoadedModel:
     except ModuleNotFoundError as e:
         if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
             raise ModelNotFound(f"{ref}: no module named {mod_name!r} (check the name and PYTHONPATH)") from None
-        raise ModelRaised(f"{ref}: importing {mod_name} raised {_one_line(e)}") from e
+        raise ModelRaised(f"{ref}: importing {mod_name} raised {first_line(e, 160)}") from e
     except SyntaxError as e:
         raise ModelInvalid(f"{ref}: {e.filename}:{e.lineno}: syntax error: {e.msg}") from None
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # as in _call
-        raise ModelRaised(f"{ref}: importing {mod_name} raised {_one_line(e)}") from e
+        raise ModelRaised(f"{ref}: importing {mod_name} raised {first_line(e, 160)}") from e
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         raise ModelInvalid(f"{ref}: module {mod_name} has no callable {attr!r}")
@@ -255,7 +246,7 @@ def _call(fn: Any, what: str) -> Any:
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # the user's code: SystemExit, or its own BaseException subclass, is its error
-        raise ModelRaised(f"{what} raised {_one_line(e)}") from e
+        raise ModelRaised(f"{what} raised {first_line(e, 160)}") from e
 
 
 # --------------------------------------------------------------------------------------------- capture
@@ -274,10 +265,10 @@ def capture(loaded: LoadedModel) -> Captured:
             raise
         except Exception as e_fx:
             raise CaptureError(
-                f"{_who(loaded)}: cannot trace the model: torch.export failed ({_one_line(e_export)}) and "
-                f"torch.fx failed ({_one_line(e_fx)}); Python branches on tensor values are the usual cause"
+                f"{_who(loaded)}: cannot trace the model: torch.export failed ({first_line(e_export, 160)}) and "
+                f"torch.fx failed ({first_line(e_fx, 160)}); Python branches on tensor values are the usual cause"
             ) from e_fx
-        note = f"torch.export failed ({_one_line(e_export)}); captured with torch.fx.symbolic_trace instead"
+        note = f"torch.export failed ({first_line(e_export, 160)}); captured with torch.fx.symbolic_trace instead"
         graph = Graph(model_name=loaded.name, model_hash=loaded.model_hash, capture="fx",
                       nodes=tuple(_fx_nodes(gm, loaded.module)))
         return Captured(graph=graph, exported=None, graph_module=gm, inputs=tuple(loaded.inputs), method="fx",
@@ -341,7 +332,7 @@ def _raise_if_forward_raises(loaded: LoadedModel) -> None:
         with torch.no_grad():
             loaded.module(*loaded.inputs)
     except Exception as e:
-        raise ModelRaised(f"{_who(loaded)}: forward raised {_one_line(e)}") from e
+        raise ModelRaised(f"{_who(loaded)}: forward raised {first_line(e, 160)}") from e
 
 
 class _ThroughModules(torch.fx.Tracer):
@@ -391,7 +382,7 @@ def _fx_trace(loaded: LoadedModel) -> tuple[torch.fx.GraphModule, tuple[str, ...
         with torch.no_grad():
             _Recorder(gm).run(*loaded.inputs)
     except Exception as e:
-        raise ModelRaised(f"{_who(loaded)}: forward raised {_one_line(e)}") from e
+        raise ModelRaised(f"{_who(loaded)}: forward raised {first_line(e, 160)}") from e
     return gm, ("shapes were read off one eager run of the model on the CPU (fake tensors could not follow it)",)
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
 from fact_ray import config
-from fact_ray.errors import UserError
+from fact_ray.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from fact_ray.types import Arch
 
 app = typer.Typer(
     name="fact-ray",
@@ -81,20 +84,12 @@ def _settings(**flags: Any) -> config.Settings:
     return config.load(flags)
 
 
-def _default_arch(settings: config.Settings):
+def _default_arch(settings: config.Settings) -> "Arch":
+    """--arch, else the local GPU's, else sm90: discovery ranks for a target, and runs without a GPU too."""
+    from fact_ray.toolchain import detect
     from fact_ray.types import Arch
 
-    if settings.arch is not None:
-        return settings.arch
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return Arch.SM90 if major >= 9 else Arch.SM80
-    except Exception:  # torch missing or broken driver: doctor reports it; discovery still targets sm90
-        pass
-    return Arch.SM90
+    return settings.arch or detect(nvcc=None).arch or Arch.SM90
 
 
 # ---------------------------------------------------------------------------------------------- discover
@@ -343,7 +338,7 @@ def retune(
 
             con.print(f"mlflow night run {log_night(s.resolved_tracking_uri, report, files)}", markup=False)
         except Exception as e:  # noqa: BLE001 -- the night's files are written; a tracking failure is reported
-            con.print(f"note: the night was not logged to MLflow: {str(e).splitlines()[0]}", markup=False)
+            con.print(f"note: the night was not logged to MLflow: {first_line(e)}", markup=False)
             raise typer.Exit(1) from None
         if f.webhook:
             failed = report_html.post_webhook(f.webhook, report)
@@ -385,18 +380,18 @@ def compose(
     def body() -> None:
         s = _settings(table_uri=table, policy=policy, arch=arch)
         from fact_ray import artifact
+        from fact_ray.compose import parse_families
 
+        chosen = parse_families(families)
+        if load and chosen:  # an artifact holds the families it was composed with; --load cannot choose again
+            raise UserError("--families chooses what to compose from the table; --load restores a composition "
+                            "as it was saved (compose again with --families to change it)")
         if load:
             artifact.load(load, model)
             typer.echo(artifact.load_report(load))
             return
-        from fact_ray.compose import parse_families
-
         from fact_ray.guarantee import parse_against, parse_compile_mode
 
-        chosen = parse_families(families)
-        if load and chosen:
-            raise UserError("--families chooses what to compose from the table; --load restores a composition")
         base, mode = parse_against(against), parse_compile_mode(compile_mode)
         from fact_ray import shapes as sh
 

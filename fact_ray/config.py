@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fact_ray.errors import ConfigError, NotAvailable, UnknownArch, UnknownPolicy
+from fact_ray.errors import ConfigError, UnknownArch, UnknownPolicy
 from fact_ray.types import Arch, Precision
 
 
@@ -63,12 +63,7 @@ def _coerce(name: str, value: Any) -> Any:
         # A wrongly typed fact-ray.toml entry (budget = [1], nvcc = 5) names the setting, not a traceback.
         raise ConfigError(f"setting {name} has the wrong type ({type(value).__name__}: {str(value)[:40]!r})")
     if name == "policy":
-        try:
-            return Precision(str(value).lower())
-        except ValueError:
-            raise UnknownPolicy(
-                f"unknown precision policy {value!r}: choose one of {', '.join(p.value for p in Precision)}"
-            ) from None
+        return parse_policy(str(value))
     if name == "arch":
         return parse_arch(str(value))
     if name in ("budget", "jobs"):
@@ -94,10 +89,21 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
+def parse_policy(value: str) -> Precision:
+    """A precision policy as a user spells it (flag, env, file, a stored row): the one parser of policies."""
+    try:
+        return Precision(value.lower())
+    except ValueError:
+        raise UnknownPolicy(
+            f"unknown precision policy {value!r}: choose one of {', '.join(p.value for p in Precision)}"
+        ) from None
+
+
 _ARCH_SPELLING = re.compile(r"(?:sm_?)?(80|90)a?")  # sm90, sm_90, sm90a, 90: one optional "a", no more
 
 
 def parse_arch(value: str) -> Arch:
+    """An arch as a user spells it (sm90, sm_90a, 90, h100, ...): the one parser of arch names."""
     v = value.strip().lower()
     aliases = {"a100": "sm80", "h100": "sm90", "h200": "sm90"}
     m = _ARCH_SPELLING.fullmatch(v)
@@ -106,23 +112,6 @@ def parse_arch(value: str) -> Arch:
         return Arch(v)
     except ValueError:
         raise UnknownArch(f"unknown architecture {value!r}: choose sm80 (A100) or sm90 (H100/H200)") from None
-
-
-def arch_for(capability: tuple[int, int], gpu_name: str, wanted: Arch | None) -> Arch:
-    """The arch to build for on a GPU of this compute capability, checked against the one the user asked for."""
-    major, minor = capability
-    if wanted is None:
-        if (major, minor) == (9, 0):
-            return Arch.SM90
-        if major == 8:
-            return Arch.SM80
-        raise NotAvailable(f"GPU {gpu_name} (sm_{major}{minor}) is not a fact-ray target: sm80 (A100) or sm90 "
-                           "(H100/H200); pass --arch to compile anyway")
-    if wanted == Arch.SM90 and (major, minor) != (9, 0):
-        raise NotAvailable(f"--arch sm90 kernels (sm_90a) do not run on {gpu_name} (sm_{major}{minor})")
-    if wanted == Arch.SM80 and major not in (8, 9):
-        raise NotAvailable(f"--arch sm80 kernels do not run on {gpu_name} (sm_{major}{minor})")
-    return wanted
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from fact_ray.errors import ArtifactError, ComposeError
+from fact_ray.errors import ArtifactError, ComposeError, first_line
 
 PACKAGE = Path("aoti") / "model.pt2"
 
@@ -33,9 +33,7 @@ def export(module: Any, inputs: Sequence[Any]) -> Any:
         with torch.no_grad():
             return torch.export.export(module, tuple(inputs))
     except Exception as e:  # an export failure is reported as this composition's, in one line
-        from fact_ray.capture import _one_line
-
-        raise ComposeError(f"torch.export of the composed module failed: {_one_line(e, limit=240)}") from e
+        raise ComposeError(f"torch.export of the composed module failed: {first_line(e, 240)}") from e
 
 
 def package(module: Any, inputs: Sequence[Any], path: str | os.PathLike) -> Path:
@@ -77,7 +75,7 @@ def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
             dispatch.load()
         except Exception as e:  # DispatchUnavailable: the package calls ops this process cannot provide
             raise ArtifactError(f"artifact {artifact} calls the native dispatcher's ops, which cannot be built "
-                                f"here: {str(e).splitlines()[0]}") from None
+                                f"here: {first_line(e, named=False)}") from None
     for pat in manifest["patterns"]:
         cfg = _config_from(pat["config"])
         choice = KernelChoice(cfg, staged[pat["library"]][0], pat["symbol"])

@@ -9,13 +9,13 @@ import importlib.metadata as md
 import os
 import shutil
 import socket
-import subprocess
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from fact_ray.config import Settings
+from fact_ray.errors import NotAvailable
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,18 @@ def check_gpu() -> list[Check]:
     if not torch.cuda.is_available():
         return [Check("GPU", False, "no CUDA GPU visible to torch: capture, discover, emit and compile still run",
                       "run on a GPU node, or pass --address of a Ray cluster with GPU workers", optional=True)]
-    names = [f"{torch.cuda.get_device_name(i)} (sm{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-             for i in range(torch.cuda.device_count())]
-    out = [Check("GPU", True, ", ".join(names))]
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        r = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=20)
-        out.append(Check("driver", r.returncode == 0, r.stdout.strip().splitlines()[0] if r.stdout else r.stderr,
+    from fact_ray.toolchain import arch_of, driver_version
+
+    gpus = []
+    for i in range(torch.cuda.device_count()):  # every GPU, not only the one a run would ask
+        cap = tuple(torch.cuda.get_device_capability(i))
+        arch = arch_of(cap)
+        gpus.append(f"{torch.cuda.get_device_name(i)} (sm{cap[0]}{cap[1]}: "
+                    f"{f'builds for {arch.value}' if arch else 'not a fact-ray target'})")
+    out = [Check("GPU", True, ", ".join(gpus))]
+    if shutil.which("nvidia-smi"):
+        driver = driver_version()
+        out.append(Check("driver", bool(driver), driver or "nvidia-smi does not answer",
                          "install an NVIDIA driver >= 580 for CUDA 13"))
     else:
         out.append(Check("driver", True, f"CUDA {torch.version.cuda} runtime works (nvidia-smi not on PATH)"))
@@ -60,9 +64,12 @@ def check_nvcc(nvcc: str) -> Check:
     path = shutil.which(nvcc)
     if not path:
         return Check("nvcc", False, f"{nvcc!r} not found", "install the CUDA toolkit (12.4+), or set FACT_RAY_NVCC")
-    r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-    line = [ln for ln in r.stdout.splitlines() if "release" in ln]
-    return Check("nvcc", r.returncode == 0, f"{path}: {line[0].strip() if line else r.stdout.strip()}")
+    from fact_ray.toolchain import nvcc_version
+
+    try:
+        return Check("nvcc", True, f"{path}: release {nvcc_version(nvcc)}")
+    except NotAvailable as e:
+        return Check("nvcc", False, str(e), "reinstall the CUDA toolkit (12.4+), or set FACT_RAY_NVCC")
 
 
 def check_cutlass() -> list[Check]:

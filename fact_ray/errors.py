@@ -10,6 +10,8 @@ the narrow set a tuner catches; a trial records it and the run goes on.
 
 from __future__ import annotations
 
+import re
+
 
 class FactRayError(Exception):
     """Base of all fact-ray errors."""
@@ -116,3 +118,19 @@ class InferenceOnly(UserError, RuntimeError):
 class DispatchUnavailable(NotAvailable):
     """The native dispatcher extension (realize/dispatch.py) cannot be built or loaded here: no C++ compiler,
     no CUDA headers for a CUDA build of torch, a compile error. One line, with the build log's path."""
+
+
+def first_line(what: BaseException | str, limit: int = 300, *, named: bool = True) -> str:
+    """The one line a person reads first, cut to `limit` characters. For an exception: the first line of its
+    message, after its type unless `named` is False (our own typed errors say what happened without it); the type
+    alone when the message is empty. For a log (a compiler's): its first line that says "error", else its first
+    line. Every one-line error fact-ray shows or records is made here."""
+    if isinstance(what, BaseException):
+        lines = [ln.strip() for ln in str(what).splitlines() if ln.strip()]
+        kind = type(what).__name__
+        text = (f"{kind}: {lines[0]}" if named else lines[0]) if lines else kind
+    else:
+        lines = [ln.strip() for ln in what.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.search(r"\berror\b", ln, re.IGNORECASE)]
+        text = (errors or lines or ["(empty log)"])[0]
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"

@@ -26,10 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from fact_ray.config import Settings
-from fact_ray.errors import CannotImplement, ModelNotFound
+from fact_ray.errors import CannotImplement, ModelNotFound, first_line
 from fact_ray.events import (
     AgentReport,
     Broadcaster,
@@ -41,12 +41,15 @@ from fact_ray.events import (
     RunStarted,
     TrialFinished,
 )
+from fact_ray.discover.rules import GEMM_FAMILIES  # the one list of GEMM pattern families (SwiGLU included)
 from fact_ray.realize.fused import FUSED_FAMILIES  # no torch: only the family names and problem types
 from fact_ray.types import Arch, GemmProblem, KernelConfig, Match, Precision, Source, Trial, Winner, freeze
 
-log = logging.getLogger("fact_ray.farm")
+if TYPE_CHECKING:
+    from fact_ray.actors.discovery import Discovery
+    from fact_ray.toolchain import Host, Toolchain
 
-GEMM_FAMILIES = ("gemm", "gemm_bias", "gemm_bias_act", "gemm_bias_residual", "bmm")
+log = logging.getLogger("fact_ray.farm")
 
 # PatternSummary.status values
 TUNED = "tuned"
@@ -97,7 +100,7 @@ class RunSummary:
     cached: int  # served from the build cache
     trials: int
     seconds: float
-    toolchain: Any  # fact_ray.pattern_table.Toolchain
+    toolchain: Toolchain
     notes: tuple[str, ...] = ()
     table_commits: tuple[str, ...] = ()
     listener_failures: tuple[str, ...] = ()
@@ -305,7 +308,7 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
             lap("wait for MLflow")
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
     night = _Night(fresh_since, only_incumbent, retune_keys)
-    if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, Precision(settings.policy), pre.arch,
+    if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, settings.policy, pre.arch,
                                      pre.toolchain, settings.budget, pre.disc, retune, _host_env(pre), night):
         return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False,
                                    early=early, night=night).go(), mlflow_listener)
@@ -348,9 +351,10 @@ def _with(summary: RunSummary, **kw: Any) -> RunSummary:
 class _Setup:
     """What the run knows before it looks at the table: the ranked matches, the target and the toolchain."""
 
-    disc: Any  # fact_ray.actors.discovery.Discovery
+    disc: Discovery
     arch: Arch
-    toolchain: Any  # fact_ray.pattern_table.Toolchain
+    toolchain: Toolchain  # the table key's part, key_toolchain(facts)
+    facts: Host  # what built and times the kernels (recorded with every row and in the run's record)
     gpu_name: str = ""
     host: str = ""
     gpus: int = 0
@@ -358,8 +362,11 @@ class _Setup:
 
 
 def _host_env(setup: _Setup) -> dict[str, str]:
-    """The environment facts of the GPU that measures (nightly.ENV_FACTS names) that the setup knows."""
-    return {"gpu_name": setup.gpu_name}
+    """The environment facts of the GPU that measures (nightly.ENV_FACTS names), from the detected host: a winner
+    recorded under another driver, cuBLAS or cuDNN is re-verified here before it is served."""
+    f, tc = setup.facts, setup.toolchain
+    return {"gpu_name": setup.gpu_name, "driver": f.driver, "cublas": f.cublas, "cudnn": f.cudnn,
+            "torch": tc.torch, "cuda": tc.cuda, "cutlass": tc.cutlass}
 
 
 def _patterns_of(matches: Sequence[Match]) -> list[_Pattern]:
@@ -385,9 +392,9 @@ class _Night:
     retune_keys: frozenset[str] | None = None
 
 
-def _plan(patterns: list[_Pattern], table: Any, policy: Precision, arch: Arch, toolchain: Any, budget: int,
-          disc: Any, retune: bool, host_env: dict[str, str] | None = None, night: _Night | None = None
-          ) -> list[_Pattern]:
+def _plan(patterns: list[_Pattern], table: PatternTable, policy: Precision, arch: Arch, toolchain: Toolchain,
+          budget: int, disc: Discovery, retune: bool, host_env: dict[str, str] | None = None,
+          night: _Night | None = None) -> list[_Pattern]:
     """Serve what the table has (status FROM_TABLE), mark what no template realizes (NOT_REALIZABLE), plan the
     rest: the patterns that need compiles and trials.
 
@@ -440,25 +447,18 @@ def _setup_here(ref: str, settings: Settings) -> _Setup | None:
     from fact_ray.actors.discovery import make_ranker, rank_matches
     from fact_ray.capture import load_model, under_policy
     from fact_ray.capture_cache import captured
-    from fact_ray.config import arch_for
     from fact_ray.discover import discover
-    from fact_ray.pattern_table import Toolchain
-    from fact_ray.realize.bench import BENCH_METHOD_VERSION
-    from fact_ray.realize.build import toolchain
+    from fact_ray.toolchain import detect, key_toolchain, target_arch
 
-    policy = Precision(settings.policy)
-    gpu_name = torch.cuda.get_device_name()
-    arch = arch_for(torch.cuda.get_device_capability(), gpu_name, settings.arch)
-    tc = toolchain(settings.nvcc)
+    policy = settings.policy
+    facts = detect(settings.nvcc)
+    arch = target_arch(settings.arch, facts.capability, facts.gpu_name)
     # The graph from the capture cache when the model's code, inputs and toolchain are unchanged (see there).
     cap, _ = captured(under_policy(load_model(ref), policy), Path(settings.home) / "captures")
     matches = discover(cap.graph, arch, policy)
     disc = rank_matches(make_ranker("off", settings), cap.graph, matches, arch, policy, cap.method, cap.notes)
-    tools = Toolchain(cuda=str(tc.get("nvcc_version") or tc.get("nvcc") or ""),
-                      cutlass=str(tc.get("cutlass_version") or tc.get("cutlass") or ""), torch=torch.__version__,
-                      bench_method=str(BENCH_METHOD_VERSION))
-    return _Setup(disc=disc, arch=arch, toolchain=tools, gpu_name=gpu_name, host=socket.gethostname(),
-                  gpus=torch.cuda.device_count())
+    return _Setup(disc=disc, arch=arch, toolchain=key_toolchain(facts), facts=facts, gpu_name=facts.gpu_name,
+                  host=socket.gethostname(), gpus=torch.cuda.device_count())
 
 
 class _Driver:
@@ -480,7 +480,7 @@ class _Driver:
         self.retune = retune
         self.t0 = t0
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        self.policy = Precision(settings.policy)
+        self.policy = settings.policy
         self.cache_dir = str(Path(settings.resolved_cache_dir).absolute())
         self.pool: Any = None
         self.writer: Any = None
@@ -497,7 +497,7 @@ class _Driver:
             self._abort("interrupted", "interrupted by the user")
             raise
         except BaseException as e:
-            self._abort("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._abort("failed", first_line(e, 500, named=False))
             raise
         finally:
             self._close()
@@ -533,7 +533,7 @@ class _Driver:
         from fact_ray.actors import cluster
         from fact_ray.actors.compile import unwrap_user_error
         from fact_ray.actors.discovery import discovery_actor, llm_config
-        from fact_ray.pattern_table import Toolchain
+        from fact_ray.toolchain import key_toolchain
 
         s = self.s
         ref = self.ref
@@ -552,7 +552,7 @@ class _Driver:
         gpus = self._start_pool()
         arch = self._pool_arch() if gpus else (s.arch or Arch.SM90)
         try:
-            versions = ray.get(tc_ref)
+            compiler, ray_version = ray.get(tc_ref)
         except ray.exceptions.RayTaskError as e:
             unwrap_user_error(e)
             raise
@@ -566,11 +566,10 @@ class _Driver:
         finally:
             ray.kill(agent)
         info = self.pool.infos()[0] if self.pool is not None else None
-        toolchain = Toolchain(cuda=versions["nvcc"], cutlass=versions["cutlass"],
-                              torch=info.torch_version if info else versions["torch"],
-                              bench_method=versions["bench_method"])
-        return _Setup(disc=disc, arch=arch, toolchain=toolchain, gpu_name=info.gpu_name if info else "",
-                      host=info.host if info else "", gpus=gpus, ray_version=versions.get("ray", ""))
+        # Libraries come from a compile node, timings from a GPU node: the key names both sides' versions.
+        facts = info.toolchain.built_by(compiler) if info else compiler
+        return _Setup(disc=disc, arch=arch, toolchain=key_toolchain(facts), facts=facts, gpu_name=facts.gpu_name,
+                      host=info.host if info else "", gpus=gpus, ray_version=ray_version)
 
     def _start_pool(self) -> int:
         """One trial worker per GPU of the cluster (they start in the background); the number of GPUs."""
@@ -585,13 +584,14 @@ class _Driver:
         return gpus
 
     def _pool_arch(self) -> Arch:
-        from fact_ray.actors import cluster
+        from fact_ray.toolchain import target_arch
 
         infos = self.pool.infos()
         if len({i.gpu_name for i in infos}) > 1:
             self.notes.append(f"mixed GPUs in the cluster ({', '.join(sorted({i.gpu_name for i in infos}))}): "
                               f"timings are each measured against the PyTorch op on the same GPU")
-        return cluster.arch_for(infos[0].capability, infos[0].gpu_name, self.s.arch)
+        gpu = infos[0].toolchain
+        return target_arch(self.s.arch, gpu.capability, f"the cluster's {gpu.gpu_name}")
 
     def _announce(self, setup: _Setup) -> None:
         s, disc, toolchain = self.s, setup.disc, setup.toolchain
@@ -601,8 +601,7 @@ class _Driver:
         self.bus.emit(RunStarted.make(
             run_id=self.run_id, model_name=disc.model_name, model_hash=disc.model_hash, policy=self.policy,
             arch=setup.arch, gpu=setup.gpu_name, budget=s.budget, model_ref=self.ref,
-            versions={"nvcc": toolchain.cuda, "cutlass": toolchain.cutlass, "torch": toolchain.torch,
-                      "bench_method": toolchain.bench_method, "ray": setup.ray_version},
+            versions={**setup.facts.recorded(), "ray": setup.ray_version},
             extra={"ray_address": s.ray_address or ("local" if self.on_ray else "not started: all from the table"),
                    "gpus": setup.gpus, "table": self.table.uri, "retune": self.retune, "llm": s.llm,
                    "capture": disc.method}))
@@ -617,7 +616,8 @@ class _Driver:
         patterns = _patterns_of(disc.matches)
         for p in patterns:
             self.bus.emit(PatternStarted(match=p.match, index=p.index - 1, total=len(patterns)))
-        ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None)
+        ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None,
+                         facts=setup.facts)
         todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune,
                      _host_env(setup), self.night)
         for p in patterns:

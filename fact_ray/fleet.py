@@ -258,11 +258,9 @@ def retune(fleet: Fleet, settings: Settings, opts: NightOptions | None = None) -
                     notes = (*notes, *(n for n in notes2 if n not in notes))
                 done |= {(v.match_key, policy.value) for v in verdicts}
             except Exception as e:  # noqa: BLE001 -- one model failing must not stop the fleet: recorded, alerted
-                from fact_ray.errors import UserError
+                from fact_ray.errors import UserError, first_line
 
-                line = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if not isinstance(e, UserError):
-                    line = f"{type(e).__name__}: {line}"
+                line = first_line(e, 500, named=not isinstance(e, UserError))  # a bug names its type
                 models.append(ModelNight(fm.name, policy.value, "", "", (), seconds=time.monotonic() - m0,
                                          failed=line))
                 opts.say(f"{label}: FAILED: {line}")

@@ -23,7 +23,7 @@ import os
 import tempfile
 from typing import Any
 
-from fact_ray.errors import RunNotFound, UserError
+from fact_ray.errors import RunNotFound, UserError, first_line
 from fact_ray.nightly import NightReport
 
 TAG_MODEL, TAG_POLICY, TAG_ARCH, TAG_GPU = "fact_ray.model", "fact_ray.policy", "fact_ray.arch", "fact_ray.gpu"
@@ -154,7 +154,7 @@ def download(models_uri: str, tracking_uri: str, dst: str | None = None) -> str:
                                                    dst_path=dst or tempfile.mkdtemp(prefix="fact-ray-model-"))
     except MlflowException as e:
         raise RunNotFound(f"{models_uri}: not in the registry of {tracking_uri} "
-                          f"({str(e).splitlines()[0] if str(e) else 'not found'})") from None
+                          f"({first_line(e, named=False)})") from None
 
 
 def default_tracking_uri() -> str:

@@ -179,5 +179,7 @@ def post_webhook(url: str, report: NightReport, timeout_s: float = 10.0) -> str:
             if not 200 <= r.status < 300:
                 return f"webhook {url} answered HTTP {r.status}"
     except (urllib.error.URLError, OSError, ValueError) as e:
-        return f"webhook {url} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        from fact_ray.errors import first_line
+
+        return f"webhook {url} failed: {first_line(e, named=False)}"
     return ""

@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fact_ray.errors import TableError
+from fact_ray.errors import TableError, first_line
 from fact_ray.pattern_table import partition as part
 from fact_ray.pattern_table import schema as sch
-from fact_ray.pattern_table.io import IO_ERRORS, one_line, write_atomic
+from fact_ray.pattern_table.io import IO_ERRORS, write_atomic
 
 ORPHAN_AGE = timedelta(hours=1)
 
@@ -99,7 +99,7 @@ def compact(table, on_step: Callable[[str, str], None] | None = None) -> Compact
             try:
                 recs = _records(fs, f"{root}/{rel}", table._uri_of(rel))
             except (TableError, *IO_ERRORS, ValueError, KeyError) as e:
-                skipped.append(f"{rel}: {one_line(e)}")
+                skipped.append(f"{rel}: {first_line(e)}")
                 continue
             for i, rec in enumerate(recs):
                 p = _partition_of_record(rec)
@@ -141,7 +141,7 @@ def compact(table, on_step: Callable[[str, str], None] | None = None) -> Compact
         step("generation", part._gen_name(new.number))
         deleted = _sweep(fs, root, new, step)
     except IO_ERRORS as e:
-        raise TableError(f"cannot compact the pattern table {table.uri}: {one_line(e)}") from None
+        raise TableError(f"cannot compact the pattern table {table.uri}: {first_line(e)}") from None
     table.forget()
     return CompactReport(new.number, len(written), len(inputs), len(written), n_rows, deleted, tuple(skipped))
 

@@ -15,10 +15,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fact_ray.errors import TableError
+from fact_ray.errors import TableError, first_line
 from fact_ray.pattern_table import schema as sch
-from fact_ray.pattern_table.io import (IO_ERRORS, is_uri, normalise, one_line, refuse_unsafe_target, resolve,
-                                      write_atomic)
+from fact_ray.pattern_table.io import IO_ERRORS, is_uri, normalise, refuse_unsafe_target, resolve, write_atomic
 from fact_ray.pattern_table.row import TableRow
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -73,5 +72,5 @@ def export_rows(rows: Sequence[TableRow], path_or_uri: str, format: str = "parqu
             fs.create_dir(parent, recursive=True)
         write_atomic(fs, path, data)
     except (*IO_ERRORS, ValueError) as e:
-        raise TableError(f"cannot export the pattern table to {shown}: {redact(one_line(e))}") from None
+        raise TableError(f"cannot export the pattern table to {shown}: {redact(first_line(e))}") from None
     return target

@@ -17,10 +17,6 @@ OBJECT_STORES = frozenset({"s3", "gcs"})
 IO_ERRORS = (OSError, pa.ArrowException)
 
 
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def is_uri(s: str) -> bool:
     return "://" in s or s.startswith("file:")
 

@@ -8,9 +8,11 @@ speed is the same:
 - the **match key** (`Match.key`): rule, input shapes, dtype and the rule's parameters (activation, eps, ...);
 - the **precision policy**: an fp32 winner says nothing about bf16, and a bf16 winner is not accurate enough for fp32;
 - the **arch** (sm80 / sm90): the emitted C++ and the compiled library differ per arch;
-- the **toolchain**: CUDA/nvcc, CUTLASS and torch versions and the benchmark method's version. A new compiler
-  or CUTLASS changes the kernels' speed (and which configs compile at all); a new torch changes the baseline we
-  must beat; a new benchmark method makes old timings incomparable. Any change is a new key, so a re-tune runs.
+- the **toolchain** (`fact_ray.toolchain.key_toolchain`, its only builder): nvcc, CUTLASS and torch versions and
+  the benchmark method's version. A new compiler or CUTLASS changes the kernels' speed (and which configs compile
+  at all); a new torch changes the baseline we must beat; a new benchmark method makes old timings incomparable.
+  Any change is a new key, so a re-tune runs. The NVIDIA driver, cuBLAS and cuDNN are recorded with each row
+  (`driver`, `cublas`, `cudnn`) but are not in the key.
 
 The **GPU name** (H100 vs H200, both sm90) is *not* part of the reuse key by default: a config verified on one
 GPU of an arch is correct on another, and usually close to best. A key with `gpu_name` set restricts a query to
@@ -28,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fact_ray.errors import TableError
+from fact_ray.toolchain import Host, Toolchain
 from fact_ray.types import (
     Arch,
     KernelConfig,
@@ -36,24 +39,8 @@ from fact_ray.types import (
     TimeStats,
     Trial,
     Winner,
-    content_hash,
     to_jsonable,
 )
-
-
-@dataclass(frozen=True)
-class Toolchain:
-    """Versions that make timings and compiled libraries comparable. Built by the caller (the farm), since the
-    table does not import torch or run nvcc."""
-
-    cuda: str  # nvcc release, e.g. "13.0"
-    cutlass: str  # e.g. "4.2.0"
-    torch: str  # e.g. "2.13.0+cu130"
-    bench_method: str  # version of the benchmark method (fact_ray.realize.bench)
-
-    @property
-    def fingerprint(self) -> str:
-        return content_hash("toolchain", self.cuda, self.cutlass, self.torch, self.bench_method)[:16]
 
 
 @dataclass(frozen=True)
@@ -130,6 +117,9 @@ class TableRow:
     library_symbol: str | None = None  # exported C symbol prefix of this config inside the library
     run_id: str = ""
     host: str | None = None
+    driver: str | None = None  # NVIDIA driver of the GPU that timed it (recorded, not keyed)
+    cublas: str | None = None  # cuBLAS the PyTorch op ran on
+    cudnn: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Precision(self.policy))
@@ -256,6 +246,7 @@ class RowContext:
     run_id: str = ""
     gpu_name: str | None = None
     host: str | None = None
+    facts: Host | None = None  # the host's recorded versions (driver, cuBLAS, cuDNN); None: not known
 
 
 def row_from_trial(
@@ -309,6 +300,9 @@ def row_from_trial(
         library_symbol=library_symbol,
         run_id=ctx.run_id,
         host=ctx.host,
+        driver=(ctx.facts.driver or None) if ctx.facts else None,
+        cublas=(ctx.facts.cublas or None) if ctx.facts else None,
+        cudnn=(ctx.facts.cudnn or None) if ctx.facts else None,
     )
 
 

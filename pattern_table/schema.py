@@ -18,6 +18,10 @@ v2  Adds `gpu_name`, `p10_ms`, `p90_ms`, `baseline_p10_ms`, `baseline_p90_ms`, `
     `library_uri`, `library_symbol` and `host`. Upgrade from v1: the new columns are null. Every key column
     (match key, policy, arch, toolchain) already existed in v1, so upgraded rows keep matching the same keys
     and stay reusable; a null library URI tells the farm to rebuild from the config.
+v3  Adds `driver`, `cublas` and `cudnn` (recorded, not keyed), and `cuda_version` holds nvcc's parsed version
+    ("13.0.88") where v2 writers stored the banner line naming it ("Cuda compilation tools, release 13.0,
+    V13.0.88"). Upgrade from v1/v2: the new columns are null and the banner line is read as the version it names,
+    so a v2 row matches the key the same host builds now (a value that names no version is kept as it was).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Callable
 import pyarrow as pa
 
 from fact_ray.errors import TableError
+from fact_ray.toolchain import parse_nvcc_version
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = b"fact_ray.schema_version"
 KIND_KEY = b"fact_ray.kind"
 KIND = b"pattern_table"
@@ -73,6 +78,9 @@ SCHEMA = pa.schema(
         pa.field("run_id", pa.string()),
         pa.field("created_at", _TS, nullable=False),
         pa.field("host", pa.string()),
+        pa.field("driver", pa.string()),
+        pa.field("cublas", pa.string()),
+        pa.field("cudnn", pa.string()),
     ]
 )
 
@@ -108,7 +116,22 @@ def _fill_missing(table: pa.Table) -> pa.Table:
     return table
 
 
-_UPGRADES: dict[int, Callable[[pa.Table], pa.Table]] = {1: _fill_missing}
+def _nvcc_version_of(value: str) -> str:
+    try:
+        return parse_nvcc_version(value)
+    except ValueError:
+        return value  # not a version (a path some v2 writers could store): it matches no key, and is kept
+
+
+def _to_v3(table: pa.Table) -> pa.Table:
+    """v1/v2 -> v3: the new columns as nulls, and `cuda_version` as the version its banner line names."""
+    table = _fill_missing(table)
+    i = table.column_names.index("cuda_version")
+    cuda = [None if v is None else _nvcc_version_of(v) for v in table.column(i).to_pylist()]
+    return table.set_column(i, "cuda_version", pa.array(cuda, type=pa.string()))
+
+
+_UPGRADES: dict[int, Callable[[pa.Table], pa.Table]] = {1: _to_v3, 2: _to_v3}
 
 
 def to_current(table: pa.Table, version: int, where: str) -> pa.Table:

@@ -36,11 +36,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fact_ray.errors import TableError
+from fact_ray.errors import TableError, first_line
 from fact_ray.pattern_table import partition as part
 from fact_ray.pattern_table import schema as sch
 from fact_ray.pattern_table.export import export_rows, rows_to_table
-from fact_ray.pattern_table.io import IO_ERRORS, normalise, one_line, resolve, write_atomic
+from fact_ray.pattern_table.io import IO_ERRORS, normalise, resolve, write_atomic
 from fact_ray.pattern_table.row import TableKey, TableRow
 from fact_ray.pattern_table.truth import current
 
@@ -76,7 +76,7 @@ class PatternTable:
             try:
                 self._fs, self._root = resolve(self.uri)
             except (*IO_ERRORS, ValueError) as e:
-                raise TableError(f"pattern table {self.uri}: cannot open ({one_line(e)})") from None
+                raise TableError(f"pattern table {self.uri}: cannot open ({first_line(e)})") from None
         return self._fs
 
     def _path(self, *parts: str) -> str:
@@ -102,7 +102,7 @@ class PatternTable:
         except TableError:
             raise
         except IO_ERRORS as e:
-            raise TableError(f"pattern table {self.uri} is not writable: {one_line(e)}") from None
+            raise TableError(f"pattern table {self.uri} is not writable: {first_line(e)}") from None
 
     def commit(self, rows: Sequence[TableRow] | Iterable[TableRow]) -> str:
         """Append `rows` as one new file, atomically. Returns its URI ('' when there was nothing to commit)."""
@@ -122,7 +122,7 @@ class PatternTable:
             self.fs.create_dir(self._path(folder), recursive=True)
             write_atomic(self.fs, self._path(rel), data)
         except IO_ERRORS as e:
-            raise TableError(f"pattern table {self.uri} is not writable: {one_line(e)}") from None
+            raise TableError(f"pattern table {self.uri} is not writable: {first_line(e)}") from None
         self._files[rel] = rows
         return self._uri_of(rel)
 
@@ -143,7 +143,7 @@ class PatternTable:
             fs.create_dir(self._path("libs"), recursive=True)
             write_atomic(fs, self._path("libs", name), data)
         except IO_ERRORS as e:
-            raise TableError(f"pattern table {self.uri}: cannot store library ({one_line(e)})") from None
+            raise TableError(f"pattern table {self.uri}: cannot store library ({first_line(e)})") from None
         return self.library_uri(digest)
 
     def get_library(self, uri: str) -> bytes:
@@ -157,7 +157,7 @@ class PatternTable:
             with fs.open_input_stream(path) as f:
                 data = f.read()
         except (*IO_ERRORS, ValueError) as e:
-            raise TableError(f"cannot read library {uri}: {one_line(e)}") from None
+            raise TableError(f"cannot read library {uri}: {first_line(e)}") from None
         if hashlib.sha256(data).hexdigest() != digest:
             raise TableError(f"library {uri} is damaged (its content does not match its hash)")
         return data
@@ -179,7 +179,7 @@ class PatternTable:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as e:
-            raise TableError(f"cannot write library to {dest_dir}: {one_line(e)}") from None
+            raise TableError(f"cannot write library to {dest_dir}: {first_line(e)}") from None
         return path
 
     # ------------------------------------------------------------------ reading
@@ -199,7 +199,7 @@ class PatternTable:
         try:
             return part.live_files(self.fs, self._path(), folders)[1]
         except (*IO_ERRORS, ValueError, KeyError) as e:
-            raise TableError(f"pattern table {self.uri} cannot be read: {one_line(e)}") from None
+            raise TableError(f"pattern table {self.uri} cannot be read: {first_line(e)}") from None
 
     def _refresh(self) -> None:
         self._live = self._live_files()
@@ -223,12 +223,12 @@ class PatternTable:
             records = table.to_pylist()
         except TableError as e:
             # One foreign or newer file must not block every read of the table: it is skipped like a damaged one.
-            reason = one_line(e)
+            reason = first_line(e)
             self._damaged[where] = reason
             warnings.warn(f"pattern table: skipping {where}: {reason}", stacklevel=2)
             return ()
         except (*IO_ERRORS, ValueError, KeyError) as e:
-            reason = one_line(e)
+            reason = first_line(e)
             self._damaged[where] = reason
             warnings.warn(f"pattern table: skipping damaged file {where}: {reason}", stacklevel=2)
             return ()
@@ -238,7 +238,7 @@ class PatternTable:
                 row = TableRow.from_record(rec)
                 row.config  # noqa: B018 -- parsed now, so a bad config_json is one skipped row, not a failed run
             except (TableError, ValueError, KeyError, TypeError) as e:
-                reason = one_line(e)
+                reason = first_line(e)
                 self._damaged[f"{where}#row{i}"] = reason
                 warnings.warn(f"pattern table: skipping row {i} of {where}: {reason}", stacklevel=2)
                 continue

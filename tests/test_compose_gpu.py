@@ -1,7 +1,6 @@
 """Composition on a GPU: a real winner composed into the model, checked end to end in float64, saved, and loaded
 back in this process with outputs equal to the module that was saved."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,13 @@ FC1 = GemmProblem(M=16, N=128, K=64, epilogue="bias_act", activation="gelu")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.nvcc,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
-    pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH"),
 ]
 
 
 def local_arch() -> Arch:
-    major, _ = torch.cuda.get_device_capability()
-    return Arch.SM90 if major == 9 else Arch.SM80
+    from fact_ray.toolchain import detect
+
+    return detect(nvcc=None).arch
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from fact_ray.types import GemmProblem
 REPO = Path(__file__).resolve().parents[1]
 # The worktree's own build cache: the extension builds once per torch version, not once per test run.
 CACHE = str(REPO / ".fact-ray" / "build-cache")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 STUB = r"""
 #include <stddef.h>
@@ -237,12 +236,12 @@ def test_python_mode_never_builds(tmp_path):
 
 def _gemm_library(problem: GemmProblem, policy, tmp: Path):
     """One verified-shape config of the problem, built by the project's own emit/build (sm90 on Hopper)."""
-    from fact_ray.config import arch_for
+    from fact_ray.toolchain import detect
     from fact_ray.realize.build import build
     from fact_ray.realize.emit import emit
     from fact_ray.search_spaces import space
 
-    arch = arch_for(torch.cuda.get_device_capability(), torch.cuda.get_device_name(), None)
+    arch = detect(nvcc=None).arch
     cfg = next(c for c in space(problem, arch, policy, 8) if c.split_k == 1)
     (source,) = emit([cfg], arch)
     lib = build(source, str(tmp))
@@ -251,7 +250,6 @@ def _gemm_library(problem: GemmProblem, policy, tmp: Path):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("epilogue", ["bias", "bias_residual"])
 def test_native_gemm_matches_the_python_path_and_torch(native, tmp_path_factory, epilogue):
     from fact_ray.realize.kernel import GemmKernel, torch_op
@@ -284,7 +282,6 @@ def test_native_gemm_matches_the_python_path_and_torch(native, tmp_path_factory,
 
 
 @pytest.mark.gpu
-@gpu
 def test_native_gemm_refuses_bad_operands_with_one_clear_error(native):
     from fact_ray.types import Precision
 
@@ -307,15 +304,14 @@ def test_native_gemm_refuses_bad_operands_with_one_clear_error(native):
 
 
 @pytest.mark.gpu
-@gpu
 def test_native_norm_and_attention_match_the_python_path(native):
     from fact_ray.realize import fused
     from fact_ray.realize.build import build
     from fact_ray.realize.fused import AttentionProblem, NormProblem
     from fact_ray.realize.norm import emit_norm
-    from fact_ray.config import arch_for
+    from fact_ray.toolchain import detect
 
-    arch = arch_for(torch.cuda.get_device_capability(), torch.cuda.get_device_name(), None)
+    arch = detect(nvcc=None).arch
     tmp = CACHE
     norm_p = NormProblem(rows=256, cols=512, kind="layernorm", dtype="bfloat16", eps=1e-5, has_weight=True,
                          has_bias=True)

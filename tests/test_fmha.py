@@ -15,8 +15,6 @@ from fact_ray.realize import fmha as F
 from fact_ray.realize.build import exported_symbols
 from fact_ray.types import Arch, Precision
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                         reason="no sm90 (H100/H200) CUDA GPU")
 POLICY = {"bfloat16": Precision.BF16, "float16": Precision.FP16}
 
 
@@ -166,7 +164,7 @@ def test_fmha_run_refuses_what_it_cannot_run_before_touching_cuda(bf16_lib):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
+@pytest.mark.sm90
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("B, S", [(1, 512), (2, 136)])  # 136: not a multiple of the 128-query/key tiles
@@ -191,7 +189,7 @@ def test_causal_fmha_matches_float64(fmha_libs, dtype, head_dim, B, S, layout):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
+@pytest.mark.sm90
 def test_fmha_non_causal_and_fused_qkv_slices(fmha_libs):
     kernel = F.FmhaKernel(fmha_libs["bfloat16"])
     B, S, H, D = 2, 200, 4, 96
@@ -207,7 +205,7 @@ def test_fmha_non_causal_and_fused_qkv_slices(fmha_libs):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
+@pytest.mark.sm90
 def test_fused_trial_runs_the_fmha_against_sdpa(fmha_libs):
     from fact_ray.realize import fused
 

@@ -14,7 +14,6 @@ import torch
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.nvcc,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 from fact_ray.realize.bench import time_interleaved  # noqa: E402

@@ -399,8 +399,6 @@ int z_run(const fr_gemm_args* a) {
 @pytest.mark.nvcc
 def test_nvcc_built_library_loads_without_a_gpu(tmp_path):
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not on PATH")
     cu = tmp_path / "z.cu"
     cu.write_text(NVCC_LIB.replace("STRUCT", textwrap.dedent(_STRUCT)))
     so = tmp_path / "z.so"

@@ -21,8 +21,6 @@ from fact_ray.realize import norm as N
 from fact_ray.realize.build import exported_symbols
 from fact_ray.types import Arch, Precision
 
-nvcc_present = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 NORM_DTYPES = ("float32", "bfloat16", "float16")
 POLICY = {"float32": Precision.FP32, "bfloat16": Precision.BF16, "float16": Precision.FP16}
 
@@ -96,7 +94,6 @@ def attn_lib(cache):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_norm_compiles_for_sm80_and_sm90a_with_its_abi(norm_libs):
     for dtype, lib in norm_libs.items():
         assert lib.ok, lib.log[-3000:]
@@ -108,7 +105,6 @@ def test_norm_compiles_for_sm80_and_sm90a_with_its_abi(norm_libs):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_norm_run_refuses_bad_arguments_before_touching_cuda(norm_libs):
     run = N.load_norm(norm_libs["float32"]).fr_norm_run
     buf = (ctypes.c_float * 64)()
@@ -130,7 +126,6 @@ def test_norm_run_refuses_bad_arguments_before_touching_cuda(norm_libs):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_attention_compiles_with_its_abi_and_refuses_what_it_cannot_run(attn_lib):
     assert attn_lib.ok, attn_lib.log[-3000:]
     assert {"fr_abi_version", "fr_attn_supports", "fr_attn_workspace", "fr_attn_run"} <= exported_symbols(
@@ -167,7 +162,6 @@ def attn_lib_64(cache):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_the_64x64_block_compiles_and_refuses_head_dims_over_64(attn_lib_64):
     assert attn_lib_64.ok, attn_lib_64.log[-3000:]
     h = A.load_attention(attn_lib_64)
@@ -188,7 +182,6 @@ def test_the_64x64_block_compiles_and_refuses_head_dims_over_64(attn_lib_64):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_64x64_block_matches_float64(attn_lib_64, dtype):
     kernel = A.AttentionKernel(attn_lib_64)
@@ -235,7 +228,6 @@ def test_tf32_policy_offers_both_fp32_maths_and_fp32_policy_only_3xtf32():
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_the_one_pass_tf32_attention_compiles(attn_lib_tf32):
     assert attn_lib_tf32.ok, attn_lib_tf32.log[-3000:]
     h = A.load_attention(attn_lib_tf32)
@@ -245,7 +237,6 @@ def test_the_one_pass_tf32_attention_compiles(attn_lib_tf32):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 def test_the_one_pass_tf32_attention_meets_tf32_not_fp32(attn_lib_tf32, attn_lib, head_dim):
     one, three = A.AttentionKernel(attn_lib_tf32), A.AttentionKernel(attn_lib)
@@ -270,7 +261,6 @@ def test_missing_curand_headers_is_one_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
 @pytest.mark.parametrize("dtype", NORM_DTYPES)
 @pytest.mark.parametrize("cols", [768, 1000, 4096])
 def test_norms_match_float64(norm_libs, dtype, cols):
@@ -302,7 +292,6 @@ def test_norms_match_float64(norm_libs, dtype, cols):
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-@gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 def test_causal_attention_matches_float64(attn_lib, dtype, head_dim):
@@ -325,7 +314,6 @@ def test_causal_attention_matches_float64(attn_lib, dtype, head_dim):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_norm_kernel_refuses_cpu_tensors(norm_libs):
     with pytest.raises(CannotImplement):
         N.NormKernel(norm_libs["float32"]).layer_norm(torch.randn(4, 8))
@@ -418,7 +406,6 @@ def fused_winners(norm_libs, attn_lib, cache):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_compose_replaces_attention_and_norms_and_still_traces(fused_winners):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -439,7 +426,6 @@ def test_compose_replaces_attention_and_norms_and_still_traces(fused_winners):
 
 
 @pytest.mark.gpu
-@gpu
 def test_composed_attention_and_norms_match_the_model_in_float64(fused_winners):
     from fact_ray.compose import check, compose
 
@@ -450,7 +436,6 @@ def test_composed_attention_and_norms_match_the_model_in_float64(fused_winners):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("spelling", ["explicit", "sdpa"])
 def test_fused_trial_verifies_and_times_against_the_models_op(attn_lib, norm_libs, spelling):
     from fact_ray.realize import fused
@@ -469,7 +454,6 @@ def test_fused_trial_verifies_and_times_against_the_models_op(attn_lib, norm_lib
 
 
 @pytest.mark.gpu
-@gpu
 def test_sdpa_spelling_composes_onto_the_same_kernel(attn_lib):
     from fact_ray.capture import capture, load_model
     from fact_ray.compose import KernelChoice, check, compose
@@ -489,7 +473,6 @@ def test_sdpa_spelling_composes_onto_the_same_kernel(attn_lib):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_an_artifact_with_attention_and_norm_kernels_loads_in_a_fresh_process_without_nvcc(fused_winners, tmp_path):
     import json
     import subprocess

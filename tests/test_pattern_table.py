@@ -27,6 +27,7 @@ from fact_ray.pattern_table import (
     row_from_trial,
     row_from_winner,
 )
+from fact_ray.pattern_table.schema import SCHEMA
 from fact_ray.types import Arch, KernelConfig, Match, Precision, TimeStats, Trial, Winner
 
 TC = Toolchain(cuda="13.0", cutlass="4.2.0", torch="2.13.0", bench_method="1")
@@ -252,6 +253,42 @@ def test_v1_file_is_read_by_upgrade(tmp_path):
     assert best.p10_ms is None and best.gpu_name is None and best.library_uri is None and best.host is None
     assert [r.config_name for r in table.history(KEY)] == ["k_v1", "k_v2"]
     assert table.damaged == {}
+
+
+def test_v2_row_keyed_by_the_nvcc_banner_line_matches_the_key_this_host_builds_now(tmp_path):
+    """v2 writers stored nvcc's banner line as the CUDA version; v3 keys by the version it names. An old row is
+    read, upgraded in memory (the file is left as written) and keeps matching the same host's key."""
+    from fact_ray.toolchain import Host, key_toolchain
+
+    (tmp_path / "rows").mkdir()
+    line = "Cuda compilation tools, release 13.0, V13.0.88"
+    old_tc = Toolchain(cuda=line, cutlass="4.2.0.0", torch="2.11.0+cu130", bench_method="1")
+    rec = {k: v for k, v in _row("k_v2", 0.5, toolchain=old_tc).to_record().items()
+           if k not in ("driver", "cublas", "cudnn")}
+    v2 = pa.schema([f for f in SCHEMA if f.name in rec],
+                   metadata={b"fact_ray.schema_version": b"2", b"fact_ray.kind": b"pattern_table"})
+    path = tmp_path / "rows" / "20260101T000000Z-v2.parquet"
+    pq.write_table(pa.Table.from_pylist([rec], schema=v2), path)
+
+    now = key_toolchain(Host(nvcc="13.0.88", cutlass="4.2.0.0", torch="2.11.0+cu130"))
+    row = PatternTable(str(tmp_path)).best(TableKey.of(MATCH.key, "fp32", "sm80", now))
+    assert row is not None and row.config_name == "k_v2" and row.toolchain == now
+    assert row.driver is None and row.cublas is None and row.cudnn is None
+    assert pq.read_table(path).column("cuda_version").to_pylist() == [line]  # history stays as written
+
+
+def test_a_row_records_the_driver_cublas_and_cudnn_it_was_timed_with(tmp_path):
+    from fact_ray.toolchain import Host
+
+    facts = Host(nvcc="13.0", cutlass="4.2.0", torch="2.13.0", driver="580.95.05", cublas="13.0.2.14",
+                 cudnn="91200", gpu_name="NVIDIA A100", capability=(8, 0))
+    row = row_from_trial(_trial("k1", 1.0), MATCH, RowContext(TC, "run-1", "NVIDIA A100", "n", facts=facts),
+                         policy=Precision.FP32, arch=Arch.SM80, config=_config("k1"), created_at=T0)
+    table = PatternTable(str(tmp_path))
+    table.commit([row])
+    back = PatternTable(str(tmp_path)).best(KEY)
+    assert (back.driver, back.cublas, back.cudnn) == ("580.95.05", "13.0.2.14", "91200")
+    assert back == row and back.toolchain == TC  # recorded beside the key, not in it
 
 
 def test_newer_schema_version_is_skipped_naming_both(tmp_path):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from fact_ray.discover.rules import GEMM_FAMILIES
 from fact_ray.discover.view import IDENTITY_OPS, VIEW_OPS, GraphView, is_assertion
-from fact_ray.errors import UnknownArch, UnknownPolicy
+from fact_ray.config import parse_arch, parse_policy
+from fact_ray.errors import UnknownArch
 from fact_ray.types import DTYPE_BYTES, Arch, Graph, Match, Precision
 
 
@@ -36,10 +37,8 @@ ROOFLINES: dict[Arch, Roofline] = {
 
 
 def resolve_arch(arch: Arch | str) -> Arch:
-    try:
-        a = arch if isinstance(arch, Arch) else Arch(str(arch).lower().replace("sm_", "sm").rstrip("a"))
-    except ValueError:
-        raise UnknownArch(f"unknown architecture {arch!r}: choose sm80 (A100) or sm90 (H100/H200)") from None
+    """An arch this cost model has a roofline for (a string is parsed as --arch is, config.parse_arch)."""
+    a = arch if isinstance(arch, Arch) else parse_arch(str(arch))
     if a not in ROOFLINES:
         raise UnknownArch(f"no cost model for architecture {a.value}: choose one of "
                           f"{', '.join(x.value for x in ROOFLINES)}")
@@ -47,11 +46,7 @@ def resolve_arch(arch: Arch | str) -> Arch:
 
 
 def resolve_policy(policy: Precision | str) -> Precision:
-    try:
-        return policy if isinstance(policy, Precision) else Precision(str(policy).lower())
-    except ValueError:
-        raise UnknownPolicy(f"unknown precision policy {policy!r}: choose one of "
-                            f"{', '.join(p.value for p in Precision)}") from None
+    return policy if isinstance(policy, Precision) else parse_policy(str(policy))
 
 
 def element_bytes(dtype: str, policy: Precision) -> int:

@@ -9,10 +9,9 @@ not the run. No torch here: an artifact loads its libraries without the build st
 from __future__ import annotations
 
 import ctypes
-import re
 from typing import Any, Mapping, Sequence
 
-from fact_ray.errors import CompileError
+from fact_ray.errors import CompileError, first_line
 from fact_ray.types import Library
 
 _LOADED: dict[tuple[str, str], ctypes.CDLL] = {}  # (path, abi): one family's loader never takes another's .so
@@ -20,21 +19,12 @@ _LOADED: dict[tuple[str, str], ctypes.CDLL] = {}  # (path, abi): one family's lo
 Signatures = Mapping[str, tuple[Sequence[Any], Any]]  # C function -> (argtypes, restype)
 
 
-def first_error_line(log: str) -> str:
-    """The line of a compiler log a person should read first."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for ln in lines:
-        if re.search(r"\berror\b", ln, re.IGNORECASE):
-            return ln[:400]
-    return lines[0][:400] if lines else "compile failed (empty log)"
-
-
 def load_checked(library: Library, kind: str, abi: str, version: int,
                  signatures: Signatures | None = None) -> ctypes.CDLL:
     """`library` dlopened (once per path and ABI) with `signatures` declared and `fr_abi_version() == version`.
     Errors name the library as `kind` ("an attention") and its ABI as `abi` ("attention ABI")."""
     if not library.ok:
-        raise CompileError(first_error_line(library.log), library.log)
+        raise CompileError(first_line(library.log), library.log)
     if (library.path, abi) in _LOADED:
         return _LOADED[library.path, abi]
     try:

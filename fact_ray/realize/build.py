@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fact_ray.errors import NotAvailable
+from fact_ray.toolchain import resolve_nvcc, cutlass_version, nvcc_version  # what the cache key names
 from fact_ray.types import Library, Source, file_sha256
 
 BASE_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-shared",
@@ -67,36 +68,6 @@ MACHINE_RETRIES = 1
 OWNER = "owner"  # in a temp build folder: "<host> <pid>" of the process building there
 
 
-def _resolve_nvcc(nvcc: str) -> str:
-    path = shutil.which(nvcc)
-    if path is None:
-        raise NotAvailable(f"nvcc not found ({nvcc!r}): install the CUDA toolkit 12.4+ or pass --nvcc /path/to/nvcc")
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def nvcc_version(nvcc: str = "nvcc") -> str:
-    """The `nvcc --version` line that names the release, e.g. 'Cuda compilation tools, release 13.0, V13.0.88'."""
-    path = _resolve_nvcc(nvcc)
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise NotAvailable(f"nvcc at {path} does not run ({e}): check the CUDA toolkit install") from None
-    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
-    release = [ln for ln in lines if "release" in ln]
-    return release[0] if release else " | ".join(lines)
-
-
-@functools.lru_cache(maxsize=None)
-def cutlass_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("nvidia-cutlass")
-    except metadata.PackageNotFoundError:
-        raise NotAvailable("the nvidia-cutlass package is not installed: pip install nvidia-cutlass==4.2.0.0") from None
-
-
 @functools.lru_cache(maxsize=None)
 def include_paths() -> tuple[str, ...]:
     import cutlass_library
@@ -107,12 +78,6 @@ def include_paths() -> tuple[str, ...]:
         if not (p / "cutlass").is_dir():
             raise NotAvailable(f"CUTLASS headers missing under {p}: reinstall nvidia-cutlass")
     return tuple(str(p) for p in paths)
-
-
-def toolchain(nvcc: str = "nvcc") -> dict:
-    """What builds are made with (raises NotAvailable without nvcc or CUTLASS)."""
-    return {"nvcc": _resolve_nvcc(nvcc), "nvcc_version": nvcc_version(nvcc), "cutlass_version": cutlass_version(),
-            "include_paths": list(include_paths()), "flags": list(BASE_FLAGS)}
 
 
 def source_template(source: Source) -> str:
@@ -184,7 +149,7 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
           include_dirs: Sequence[str] = ()) -> Library:
     """Compile one Source (or fetch it from the cache). Never raises for bad C++; raises NotAvailable if the
     toolchain is missing. `include_dirs` come after CUTLASS's and, like them, are not keyed (machine paths)."""
-    nvcc_path = _resolve_nvcc(nvcc)
+    nvcc_path = resolve_nvcc(nvcc)
     flags = flags_for(source)
     key = key_of(source, nvcc)
     meta = read_entry(cache_dir, key)
@@ -364,7 +329,7 @@ def build_many(sources: Sequence[Source], cache_dir: str, jobs: int = 0, nvcc: s
 
     Identical sources are compiled once. Memory, not cores, bounds `jobs` for sm90 TUs (3.5-5.5 GB each).
     """
-    _resolve_nvcc(nvcc)  # fail once, up front, with the one-line fix
+    resolve_nvcc(nvcc)  # fail once, up front, with the one-line fix
     sweep_stale(cache_dir)
     jobs = jobs or os.cpu_count() or 1
     unique: dict[str, Source] = {}

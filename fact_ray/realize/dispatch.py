@@ -45,8 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fact_ray.errors import CompileError, ConfigError, DispatchUnavailable
-from fact_ray.realize.abi import first_error_line
+from fact_ray.errors import CompileError, ConfigError, DispatchUnavailable, first_line
 from fact_ray.types import file_sha256
 
 log = logging.getLogger("fact_ray.dispatch")
@@ -160,7 +159,7 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
         if built is None or not built.is_file():
             failed = final.parent / f"failed-{key[:16]}.log"
             failed.write_text(text)
-            raise DispatchUnavailable(f"the native dispatcher did not build: {first_error_line(text)} "
+            raise DispatchUnavailable(f"the native dispatcher did not build: {first_line(text)} "
                                       f"(log: {failed})")
         shutil.copyfile(built, tmp / _LIB)
         meta = {"version": DISPATCH_VERSION, "key": key, "torch": _torch_version(), "flags": list(flags),
@@ -194,7 +193,7 @@ def load(cache_dir: str | os.PathLike | None = None) -> str:
         try:
             _state["handle"] = ctypes.CDLL(str(so), mode=os.RTLD_NOW | os.RTLD_LOCAL)  # see "Load" above
         except OSError as e:
-            raise DispatchUnavailable(f"the native dispatcher does not load: {str(e).splitlines()[0]}") from None
+            raise DispatchUnavailable(f"the native dispatcher does not load: {first_line(e, named=False)}") from None
         torch.ops.loaded_libraries.add(str(so))  # as torch.ops.load_library records what it loads
         _state["path"] = str(so)
     except DispatchUnavailable as e:
@@ -263,7 +262,7 @@ def _register(kid: str, path: str, symbol: str, family: str, dtype: str, **gemm:
     try:
         torch.ops.fact_ray_native.register_kernel(kid, str(path), symbol, family, dtype, **gemm)
     except (RuntimeError, ValueError) as e:  # the library is not one of ours: that kernel's verdict
-        raise CompileError(str(e).strip().splitlines()[0]) from None
+        raise CompileError(first_line(e, named=False)) from None
     return kid
 
 

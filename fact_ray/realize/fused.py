@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from fact_ray.errors import CannotImplement
+from fact_ray.errors import CannotImplement, first_line
 from fact_ray.types import Arch, KernelConfig, Library, Match, Precision, Source, Trial, content_hash
 
 FUSED_FAMILIES = ("attention", "layernorm", "rmsnorm")
@@ -258,11 +258,11 @@ def trial(problem: FusedProblem, config: KernelConfig, library: Library, policy:
 
             kernel = composed_fused(problem, config, library)
         except CompileError as e:  # the library did not build (or is not one of ours): that candidate's verdict
-            status, err, rel, mx = "compile_error", str(e).splitlines()[0][:300], math.nan, math.nan
+            status, err, rel, mx = "compile_error", first_line(e, named=False), math.nan, math.nan
         except LaunchError as e:  # a CUDA error: the worker pool replaces this process (TrialResult)
-            status, err, rel, mx = "crashed", str(e).splitlines()[0][:300], math.nan, math.nan
+            status, err, rel, mx = "crashed", first_line(e, named=False), math.nan, math.nan
         except CandidateError as e:
-            status, err, rel, mx = "cannot_implement", str(e).splitlines()[0][:300], math.nan, math.nan
+            status, err, rel, mx = "cannot_implement", first_line(e, named=False), math.nan, math.nan
         inputs = make_inputs(problem, device, 12345)
         fns = {"torch": lambda: base(*inputs)}
         if status == "ok":

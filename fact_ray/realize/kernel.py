@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError
-from fact_ray.realize.abi import first_error_line, load_checked  # first_error_line: tune.py reads it here
+from fact_ray.realize.abi import load_checked
 from fact_ray.types import GemmProblem, KernelConfig, Library, content_hash
 
 ABI_VERSION = 1

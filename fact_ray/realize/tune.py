@@ -19,13 +19,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from rich.table import Table
 
-from fact_ray.config import Settings, arch_for
-from fact_ray.errors import CandidateError, CannotImplement, NotAvailable
+from fact_ray.config import Settings
+from fact_ray.errors import CandidateError, CannotImplement, NotAvailable, first_line
 from fact_ray.realize import dispatch, fused
+from fact_ray.toolchain import target_arch
 from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
 from fact_ray.realize.build import build_many
 from fact_ray.realize.emit import emit
-from fact_ray.realize.kernel import GemmKernel, first_error_line, torch_op
+from fact_ray.realize.kernel import GemmKernel, torch_op
 from fact_ray.realize.problem import problem_from_match
 from fact_ray.realize.select import TORCH, select
 from fact_ray.realize.verify import as_candidate, make_inputs, policy_dtype, precision_mode, verify
@@ -78,11 +79,6 @@ Progress = Callable[[TuneProgress], None]
 KernelFactory = Callable[[Library, KernelConfig, GemmProblem], GemmKernel]
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:400]
-
-
 def _tflops(problem: GemmProblem, t: Optional[TimeStats]) -> float:
     if t is None or not t.median_ms > 0:
         return 0.0
@@ -105,16 +101,16 @@ def _check_and_verify(cfg: KernelConfig, library: Optional[Library], problem: Ge
     if library is None:
         return Trial(cfg.name, "compile_error", error="no library holds this config"), None
     if not library.ok:
-        return Trial(cfg.name, "compile_error", error=first_error_line(library.log)), None
+        return Trial(cfg.name, "compile_error", error=first_line(library.log)), None
     try:
         kernel = factory(library, cfg, problem)
         kernel.check(*inputs)
         res = verify(lambda a, b, bias, residual, out: kernel(a, b, bias, residual, out=out),
                      problem, policy, device, seeds)
     except CandidateError as e:
-        return Trial(cfg.name, e.status, error=_one_line(e)), None
+        return Trial(cfg.name, e.status, error=first_line(e, named=False)), None
     except _CUDA_FAULTS as e:
-        return Trial(cfg.name, "crashed", error=_one_line(e)), None
+        return Trial(cfg.name, "crashed", error=first_line(e, named=False)), None
     if not res.ok:
         return Trial(cfg.name, "wrong", error=res.reason, rel_err=res.rel_err, max_abs_err=res.max_abs_err), None
     return Trial(cfg.name, "ok", rel_err=res.rel_err, max_abs_err=res.max_abs_err), kernel
@@ -232,9 +228,9 @@ def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: to
                     raise  # not a kernel's fault we can name: a bug, let it show
                 # A fault that surfaced at a synchronisation: no single kernel can be blamed, and none can
                 # run again in this process.
-                crashed.update({n: f"timing faulted, culprit unknown: {_one_line(e)}" for n in pending})
+                crashed.update({n: f"timing faulted, culprit unknown: {first_line(e, named=False)}" for n in pending})
                 return {}, crashed, "a fault while timing"
-            crashed[culprit] = f"while timing: {_one_line(e)}"
+            crashed[culprit] = f"while timing: {first_line(e, named=False)}"
             pending.pop(culprit, None)
             if not _context_alive(device):
                 return {}, crashed, culprit
@@ -245,7 +241,7 @@ def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: to
 
 def local_arch(device: torch.device, wanted: Optional[Arch]) -> Arch:
     """The architecture to build for on this GPU, checked against a requested one."""
-    return arch_for(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device), wanted)
+    return target_arch(wanted, tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
 
 
 def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress] = None) -> TuneResult:

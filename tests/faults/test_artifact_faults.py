@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from fact_ray import artifact_trust as trust
-from fact_ray.artifact import SCHEMA_VERSION, load, local_toolchain, read_manifest
+from fact_ray.artifact import SCHEMA_VERSION, load, read_manifest
 from fact_ray.capture import capture, load_model
 from fact_ray.compose import graph_hash
 from fact_ray.discover import discover
 from fact_ray.errors import ArtifactError
 from fact_ray.search_spaces import space
+from fact_ray.toolchain import detect
 from fact_ray.types import Arch, GemmProblem, Precision, to_jsonable
 
 pytestmark = [pytest.mark.faults,
@@ -79,12 +80,12 @@ def setup(tmp_path, monkeypatch):
     art = tmp_path / "art"
     (art / "libs").mkdir(parents=True)
     shutil.copyfile(benign, art / "libs" / f"{digest}.so")
-    tc = local_toolchain()
+    here = detect(nvcc=None)
     manifest = {
         "schema_version": SCHEMA_VERSION, "kind": "fact-ray-composition", "created_at": "",
         "model": {"name": loaded.name, "hash": loaded.model_hash, "graph_hash": graph_hash(captured.graph),
                   "capture": captured.method},
-        "arch": "sm80", "gpu": "", "toolchain": {"torch": tc["torch"], "cutlass": tc["cutlass"], "nvcc": "",
+        "arch": "sm80", "gpu": "", "toolchain": {"torch": here.torch, "cutlass": here.cutlass, "nvcc": "",
                                                  "bench_method": ""},
         "policy": "fp32", "check": None, "kept": [],
         "patterns": [{"match_key": fc1.key, "rule": fc1.rule, "family": fc1.family, "anchor": fc1.anchor,
