@@ -104,3 +104,11 @@ def test_tune_on_gpu_takes_attention_and_norm_patterns_too(tmp_path):
         index = next(i for i, m in enumerate(matches, 1) if m.family == family)
         r = tune_on_gpu(tmp_path, "--pattern", str(index))
         assert "torch" in r.stdout and ("attn_causal_float32" in r.stdout or "norm_float32" in r.stdout)
+
+
+def test_compose_load_refuses_families_in_one_line(tmp_path):
+    """--load restores a composition as saved; --families with it is refused, not silently ignored."""
+    model = str(Path(__file__).parents[1] / "tests/models/compose_mlp.py")
+    r = sh("compose", model, "--load", str(tmp_path / "art"), "--families", "gemm", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "--families" in r.stderr and "--load" in r.stderr, r.stderr

@@ -135,6 +135,19 @@ def test_run_without_gpu_compiles_and_writes_no_winners(first_run):
 
 
 @pytest.mark.nvcc
+def test_the_farm_keys_the_table_as_the_artifact_does_on_the_same_host(first_run):
+    """The farm takes its toolchain from a Ray compile task, `fact-ray compose` (the artifact) from this process:
+    both go through key_toolchain, so the same host gets the same key, naming nvcc's version and not its path."""
+    from fact_ray.toolchain import detect, key_toolchain
+
+    _, summary, rec = first_run
+    assert summary.toolchain == key_toolchain(detect())
+    versions = dict(rec.of(RunStarted)[0].versions)  # what MLflow records of the run
+    assert versions["nvcc"] == summary.toolchain.cuda == detect().nvcc and "/" not in versions["nvcc"]
+    assert {"driver", "cublas", "cudnn", "torch_cuda"} <= set(versions)
+
+
+@pytest.mark.nvcc
 def test_second_run_reuses_the_build_cache(first_run):
     root, first, _ = first_run
     rec = Recorder()

@@ -23,12 +23,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build"
+# The promoted TF32 mainloop the prototypes instantiate is fact-ray's production header, included from here.
+TEMPLATES = HERE.parents[1] / "fact_ray" / "realize" / "templates"
+FROM_TEMPLATES = frozenset({"fr_tf32x3_mainloop.hpp"})
 
-# name -> (translation unit, uses CUTLASS, headers it includes from this folder)
+# name -> (translation unit, uses CUTLASS, headers it includes: from this folder, or from TEMPLATES)
 LIBRARIES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "split": ("split.cu", False, ()),
-    "promo_a": ("promo_a.cu", True, ("fr_sm90_tf32x3.cuh", "fr_registry.h", "tf32x3_promoted_mma.hpp")),
-    "promo_b": ("promo_b.cu", True, ("fr_sm90_tf32x3.cuh", "fr_registry.h", "tf32x3_promoted_mma.hpp")),
+    "promo_a": ("promo_a.cu", True, ("fr_sm90_tf32x3.cuh", "fr_registry.h", "fr_tf32x3_mainloop.hpp")),
+    "promo_b": ("promo_b.cu", True, ("fr_sm90_tf32x3.cuh", "fr_registry.h", "fr_tf32x3_mainloop.hpp")),
     "sm80_3xtf32": ("sm80_3xtf32.cu", True, ("fr_registry.h",)),
 }
 
@@ -75,13 +78,17 @@ def _nvcc_version(nvcc: str | None) -> str:
     return next((ln.strip() for ln in out.splitlines() if "release" in ln), out)
 
 
+def source_path(name: str) -> Path:
+    return (TEMPLATES if name in FROM_TEMPLATES else HERE) / name
+
+
 def stamp(name: str, nvcc: str | None) -> str:
     """'<sha256 of sources and flags> <nvcc release line>'."""
     tu, _, headers = LIBRARIES[name]
     h = hashlib.sha256()
     for f in (tu, *headers):
         h.update(f.encode())
-        h.update((HERE / f).read_bytes())
+        h.update(source_path(f).read_bytes())
     h.update(" ".join(BASE_FLAGS).encode())
     return f"{h.hexdigest()} {_nvcc_version(nvcc)}"
 
@@ -109,7 +116,7 @@ def build_one(name: str, force: bool = False) -> BuildResult:
     if nvcc is None:
         return BuildResult(name, str(so), "failed", message="no nvcc on PATH and no prebuilt .so")
     BUILD.mkdir(parents=True, exist_ok=True)
-    cmd = [nvcc, *BASE_FLAGS, f"-I{HERE}"]
+    cmd = [nvcc, *BASE_FLAGS, f"-I{HERE}", f"-I{TEMPLATES}"]
     if uses_cutlass:
         try:
             cmd += [f"-I{d}" for d in cutlass_include_dirs()]

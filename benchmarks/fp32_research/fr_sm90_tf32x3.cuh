@@ -24,7 +24,9 @@
 #include "cutlass/util/packed_stride.hpp"
 
 #include "fr_registry.h"
-#include "tf32x3_promoted_mma.hpp"
+// The promoted mainloop is production's own (fact_ray/realize/templates; build.py adds that folder to the
+// include path), so the research measures the code fact-ray ships and no second copy can drift from it.
+#include "fr_tf32x3_mainloop.hpp"
 
 namespace fact_ray_research {
 
@@ -68,7 +70,7 @@ struct Tf32x3Config {
   using CollectiveMainloop =
       std::conditional_t<kMainloop == Mainloop::StockFp8, Fp8Mma,
       std::conditional_t<kMainloop == Mainloop::PlainTf32, StockMma,
-      Tf32x3PromotedMma<Fp8Mma>>>;
+      fr_tf32x3::PromotedMma<Fp8Mma>>>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<
       cute::Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue, SchedulerTag_>;

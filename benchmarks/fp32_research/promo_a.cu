@@ -1,6 +1,6 @@
 // sm90a 3xTF32 over K-concatenated splits, cooperative persistent kernels: the promotion study.
 //   stock_*  the stock FP8 two-level mainloop instantiated directly with TF32 operands
-//   p1_*     the derived mainloop of tf32x3_promoted_mma.hpp (explicit clear, optional stagger)
+//   p1_*     the derived mainloop, production's fr_tf32x3_mainloop.hpp (explicit clear, optional stagger)
 //   plain_*  the stock TF32 mainloop, no promotion: the control for cost and error
 #include "fr_sm90_tf32x3.cuh"
 

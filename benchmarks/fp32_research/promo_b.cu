@@ -1,4 +1,4 @@
-// sm90a 3xTF32 over K-concatenated splits with the derived promoted mainloop (tf32x3_promoted_mma.hpp):
+// sm90a 3xTF32 over K-concatenated splits with the derived promoted mainloop (fr_tf32x3_mainloop.hpp):
 // ping-pong, stream-K (needed for 256x256x524288: only 4 output tiles) and a 2x1 cluster (TMA multicast).
 #include "fr_sm90_tf32x3.cuh"
 

@@ -48,14 +48,18 @@ def test_config_ids_are_unique_and_promotion_encodes():
 
 
 def test_stamp_follows_sources_and_flags(tmp_path, monkeypatch):
-    for name in ("split.cu", "promo_a.cu", "fr_sm90_tf32x3.cuh", "fr_registry.h", "tf32x3_promoted_mma.hpp"):
+    for name in ("split.cu", "promo_a.cu", "fr_sm90_tf32x3.cuh", "fr_registry.h"):
         shutil.copy(HERE / name, tmp_path / name)
+    (tmp_path / "templates").mkdir()
+    mainloop = tmp_path / "templates" / "fr_tf32x3_mainloop.hpp"
+    shutil.copy(fr_build.TEMPLATES / mainloop.name, mainloop)  # production's header, which the prototypes include
     monkeypatch.setattr(fr_build, "HERE", tmp_path)
+    monkeypatch.setattr(fr_build, "TEMPLATES", tmp_path / "templates")
     before = {n: fr_build.stamp(n, None) for n in ("split", "promo_a")}
-    (tmp_path / "tf32x3_promoted_mma.hpp").write_text((tmp_path / "tf32x3_promoted_mma.hpp").read_text() + "\n")
+    mainloop.write_text(mainloop.read_text() + "\n")
     after = {n: fr_build.stamp(n, None) for n in ("split", "promo_a")}
     assert after["split"] == before["split"]
-    assert after["promo_a"] != before["promo_a"]
+    assert after["promo_a"] != before["promo_a"]  # a change to the production mainloop rebuilds the prototypes
     monkeypatch.setattr(fr_build, "BASE_FLAGS", [*fr_build.BASE_FLAGS, "-lineinfo"])
     assert fr_build.stamp("split", None) != before["split"]
     # without nvcc only the source half of a stamp can be compared

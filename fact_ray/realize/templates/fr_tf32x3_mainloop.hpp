@@ -1,6 +1,6 @@
 // fact-ray: the sm90a TF32 WGMMA mainloop with two-level accumulation used by sm90_tf32x3.cu.in, pasted into each
 // such translation unit by emit.py (so the TU stays self-contained and its text is the whole build-cache input).
-// Derived from the fp32 research (benchmarks/fp32_research/tf32x3_promoted_mma.hpp, measured on an H200).
+// From the fp32 research (benchmarks/fp32_research, measured on an H200), whose prototypes include this file.
 //
 // Why: a long chain of TF32 WGMMAs into one accumulator is not a plain fp32 sum; over the 3K products of the
 // K-concatenated splits it errs ~6e-5 at K = 4096 and ~4e-3 at K = 3 x 524288 (all-positive inputs; round 1),
