@@ -358,7 +358,8 @@ def load_report(path: str | os.PathLike) -> str:
         f"target     {m['arch']} {m.get('gpu') or '(GPU unknown)'}, policy {m['policy']}",
         f"toolchain  nvcc {tc.get('nvcc') or '?'} | CUTLASS {tc.get('cutlass') or '?'} | torch {tc.get('torch') or '?'}"
         f" | bench method {tc.get('bench_method') or '?'}",
-        f"runtime    driver {tc.get('driver') or '?'} | cuBLAS {tc.get('cublas') or '?'} | cuDNN {tc.get('cudnn') or '?'}",
+        f"runtime    driver {tc.get('driver') or '?'} | cuBLAS {tc.get('cublas') or '?'} | "
+        f"cuDNN {tc.get('cudnn') or '?'}",
         f"check      {check_line}",
         f"kernels    {len(m['patterns'])} pattern(s) replaced, {len(m.get('kept', []))} kept as PyTorch ops",
         f"guarantee  {(m.get('guarantee') or {}).get('summary') or 'not run (every trial winner composed)'}",

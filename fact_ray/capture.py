@@ -62,7 +62,7 @@ class Captured:
     """The traced graph plus the torch objects later stages need (profiling, composition)."""
 
     graph: Graph
-    exported: Any  # torch.export.ExportedProgram, or None when FX captured the model
+    exported: torch.export.ExportedProgram | None  # None when FX captured the model
     graph_module: torch.fx.GraphModule  # ep.graph_module (parameters lifted to placeholders) or the FX trace
     inputs: tuple[Any, ...]
     method: str  # "export" | "fx"

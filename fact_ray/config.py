@@ -35,6 +35,14 @@ class Settings:
     llm_model: str = ""
     trial_timeout_s: float = 120.0
 
+    def __post_init__(self) -> None:
+        # Typed once, here, however the settings were made (config.load, or Settings(...) in code and tests):
+        # every stage reads a Precision and an Arch and never parses them again.
+        if not isinstance(self.policy, Precision):
+            object.__setattr__(self, "policy", parse_policy(str(self.policy)))
+        if self.arch is not None and not isinstance(self.arch, Arch):
+            object.__setattr__(self, "arch", parse_arch(str(self.arch)))
+
     @property
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:

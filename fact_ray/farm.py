@@ -47,6 +47,7 @@ from fact_ray.types import Arch, GemmProblem, KernelConfig, Match, Precision, So
 
 if TYPE_CHECKING:
     from fact_ray.actors.discovery import Discovery
+    from fact_ray.pattern_table import PatternTable
     from fact_ray.toolchain import Host, Toolchain
 
 log = logging.getLogger("fact_ray.farm")

@@ -265,7 +265,7 @@ def test_plot_writes_a_real_png(tmp_path):
     assert img[..., :3].std() > 0.05  # bars and labels, not a blank canvas
 
 
-def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_path):
+def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_tracking_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from dataclasses import replace
@@ -274,7 +274,7 @@ def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_path):
     stacked = replace(result.row("composed"), name="composed+compile")  # "+" is not a legal MLflow name character
     result = replace(result, rows=(*result.rows, stacked))
     out = bn.write_outputs(result, tmp_path / "out")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tmp_tracking_uri
     run_id = bn.log_to_mlflow(result, out, uri)
 
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
@@ -291,7 +291,7 @@ def test_mlflow_run_holds_tag_params_metrics_and_files(tmp_path):
     assert files == {out.json.name, out.png.name, out.text.name}
 
 
-def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_path, monkeypatch):
+def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_tracking_uri, tmp_path, monkeypatch):
     """The command after the measurement, with run_bench stubbed by the hand-made result (no GPU here)."""
     from typer.testing import CliRunner
 
@@ -306,7 +306,7 @@ def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_path, monkeypatch
     monkeypatch.setattr(bn, "require_gpu", lambda: "Hand GPU")
     monkeypatch.setattr(bn, "run_bench", fake_run_bench)
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tmp_tracking_uri
     r = CliRunner().invoke(cli.app, ["bench", MLP, "--variants", "eager,composed", "--reps", "7", "--calls", "9",
                                      "--tracking-uri", uri, "--out", "res", "--families", "gemm_bias"])
     assert r.exit_code == 0, r.output
@@ -323,7 +323,7 @@ def test_cli_wiring_prints_the_table_writes_files_and_logs(tmp_path, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.nvcc
-def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_path):
+def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_tracking_uri, tmp_path):
     from fact_ray import config
 
     s = config.load({"home": str(tmp_path / "home"), "policy": "fp32"}, env={}, file=str(tmp_path / "none.toml"))
@@ -345,7 +345,7 @@ def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_path):
 
     out = bn.write_outputs(result, tmp_path / "out")
     assert out.json.is_file() and out.png.read_bytes().startswith(PNG_MAGIC)
-    run_id = bn.log_to_mlflow(result, out, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = bn.log_to_mlflow(result, out, tmp_tracking_uri)
     assert run_id
 
 

@@ -384,7 +384,7 @@ def test_useful_rule_proposal_compiles_and_is_accepted(endpoint, einsum, tmp_pat
 # --------------------------------------------------------------------------------------------- tracking
 
 
-def test_agent_report_is_logged_to_mlflow(endpoint, block, tmp_path):
+def test_agent_report_is_logged_to_mlflow(endpoint, block, tmp_path, tmp_tracking_uri):
     from mlflow.tracking import MlflowClient
 
     from fact_ray.events import RunFinished, RunStarted
@@ -398,7 +398,7 @@ def test_agent_report_is_logged_to_mlflow(endpoint, block, tmp_path):
     ev = _agent_report(disc, "rank", "test-model")
     assert (ev.moves, ev.used, ev.prompt_tokens + ev.completion_tokens) == (2, True, 940)
 
-    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    uri = tmp_tracking_uri
     lst = MlflowListener(uri)
     lst.on_event(RunStarted.make(run_id="r1", model_name=graph.model_name, model_hash="h", policy=POLICY,
                                  arch=ARCH, gpu="", budget=2))
@@ -435,7 +435,7 @@ def test_cli_discover_llm_rank_prints_what_the_agent_changed(endpoint, block):
 
 
 @pytest.mark.nvcc
-def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_path, monkeypatch):
+def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_path, tmp_tracking_uri, monkeypatch):
     """`fact-ray run --llm rank` through the Ray discovery actor: the agent is asked, its report reaches MLflow."""
     from mlflow.tracking import MlflowClient
 
@@ -446,7 +446,7 @@ def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_
     monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
     monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
     s = Settings(home=str(tmp_path / "home"), table_uri=str(tmp_path / "table"),
-                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cache_dir=str(tmp_path / "cache"),
+                 tracking_uri=tmp_tracking_uri, cache_dir=str(tmp_path / "cache"),
                  arch=ARCH, policy=POLICY, budget=1, llm="rank", llm_model="test-model")
     summary = farm.run(str(MODELS / "farm_tiny.py"), s)
     assert summary.exit_code == 0

@@ -10,12 +10,15 @@ again), each node belonging to at most one match.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from fact_ray.discover import evaluate
 from fact_ray.discover.patterns import Absent, Activation, Alt, CausalMask, Const, Op, Pattern, Var
 from fact_ray.discover.view import GraphView
 from fact_ray.types import Graph, Match, Node, Ref, TensorMeta, freeze
+
+if TYPE_CHECKING:
+    from fact_ray.discover.rules import Rule  # rules imports params, which imports this module
 
 _MISSING = object()
 
@@ -245,7 +248,7 @@ def _closed(view: GraphView, covered: frozenset[str], root: str, inputs: frozens
 
 @dataclass(frozen=True)
 class Found:
-    rule: Any  # rules.Rule
+    rule: Rule
     root: str
     covered: frozenset[str]
     params: dict[str, Any]

@@ -255,7 +255,7 @@ def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress]
     report = progress or (lambda _ev: None)
     device = torch.device("cuda", torch.cuda.current_device())
     arch = local_arch(device, settings.arch)
-    policy = Precision(settings.policy)
+    policy = settings.policy
     if match.family in fused.FUSED_FAMILIES:
         return _tune_fused(match, settings, device, arch, policy, report)
     try:
