@@ -24,6 +24,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fact_ray.errors import first_line
 from fact_ray.realize import attention as A
 from fact_ray.realize import fmha as F
 from fact_ray.types import Arch, Library, Precision, Source
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             y = fn()
             torch.cuda.synchronize()
         except Exception as e:  # a backend that refuses this shape is a row with its reason, not a crash
-            rows[name] = {"status": "unavailable", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            rows[name] = {"status": "unavailable", "reason": first_line(e, 160)}
             continue
         rel = float(torch.linalg.vector_norm((y.double() - ref)) / torch.linalg.vector_norm(ref))
         ok = math.isfinite(rel) and rel <= policy.tolerance

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fact_ray.actors.compile import compile_all
-from fact_ray.realize.build import toolchain
+from fact_ray.toolchain import detect
 from fact_ray.realize.emit import emit
 from fact_ray.search_spaces import space
 from fact_ray.types import Arch, GemmProblem, Precision, Source
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="JSON output path")
     args = ap.parse_args(argv)
 
-    tc = toolchain(args.nvcc)  # NotAvailable (one line) without nvcc
+    host = detect(args.nvcc)  # NotAvailable (one line) without nvcc
     arch = Arch(args.arch)
     sources = distinct_units(args.units, arch, args.per_unit)
     base = sources[: args.base_units] if 0 < args.base_units < len(sources) else sources
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.now(timezone.utc)
     doc = {
         "benchmark": "compile_scaling", "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(),
-        "host": socket.gethostname(), "cpus": os.cpu_count(), "nvcc": tc.get("nvcc_version", ""),
-        "cutlass": tc.get("cutlass_version", ""), "ray": ray.__version__, "arch": arch.value, "units": len(sources),
+        "host": socket.gethostname(), "cpus": os.cpu_count(), "nvcc": host.nvcc,
+        "cutlass": host.cutlass, "ray": ray.__version__, "arch": arch.value, "units": len(sources),
         "configs_per_unit": args.per_unit, "runs": runs, "ratio": round(ratio, 3),
         "efficiency": round(ratio / runs[-1]["workers"], 3), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }

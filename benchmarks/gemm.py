@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import json
 import os
 import re
@@ -35,8 +34,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fact_ray import config as settings_mod
+from fact_ray.errors import first_line
 from fact_ray.realize.bench import BENCH_METHOD_VERSION
 from fact_ray.realize.tune import TuneProgress, local_arch, tune_problem
+from fact_ray.toolchain import detect
 from fact_ray.types import GemmProblem, Precision, to_jsonable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,15 +66,9 @@ def _cmd(args: list[str]) -> str:
     return done.stdout.strip() if done.returncode == 0 else f"unknown (exit {done.returncode})"
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def environment(argv: list[str], settings) -> dict[str, Any]:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    host = detect(settings.nvcc)  # the benchmark compiles: nvcc is needed anyway
+    gpu = host.gpu_name
     # A copy of the tree without its .git (a CI artifact, a device machine) may name its commit in the env.
     commit = os.environ.get("FACT_RAY_GIT_COMMIT") or _cmd(["git", "rev-parse", "HEAD"])
     dirty = "" if commit.startswith("unknown") else _cmd(["git", "status", "--porcelain", "--untracked-files=no"])
@@ -82,13 +77,14 @@ def environment(argv: list[str], settings) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit + ("+dirty" if dirty and not dirty.startswith("unknown") else ""),
         "gpu": gpu,
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if gpu else "",
-        "driver": _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0]
-        if gpu else "",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cutlass": _version("nvidia-cutlass"),
-        "nvcc": (_cmd([settings.nvcc, "--version"]).splitlines() or ["unknown"])[-1],
+        "capability": ".".join(map(str, host.capability)) if host.capability else "",
+        "driver": host.driver,
+        "cublas": host.cublas,
+        "cudnn": host.cudnn,
+        "torch": host.torch,
+        "cuda": host.torch_cuda,
+        "cutlass": host.cutlass,
+        "nvcc": host.nvcc,
         "python": sys.version.split()[0],
         "bench_method_version": BENCH_METHOD_VERSION,
         "argv": argv,
@@ -223,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         seen.add(lib.key)
         writer.write({"kind": "build", "source": lib.source.name, "key": lib.key, "ok": lib.ok,
                       "cached": lib.cached, "seconds": lib.seconds, "configs": [c.name for c in lib.source.configs],
-                      "error": "" if lib.ok else _first_error(lib.log)})
+                      "error": "" if lib.ok else first_line(lib.log)})
     for g in groups:  # results come back in input order, each with its own Source
         g["libraries"], built = built[:len(g["sources"])], built[len(g["sources"]):]
     console.print(f"built in {time.perf_counter() - t0:.0f} s: {len(seen)} distinct libraries")
@@ -246,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             writer.write(_error_row("tune", name, policy.value, e))
             summary.append({"problem": name, "policy": policy.value, "winner": "-",
-                            "note": f"tune failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+                            "note": f"tune failed: {first_line(e)}"})
             torch.cuda.empty_cache()
             continue
         chosen = choice.trial.candidate_name
@@ -275,12 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     writer.close()
     _print_table(summary, gpu, out)
     return 0
-
-
-def _first_error(log: str) -> str:
-    from fact_ray.realize.kernel import first_error_line
-
-    return first_error_line(log)
 
 
 def _print_table(summary: list[dict[str, Any]], gpu: str, out: Path) -> None:

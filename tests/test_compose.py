@@ -23,6 +23,7 @@ from fact_ray.capture import capture, load_model
 from fact_ray.compose import CHECK_ATTR, check, compose, sha256_file
 from fact_ray.discover import discover
 from fact_ray.errors import ArtifactError, ComposeError, NotAvailable
+from fact_ray.toolchain import detect
 from fact_ray.types import Arch, GemmProblem, Precision
 
 MODEL = str(Path(__file__).parent / "models" / "compose_mlp.py")
@@ -190,7 +191,8 @@ def test_manifest_records_the_composition(artifact, composed, winner):
     assert m["schema_version"] == 1 and m["arch"] == "sm80" and m["policy"] == "fp32"
     assert m["model"]["name"] == "compose_mlp" and m["model"]["hash"] == module.fact_ray.model_hash
     assert m["toolchain"]["torch"] == torch.__version__ and m["toolchain"]["cutlass"] == "4.2.0.0"
-    assert "release" in m["toolchain"]["nvcc"] and m["toolchain"]["bench_method"]
+    assert m["toolchain"]["nvcc"] == detect().nvcc and m["toolchain"]["bench_method"]  # the version, not a path
+    assert {"driver", "cublas", "cudnn", "torch_cuda"} <= set(m["toolchain"])  # recorded for serve-time checks
     assert m["check"] is None, "saved unchecked, and says so"
     (pat,) = m["patterns"]
     digest = sha256_file(lib_path)
@@ -317,7 +319,7 @@ def test_compose_from_table_takes_only_the_families_asked_for(tmp_path, winner):
     from fact_ray.compose import parse_families
     from fact_ray.config import Settings
     from fact_ray.pattern_table import PatternTable, RowContext, row_from_trial
-    from fact_ray.toolchain import detect, key_toolchain
+    from fact_ray.toolchain import key_toolchain
     from fact_ray.types import TimeStats, Trial
 
     cfg, path, symbol = winner
