@@ -165,3 +165,17 @@ def test_build_keys_the_cache_on_the_parsed_nvcc_version():
     from fact_ray.realize import build
 
     assert build.nvcc_version() == detect().nvcc  # the build cache and the table name the same version
+
+
+@pytest.mark.gpu
+def test_detect_on_a_gpu_records_the_gpu_its_driver_and_cudnn():
+    import re
+
+    import torch
+
+    host = detect(nvcc=None)
+    assert host.gpu_name == torch.cuda.get_device_name()
+    assert host.capability == tuple(torch.cuda.get_device_capability()) and host.arch is not None
+    assert host.torch_cuda == torch.version.cuda and host.cudnn == str(torch.backends.cudnn.version())
+    assert re.fullmatch(r"\d+(\.\d+)+", host.driver), f"nvidia-smi gave no driver version: {host.driver!r}"
+    assert target_arch(None, host.capability, host.gpu_name) == host.arch
