@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from fact_ray.errors import ModelInvalid
+from fact_ray.errors import ModelInvalid, first_line
 
 Rebuild = Callable[[], torch.nn.Module]
 
@@ -68,9 +68,8 @@ def _fresh(module: torch.nn.Module, rebuild: Rebuild) -> torch.nn.Module:
     try:
         fresh.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelInvalid(f"{type(module).__name__}: a fresh instance does not take the model's state for its "
-                           f"float64 reference ({first[:200]})") from None
+                           f"float64 reference ({first_line(e, 200, named=False)})") from None
     return fresh
 
 

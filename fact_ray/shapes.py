@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from fact_ray.errors import ArtifactError, ComposeError, UserError
+from fact_ray.errors import ArtifactError, ComposeError, UserError, first_line
 
 RULE = "exact-input-shapes"
 SHAPES_MARK = "@shapes="
@@ -281,7 +281,7 @@ def compose_buckets(ref: str, settings: Any, out_dir: str | os.PathLike, buckets
         try:
             compose_from_table(shaped_ref(ref, bucket), settings, out / sub, families, **compose_kw)
         except ComposeError as e:  # nothing to replace, or a failed check: this bucket runs the PyTorch ops
-            skipped.append((bucket, str(e).splitlines()[0]))
+            skipped.append((bucket, first_line(e, named=False)))
             continue
         model = {k: v for k, v in read_manifest(out / sub)["model"].items() if k in ("name", "hash")}
         saved.append((bucket, sub))

@@ -4,7 +4,6 @@ module that runs the bucket's composition for tuned shapes and the PyTorch ops f
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from fact_ray.types import Arch, GemmProblem, Precision
 MODELS = Path(__file__).parent / "models"
 SHAPED = str(MODELS / "shaped_mlp.py")
 SPLIT = str(Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "kb_attention_split.py")
-nvcc_present = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 
 
 def test_parse_shapes_and_one_line_errors():
@@ -77,7 +75,6 @@ def test_untuned_shape_runs_the_pytorch_ops_and_returns_the_right_answer(small):
 
 
 @pytest.mark.nvcc
-@nvcc_present
 def test_dispatch_artifact_saves_the_rule_and_loads_a_served_module(tmp_path):
     """One real sm80 library (the fc1 + GELU kernel), composed for both buckets of get_shapes(), each bucket saved
     as an ordinary artifact, then dispatch.json; fact_ray.load gives the ShapeDispatch back."""

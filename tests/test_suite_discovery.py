@@ -118,7 +118,6 @@ def test_kv_heads_repeated_before_an_explicit_product_is_attention():
 
 
 @pytest.mark.nvcc
-@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc not on PATH")
 def test_hf_llama_upcast_rmsnorm_composes_with_the_norm_kernel(tiny, tmp_path):
     """HF's RMSNorm in a bf16 model (upcast, normalise, cast back, weight) is one bf16 rmsnorm match; composing it
     with the real norm kernel replaces all five per model, export's metadata checks of the intermediates
