@@ -16,7 +16,7 @@ from typing import Any
 
 from fact_ray.actors.compile import Compiled
 from fact_ray.actors.trial_worker import WorkerContext
-from fact_ray.types import GemmProblem, KernelConfig, Precision, Trial
+from fact_ray.types import Precision, Trial, TrialStatus
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TrialResult:
     def restart_worker(self) -> bool:
         # tune_problem records a launch fault as "crashed" and returns; the CUDA context of this process may be
         # poisoned by it (sticky errors), so the worker is replaced before it runs another candidate.
-        return self.trial.status == "crashed" or self.torch_trial.status == "crashed"
+        return TrialStatus.CRASHED in (self.trial.status, self.torch_trial.status)
 
 
 def local_library_path(ctx: WorkerContext, data: bytes, digest: str) -> str:
@@ -46,17 +46,10 @@ def local_library_path(ctx: WorkerContext, data: bytes, digest: str) -> str:
     return path
 
 
-def run_trial(ctx: WorkerContext, problem: Any, config: KernelConfig, policy: Precision,
+def run_trial(ctx: WorkerContext, family: Any, problem: Any, config: Any, policy: Precision,
               compiled: Compiled, data: bytes) -> TrialResult:
+    """`family`'s trial of one config (the same function `fact-ray tune` runs in its own process). The family
+    object travels with the call, so a family registered only in the driver (a plug-in, a test's) runs here too."""
     path = local_library_path(ctx, data, compiled.so_sha256)
     library = replace(compiled.library, path=path)
-    if not isinstance(problem, GemmProblem):  # attention or a norm: one kernel against the model's own op
-        from fact_ray.realize.fused import trial
-
-        return TrialResult(*trial(problem, config, library, policy, ctx.device))
-    from fact_ray.realize.tune import tune_problem  # torch and CUDA load on the worker only
-
-    _, trials = tune_problem(problem, [config], [library], policy, ctx.device)
-    torch_trial = trials[0]
-    trial = next(t for t in trials[1:] if t.candidate_name == config.name)
-    return TrialResult(torch_trial, trial)
+    return TrialResult(*family.trial(problem, config, library, policy, ctx.device))

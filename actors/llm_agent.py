@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from fact_ray.actors.llm_vet import PROPOSABLE_FAMILIES, HintProposal, RuleProposal, vet_hint, vet_proposal
 from fact_ray.errors import ConfigError, first_line
-from fact_ray.types import Arch, Graph, Match, Precision, to_jsonable
+from fact_ray.types import Arch, Graph, Match, Precision, TrialStatus, to_jsonable
 
 MODES = ("off", "rank", "propose")
 
@@ -233,7 +233,7 @@ def retrieve_examples(table_uri: str, arch: Arch, families: Sequence[str], k: in
     except (UserError, OSError) as e:
         return [], f"pattern table {table_uri} unreadable ({first_line(e, 160)}); no examples given"
     wanted = set(families)
-    rows = [r for r in rows if r.arch == Arch(arch) and r.status == "ok" and r.config_name != "torch"
+    rows = [r for r in rows if r.arch == Arch(arch) and r.status == TrialStatus.OK and r.config_name != "torch"
             and family_of.get(r.rule) in wanted]
     rows.sort(key=lambda r: -(r.speedup or 0.0))
     lines = [f"{r.rule} shapes {r.shape_signature} {r.dtype} policy {r.policy.value}: {r.config_name} "

@@ -37,6 +37,7 @@ import ray
 
 from fact_ray.errors import CandidateError, first_line
 from fact_ray.toolchain import Host, detect
+from fact_ray.types import TrialStatus
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class TrialWorker:
             return CallResult(False, status=e.status, error=first_line(e), seconds=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - anything else is recorded, and the process is not trusted again
             cuda = _is_cuda_error(e)
-            return CallResult(False, status="crashed" if cuda else "failed", error=first_line(e),
+            return CallResult(False, status=TrialStatus.CRASHED if cuda else TrialStatus.FAILED, error=first_line(e),
                               detail=traceback.format_exc(), restart=True, seconds=time.perf_counter() - t0)
         # A function that returned but knows its process is suspect (a kernel faulted and the CUDA context may be
         # poisoned) says so on its result; the worker is then replaced before its next trial.
@@ -203,7 +204,7 @@ class TrialPool:
                 # Nothing can run what is left: each remaining call is accounted for, not dropped.
                 why = self._slots[0].why or "all failed to restart"
                 for i in list(self._queue):
-                    self._finish(TrialOutcome(i, "crashed", error=f"no trial worker left ({why})"))
+                    self._finish(TrialOutcome(i, TrialStatus.CRASHED, error=f"no trial worker left ({why})"))
                 self._queue.clear()
                 break
             self._poll(timeout=None, submit=True)
@@ -293,7 +294,7 @@ class TrialPool:
         try:
             r: CallResult = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self._finish(TrialOutcome(i, "crashed", error=f"worker died during the trial ({_short(e)})",
+            self._finish(TrialOutcome(i, TrialStatus.CRASHED, error=f"worker died during the trial ({_short(e)})",
                                       seconds=elapsed, worker=s.index, host=host))
             self._restart(s, kill=False)
             return
@@ -311,7 +312,7 @@ class TrialPool:
             if s.busy is not None and now - s.started >= self.timeout_s:
                 i = s.job
                 s.busy, s.job = None, -1
-                self._finish(TrialOutcome(i, "timeout", error=f"no result within {self.timeout_s:g} s; worker killed",
+                self._finish(TrialOutcome(i, TrialStatus.TIMEOUT, error=f"no result within {self.timeout_s:g} s; worker killed",
                                           seconds=now - s.started, worker=s.index,
                                           host=s.info.host if s.info else ""))
                 self._restart(s, kill=True)

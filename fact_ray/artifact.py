@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from fact_ray import artifact_trust as trust
 from fact_ray.errors import ArtifactError, CompileError, ComposeError, NotAvailable, first_line
 from fact_ray.toolchain import Host, detect
-from fact_ray.types import Arch, KernelConfig, Precision, to_jsonable
+from fact_ray.types import AnyConfig, Arch, Precision, config_from_dict, to_jsonable
 
 if TYPE_CHECKING:
     from fact_ray.config import Settings
@@ -216,22 +216,13 @@ def check_target(manifest: Mapping[str, Any], *, expect_arch: Arch | str | None 
                                 f"{label} {versions[key] or '(none)'}: compose it again here")
 
 
-def _config_from(data: Mapping[str, Any]) -> KernelConfig:
-    from dataclasses import fields
-
+def _config_from(data: Mapping[str, Any]) -> AnyConfig:
     if not isinstance(data, dict):
         raise ArtifactError("a stored kernel config is not a JSON object")
-    names = {f.name for f in fields(KernelConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ArtifactError(f"stored kernel config {data.get('name', '?')!r} has fields this fact-ray does not know: "
-                            f"{', '.join(unknown)}")
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
-        kw["arch"], kw["precision"] = Arch(kw["arch"]), Precision(kw["precision"])
-        return KernelConfig(**kw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"stored kernel config {data.get('name', '?')!r} is not valid ({e})") from None
+        return config_from_dict(data)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def load(artifact: str | os.PathLike, model: Any, *, inputs: Any = None, device: Any = None,

@@ -101,7 +101,7 @@ def load_model(ref: str) -> LoadedModel:
     shapes."""
     import dataclasses
 
-    from fact_ray.shapes import inputs_for, split_ref
+    from fact_ray.buckets import inputs_for, split_ref
 
     ref = str(ref)
     base, bucket = split_ref(ref)
@@ -197,7 +197,7 @@ def _build(ref: str, name: str, mod: Any, source: str) -> LoadedModel:
     get_shapes = getattr(mod, "get_shapes", None)
     buckets: tuple[Any, ...] = ()
     if callable(get_shapes):
-        from fact_ray.shapes import buckets_from
+        from fact_ray.buckets import buckets_from
 
         buckets = buckets_from(_call(get_shapes, f"{ref}: get_shapes()"), ref)
     return LoadedModel(module=module.eval(), inputs=tuple(inputs), name=name, model_hash=model_hash, ref=ref,

@@ -30,14 +30,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fact_ray.errors import CannotImplement, ComposeError, NotAvailable, UserError
-from fact_ray.realize import dispatch, fused
-from fact_ray.realize.kernel import has_bias, has_residual, output_shape
+from fact_ray.realize import dispatch
+from fact_ray.realize import family as families
 from fact_ray.realize.verify import precision_mode
 from fact_ray.types import (
+    AnyConfig,
     Arch,
     file_sha256,
-    GemmProblem,
-    KernelConfig,
     Library,
     Match,
     Precision,
@@ -58,7 +57,7 @@ CHECK_ATTR = "fact_ray_check"
 class KernelChoice:
     """The realization chosen for one match key: a config inside a compiled library."""
 
-    config: KernelConfig
+    config: AnyConfig
     library_path: str
     symbol: str
     speedup: float = float("nan")  # over the PyTorch op, as measured when it was selected (for reports)
@@ -74,8 +73,8 @@ class Replacement:
     anchor: str
     nodes: tuple[str, ...]
     op: str  # qualified op name: fact_ray_native.gemm|attention|norm, or fact_ray.<name> (Python custom op)
-    config: KernelConfig
-    problem: Any  # GemmProblem, or fused.AttentionProblem / NormProblem
+    config: AnyConfig
+    problem: Any  # the family's problem: GemmProblem, AttentionProblem, NormProblem, ...
     symbol: str
     library_path: str
     library_sha256: str
@@ -141,7 +140,7 @@ def parse_families(text: str | None) -> frozenset[str]:
 
     if not text or not text.strip():
         return frozenset()
-    known = {*GEMM_FAMILIES, *fused.FUSED_FAMILIES}
+    known = {*GEMM_FAMILIES, *families.served()}
     chosen: set[str] = set()
     for name in (t.strip() for t in text.split(",") if t.strip()):
         if name == "gemm":
@@ -231,64 +230,54 @@ def _ancestors_within(nodes: Sequence[torch.fx.Node], inside: set[torch.fx.Node]
 # --------------------------------------------------------------------------------------------- compose
 
 
-def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, problem: GemmProblem,
+def _rewrite(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, fam: Any, problem: Any,
              binding: dispatch.Binding) -> None:
+    """Call the bound op on the match's operands (in the family's order; None where it takes none; then the
+    binding's own arguments) in place of the subgraph: cast in and out where the policy's dtype is not the graph's,
+    reshape where the kernel's output shape is not the graph's."""
     graph = gm.graph
     operands = dict(match.param("operands", ()) or ())
-    roles = ["a", "b"] + (["bias"] if has_bias(problem) else []) + (["residual"] if has_residual(problem) else [])
-    absent = [r for r in roles if not operands.get(r)]
+    roles = list(fam.operands(problem))  # every slot, absent ones as None: the binding's arguments follow them
+    absent = [r for r in roles if r is not None and not operands.get(r)]
     if absent:
         raise ComposeError(f"{match.rule} at {match.anchor}: the match names no {' or '.join(absent)} operand")
-    wanted = [*match.nodes, match.anchor, *(operands[r] for r in roles)]
+    wanted = [*match.nodes, match.anchor, *(operands[r] for r in roles if r is not None)]
     missing = [n for n in wanted if n not in index]
     if missing:
         raise ComposeError(f"{match.rule} at {match.anchor}: node {missing[0]} is not in the graph (overlapping "
                            "matches, or a match from another capture)")
     anchor = index[match.anchor]
-    args = [index[operands[r]] for r in roles]
+    present = [index[operands[r]] for r in roles if r is not None]
     anchor_meta = _meta_of(anchor)
-    a_meta = _meta_of(args[0])
-    if anchor_meta is None or a_meta is None:
-        raise ComposeError(f"{match.rule} at {match.anchor}: the graph has no shape for the output or operand a")
+    first_meta = _meta_of(present[0]) if present else None
+    if anchor_meta is None or first_meta is None:
+        raise ComposeError(f"{match.rule} at {match.anchor}: the graph has no shape for the output or operand "
+                           f"{roles[0]}")
     kernel_dtype = getattr(torch, problem.dtype)
     with graph.inserting_before(anchor):
-        if has_residual(problem):  # a residual added after the GEMM's rows were viewed ([B, T, N], GPT-2's Conv1D)
-            want, res = tuple(output_shape(problem, a_meta[0])), _meta_of(args[-1])
-            if res is not None and tuple(res[0]) != want and math.prod(res[0]) == math.prod(want):
-                args[-1] = graph.call_function(torch.ops.aten.reshape.default, (args[-1], list(want)))
-        if anchor_meta[1] != kernel_dtype:  # a bf16/fp16 policy on a wider model: cast in, cast back out
-            args = [graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": kernel_dtype})
+        cast = anchor_meta[1] != kernel_dtype  # a bf16/fp16 policy on a wider model: cast in, cast back out
+        args = [None if r is None else index[operands[r]] for r in roles]
+        out_shape = fam.output_shape(problem, first_meta[0])
+        if "residual" in roles and out_shape is not None:
+            # An operand the kernel adds to its output takes the output's shape: a residual added after the
+            # GEMM's rows were viewed ([B, T, N], GPT-2's Conv1D) is viewed back.
+            i = roles.index("residual")
+            res = _meta_of(args[i])
+            if res is not None and tuple(res[0]) != tuple(out_shape) and math.prod(res[0]) == math.prod(out_shape):
+                args[i] = graph.call_function(torch.ops.aten.reshape.default, (args[i], list(out_shape)))
+        if cast:
+            args = [x if x is None else
+                    graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": kernel_dtype})
                     for x in args]
-        # Always (a, b, bias, residual): both ops take absent ones as None, and a residual must not land in bias.
-        by_role = dict(zip(roles, args))
-        call = (by_role["a"], by_role["b"], by_role.get("bias"), by_role.get("residual"), *binding.extra)
-        out = graph.call_function(binding.op, call)
-        out_shape = output_shape(problem, a_meta[0])
-        if tuple(out_shape) != anchor_meta[0]:
+        out = graph.call_function(binding.op, (*args, *binding.extra))
+        if out_shape is not None and tuple(out_shape) != anchor_meta[0]:
             if math.prod(out_shape) != math.prod(anchor_meta[0]):
                 raise ComposeError(f"{match.rule} at {match.anchor}: the kernel gives {tuple(out_shape)}, the graph "
                                    f"expects {anchor_meta[0]}")
             out = graph.call_function(torch.ops.aten.reshape.default, (out, list(anchor_meta[0])))
-        if anchor_meta[1] != kernel_dtype:
+        if cast:
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": anchor_meta[1]})
-    _replace_subgraph(graph, index, match, anchor, out, [index[operands[r]] for r in roles])
-
-
-def _rewrite_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], match: Match, roles: Sequence[str],
-                   binding: dispatch.Binding) -> None:
-    """Attention or a norm: the op takes the match's operands as the graph holds them (absent ones as None)."""
-    graph = gm.graph
-    operands = dict(match.param("operands", ()) or ())
-    wanted = [*match.nodes, match.anchor, *(operands[r] for r in roles if operands.get(r))]
-    missing = [n for n in wanted if n not in index]
-    if missing:
-        raise ComposeError(f"{match.rule} at {match.anchor}: node {missing[0]} is not in the graph (overlapping "
-                           "matches, or a match from another capture)")
-    anchor = index[match.anchor]
-    args = [index[operands[r]] if operands.get(r) else None for r in roles]
-    with graph.inserting_before(anchor):
-        out = graph.call_function(binding.op, (*args, *binding.extra))
-    _replace_subgraph(graph, index, match, anchor, out, [a for a in args if a is not None])
+    _replace_subgraph(graph, index, match, anchor, out, present)
 
 
 def _replace_subgraph(graph: torch.fx.Graph, index: dict[str, torch.fx.Node], match: Match, anchor: torch.fx.Node,
@@ -335,8 +324,6 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
     key has none keep their PyTorch ops. `digests` optionally gives the known sha256 of library paths (saves
     rehashing). Raises ComposeError (one line) for anything it cannot rewrite; nothing is skipped silently.
     """
-    from fact_ray.realize.problem import problem_from_match
-
     policy = Precision(policy)
     wanted_arch = Arch(arch) if arch is not None else None
     digests = dict(digests or {})
@@ -370,23 +357,21 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         if misfit:  # this replacement keeps its PyTorch op; the others go on (layouts.py)
             fallbacks.append((m.key, f"{m.rule} at {m.anchor} keeps its PyTorch op: {misfit}"))
             continue
-        if m.family in fused.FUSED_FAMILIES:
-            replacements.append(_compose_fused(gm, index, m, choice, policy, digests, native))
-            continue
+        fam = families.for_match(m)
+        if fam is None:
+            raise ComposeError(f"{m.rule} at {m.anchor}: no kernel family realizes {m.family}")
         try:
-            problem = problem_from_match(m, policy)
+            problem = fam.problem(m, policy)
         except CannotImplement as e:
             raise ComposeError(f"{m.rule} at {m.anchor}: {e}") from None
-        built_for = (cfg.epilogue, cfg.activation, cfg.layout_a, cfg.layout_b)
-        if built_for != (problem.epilogue, problem.activation, problem.layout_a, problem.layout_b):
-            raise ComposeError(f"{m.rule} at {m.anchor}: kernel {cfg.name} computes epilogue {cfg.epilogue} "
-                               f"({cfg.activation}, {cfg.layout_a}/{cfg.layout_b}), the pattern needs "
-                               f"{problem.epilogue} ({problem.activation}, {problem.layout_a}/{problem.layout_b})")
+        why = fam.accepts(cfg, problem)
+        if why:
+            raise ComposeError(f"{m.rule} at {m.anchor}: {why}")
         digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
         digests[choice.library_path] = digest
         library = library_for(choice, digest)
-        binding = dispatch.bind_gemm(library, cfg, problem, choice.symbol, native, digest)
-        _rewrite(gm, index, m, problem, binding)
+        binding = fam.bind(problem, cfg, library, choice.symbol, native, digest)
+        _rewrite(gm, index, m, fam, problem, binding)
         replacements.append(Replacement(
             match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes), op=binding.name,
             config=cfg, problem=problem, symbol=choice.symbol, library_path=choice.library_path,
@@ -422,27 +407,6 @@ def _operand_misfit(captured: Any, index: dict[str, torch.fx.Node], m: Match) ->
         if isinstance(val, torch.Tensor):
             offsets[name] = int(val.storage_offset())
     return misfit(m.family, operands, metas, offsets)
-
-
-def _compose_fused(gm: torch.fx.GraphModule, index: dict[str, torch.fx.Node], m: Match, choice: KernelChoice,
-                   policy: Precision, digests: dict[str, str], native: bool) -> Replacement:
-    cfg = choice.config
-    try:
-        problem = fused.problem_of(m, policy)
-    except CannotImplement as e:
-        raise ComposeError(f"{m.rule} at {m.anchor}: {e}") from None
-    if cfg.template not in ("attention_sm80", "fmha_sm90", "norm") or \
-            (cfg.template == "norm") == (m.family == "attention"):
-        raise ComposeError(f"{m.rule} at {m.anchor}: kernel {cfg.name} ({cfg.template}) does not compute {m.family}")
-    digest = digests.get(choice.library_path) or sha256_file(choice.library_path)
-    digests[choice.library_path] = digest
-    library = library_for(choice, digest)
-    binding = dispatch.bind_fused(library, cfg, problem, native, digest)
-    _rewrite_fused(gm, index, m, fused.roles(problem), binding)
-    return Replacement(match_key=m.key, rule=m.rule, family=m.family, anchor=m.anchor, nodes=tuple(m.nodes),
-                       op=binding.name, config=cfg, problem=problem, symbol=choice.symbol,
-                       library_path=choice.library_path, library_sha256=digest, speedup=float(choice.speedup),
-                       kernel=binding.kernel)
 
 
 def composition_of(module: Any) -> Composition:

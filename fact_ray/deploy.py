@@ -61,8 +61,7 @@ def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
     from fact_ray import artifact_trust as trust
     from fact_ray.artifact import _config_from, check_target, read_manifest
     from fact_ray.compose import KernelChoice, library_for
-    from fact_ray.realize import dispatch, fused
-    from fact_ray.types import GemmProblem
+    from fact_ray.realize import dispatch, family
 
     manifest = read_manifest(artifact, key=trust.key_from_env())
     check_target(manifest, where=f"artifact {artifact}")
@@ -80,12 +79,12 @@ def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
         cfg = _config_from(pat["config"])
         choice = KernelChoice(cfg, staged[pat["library"]][0], pat["symbol"])
         library = library_for(choice, pat["sha256"])
-        data = dict(pat["problem"])
-        if pat["family"] in fused.FUSED_FAMILIES:
-            kind = fused.AttentionProblem if pat["family"] == "attention" else fused.NormProblem
-            binding = dispatch.bind_fused(library, cfg, kind(**data), native, pat["sha256"])
-        else:
-            binding = dispatch.bind_gemm(library, cfg, GemmProblem(**data), pat["symbol"], native, pat["sha256"])
+        fam = family.for_config(cfg)
+        if fam is None:
+            raise ArtifactError(f"artifact {artifact}: no kernel family has template {cfg.template!r} "
+                                f"({pat['rule']})")
+        binding = fam.bind(fam.problem_type(**dict(pat["problem"])), cfg, library, pat["symbol"], native,
+                           pat["sha256"])
         # What the package calls: the op and, for a native op, the kernel id (manifests before the native
         # dispatcher name the Python op without its namespace).
         called = (pat["op"] if "." in pat["op"] else f"fact_ray.{pat['op']}", pat.get("kernel", ""))

@@ -42,8 +42,10 @@ from fact_ray.events import (
     TrialFinished,
 )
 from fact_ray.discover.rules import GEMM_FAMILIES  # the one list of GEMM pattern families (SwiGLU included)
-from fact_ray.realize.fused import FUSED_FAMILIES  # no torch: only the family names and problem types
-from fact_ray.types import Arch, GemmProblem, KernelConfig, Match, Precision, Source, Trial, Winner, freeze
+from fact_ray.realize import family as families  # no torch: the registry loads families' modules, not torch
+from fact_ray.realize.attention_family import AttentionFamily
+from fact_ray.realize.norm_family import NormFamily
+from fact_ray.types import Arch, Match, Precision, Source, Trial, TrialStatus, Winner, freeze
 
 if TYPE_CHECKING:
     from fact_ray.actors.discovery import Discovery
@@ -51,6 +53,10 @@ if TYPE_CHECKING:
     from fact_ray.toolchain import Host, Toolchain
 
 log = logging.getLogger("fact_ray.farm")
+
+# The match families of the built-in fused kernel families (reports and tests group patterns by them; what the farm
+# realizes is whatever the registry serves).
+FUSED_FAMILIES = (*AttentionFamily.serves, *NormFamily.serves)
 
 # PatternSummary.status values
 TUNED = "tuned"
@@ -172,14 +178,9 @@ class _Pattern:
     match: Match
     status: str = ""
     reason: str = ""
-    problem: GemmProblem | None = None
-    configs: list[KernelConfig] = field(default_factory=list)
-    sources: list[Source] = field(default_factory=list)
-    source_of: dict[str, Source] = field(default_factory=dict)  # config name -> its translation unit
+    plan: Any = None  # fact_ray.realize.pipeline.Plan
     compiles: list[Any] = field(default_factory=list)  # CompileOutcome
     trials: list[Trial] = field(default_factory=list)  # candidates
-    torch_trial: Trial | None = None
-    expected_trials: int = 0
     step: int = 0
     winner: Winner | None = None
     from_table: bool = False
@@ -189,51 +190,27 @@ class _Pattern:
     def key(self) -> str:
         return self.match.key
 
+    @property
+    def configs(self) -> tuple[Any, ...]:
+        return self.plan.configs if self.plan is not None else ()
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return self.plan.sources if self.plan is not None else ()
+
 
 def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinted: Sequence[str] = (),
                   banned: frozenset[str] = frozenset()) -> None:
-    """Problem -> search space -> translation units, in the driver (pure functions, no GPU).
+    """The pipeline's plan of one pattern (problem -> candidates -> translation units), in the driver: pure
+    functions, no GPU. `hinted`: config names to try first (the incumbent, then those the LLM agent asked for,
+    vetted: each is in this problem's space); they lead the candidates, the family's own order fills the rest of
+    the budget. `banned`: config names the table invalidated for this key, never tried again."""
+    from fact_ray.realize import pipeline
 
-    `hinted`: config names to try first (the incumbent, then those the LLM agent asked for, vetted: each is in this
-    problem's space); they lead the candidates, the space's own order fills the rest of the budget. `banned`: config
-    names the table invalidated for this key, never tried again."""
-    from fact_ray.realize import fused
-    from fact_ray.realize.emit import emit
-    from fact_ray.realize.problem import problem_from_match
-    from fact_ray.search_spaces import space
-
-    if p.match.family not in (*GEMM_FAMILIES, *FUSED_FAMILIES):
-        p.status, p.reason = NOT_REALIZABLE, f"{p.match.family}: no kernel family yet; the PyTorch op stays"
-        return
-    if p.match.family in FUSED_FAMILIES:
-        try:
-            p.problem = fused.problem_of(p.match, policy)
-        except CannotImplement as e:
-            p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
-            return
-        p.sources = fused.sources_for(p.problem, arch)
-        p.configs = [c for src in p.sources for c in src.configs if c.name not in banned]
-        p.source_of = {c.name: src for src in p.sources for c in src.configs}
-        return
     try:
-        p.problem = problem_from_match(p.match, policy)
-        if hinted or banned:
-            full = [c for c in space(p.problem, arch, policy) if c.name not in banned]
-            hinted = tuple(dict.fromkeys(hinted))
-            first = [c for name in hinted for c in full if c.name == name]
-            p.configs = (first + [c for c in full if c.name not in set(hinted)])[:budget]
-        else:
-            p.configs = list(space(p.problem, arch, policy, budget))
+        p.plan = pipeline.plan(p.match, policy, arch, budget, hinted, banned)
     except CannotImplement as e:
         p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
-        return
-    if not p.configs:
-        p.status, p.reason = NOT_REALIZABLE, "no configuration of the search space fits; the PyTorch op stays"
-        return
-    p.sources = list(emit(p.configs, arch))
-    for src in p.sources:
-        for cfg in src.configs:
-            p.source_of.setdefault(cfg.name, src)
 
 
 def _agent_report(disc: Any, mode: str, model: str) -> AgentReport:
@@ -309,17 +286,21 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
             lap("wait for MLflow")
     bus = Broadcaster([*listeners, *([mlflow_listener] if mlflow_listener else [])])
     night = _Night(fresh_since, only_incumbent, retune_keys)
-    if pre is not None and not _plan(_patterns_of(pre.disc.matches), table, settings.policy, pre.arch,
-                                     pre.toolchain, settings.budget, pre.disc, retune, _host_env(pre), night):
-        return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False,
-                                   early=early, night=night).go(), mlflow_listener)
+    planned = None  # (patterns, the ones to tune): planned once, here, when discovery ran in this process
+    if pre is not None:
+        patterns = _patterns_of(pre.disc.matches)
+        planned = (patterns, _plan(patterns, table, settings.policy, pre.arch, pre.toolchain,
+                                   settings.budget, pre.disc, retune, _host_env(pre), night))
+        if not planned[1]:
+            return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False, early=early,
+                                       night=night, planned=planned).go(), mlflow_listener)
     if settings.llm != "off":
-        pre = None  # the agent ranks the matches in its actor, on the Ray path
+        pre = planned = None  # the agent ranks the matches in its actor, on the Ray path
     from fact_ray.actors import cluster  # here, not above: a run the table serves whole never imports Ray
 
     conn = cluster.connect(settings.ray_address)
     try:
-        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre, night=night)
+        driver = _Driver(ref, settings, bus, table, retune, t0, pre=pre, night=night, planned=planned)
         summary = driver.go()
     finally:
         cluster.disconnect(conn)
@@ -413,7 +394,7 @@ def _plan(patterns: list[_Pattern], table: PatternTable, policy: Precision, arch
     for p in patterns:
         row, banned, drift = None, frozenset(), ()
         wanted = retune and (night.retune_keys is None or p.key in night.retune_keys)
-        if p.match.family in (*GEMM_FAMILIES, *FUSED_FAMILIES):
+        if families.for_match(p.match) is not None:
             key = TableKey.of(p.key, policy, arch, toolchain)
             here = TableKey.of(p.key, policy, arch, toolchain, host_env.get("gpu_name") or None)
             # This GPU model's own winner first: one measured elsewhere is re-verified here, once.
@@ -430,8 +411,7 @@ def _plan(patterns: list[_Pattern], table: PatternTable, policy: Precision, arch
         if first and p.status != NOT_REALIZABLE and ((drift and not wanted) or (wanted and night.only_incumbent)):
             # The incumbent alone (the PyTorch op is always timed beside it): a re-verification, or a night's
             # first phase.
-            p.configs = [c for c in p.configs if c.name == first[0]]
-            p.sources = [src for src in p.sources if any(c.name == first[0] for c in src.configs)]
+            p.plan = p.plan.only(first[0])
             p.reason = ("re-verified: " + "; ".join(drift)) if drift else "incumbent re-measured"
         if p.status != NOT_REALIZABLE:
             todo.append(p)
@@ -467,10 +447,12 @@ class _Driver:
 
     def __init__(self, ref: str, settings: Settings, bus: Broadcaster, table: Any, retune: bool, t0: float,
                  pre: _Setup | None = None, on_ray: bool = True, early: Sequence[tuple[str, float]] = (),
-                 night: _Night | None = None) -> None:
+                 night: _Night | None = None,
+                 planned: tuple[list[_Pattern], list[_Pattern]] | None = None) -> None:
         self.ref = ref
         self.night = night or _Night()
         self.pre = pre  # discovery already done in this process (see _setup_here)
+        self.planned = planned  # and its patterns planned (run() did, to decide whether Ray is needed)
         self.on_ray = on_ray
         # `early`: the steps run() timed before this driver existed; "setup" then counts what is left of it.
         self.phases: list[tuple[str, float]] = list(early)
@@ -610,17 +592,24 @@ class _Driver:
             self.bus.emit(_agent_report(disc, s.llm, s.llm_model))
 
     def _realize(self, setup: _Setup) -> RunSummary:
+        from fact_ray.actors.executor import RayExecutor
         from fact_ray.pattern_table import RowContext
+        from fact_ray.realize import pipeline
 
         s, disc, arch, toolchain = self.s, setup.disc, setup.arch, setup.toolchain
         gpu_name, host = setup.gpu_name, setup.host
-        patterns = _patterns_of(disc.matches)
+        if self.planned is not None and setup is self.pre:
+            patterns, todo = self.planned
+        else:
+            patterns = _patterns_of(disc.matches)
+            todo = None
         for p in patterns:
             self.bus.emit(PatternStarted(match=p.match, index=p.index - 1, total=len(patterns)))
         ctx = RowContext(toolchain=toolchain, run_id=self.run_id, gpu_name=gpu_name or None, host=host or None,
                          facts=setup.facts)
-        todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune,
-                     _host_env(setup), self.night)
+        if todo is None:
+            todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune,
+                         _host_env(setup), self.night)
         for p in patterns:
             if p.status in (FROM_TABLE, NOT_REALIZABLE):
                 self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=p.from_table,
@@ -632,21 +621,22 @@ class _Driver:
         if todo and self.pool is None:
             gpus = self._start_pool()  # found here only when discovery ran without Ray (setup_here)
 
-        # Compile every translation unit of every pattern at once; a unit shared by patterns compiles once.
-        unique: dict[str, Source] = {}
-        users: dict[str, list[_Pattern]] = {}
-        for p in todo:
-            for src in p.sources:
-                unique.setdefault(src.name, src)
-                users.setdefault(src.name, []).append(p)
+        # Every translation unit of every pattern compiles at once (a unit shared by patterns compiles once), then
+        # one trial per candidate: the pipeline `fact-ray tune` runs too, here with the Ray executor.
+        n_units = len({src.name for p in todo for src in p.sources})
         n_trials = sum(len(p.configs) for p in todo) if gpus else 0
         for lst in self.bus.listeners:
             plan = getattr(lst, "on_plan", None)
             if callable(plan):
-                plan(compiles=len(unique), trials=n_trials)
-        outcomes = self._compile(list(unique.values()), users)
-        self._phase("compile")
+                plan(compiles=n_units, trials=n_trials)
+        from fact_ray.shared_cache import cache_uri_for_table
 
+        # A table at a URI every node reaches also shares what the nodes build (see shared_cache).
+        executor = RayExecutor(self.cache_dir, s.nvcc, max_in_flight=s.jobs, pool=self.pool if gpus else None,
+                               shared=cache_uri_for_table(self.table.uri))
+        hooks = _FarmHooks(self, {id(p.plan): p for p in todo}, ctx)
+        pipeline.realize([p.plan for p in todo], executor, self.policy, arch, hooks)
+        outcomes = hooks.outcomes
         if not gpus:
             built = sum(o.ok for o in outcomes)
             failed = len(outcomes) - built
@@ -659,8 +649,6 @@ class _Driver:
                 p.status, p.reason = NO_GPU, msg
                 failed = sum(not o.ok for o in p.compiles)
                 self.bus.emit(PatternFinished(match_key=p.key, winner=None, failures=failed, reason=msg))
-        else:
-            self._trials(todo, {o.source.name: o for o in outcomes}, arch, ctx)
         commits = self._wait_commits()
         self._phase("trials + commit")
         summary = self._summary(disc, patterns, outcomes, arch, gpu_name, gpus, commits)
@@ -688,122 +676,49 @@ class _Driver:
             unwrap_user_error(e)  # a table that stopped being writable mid-run: one line, not a traceback
             raise
 
-    # ------------------------------------------------------------------ compile
-
-    def _compile(self, sources: list[Source], users: dict[str, list[_Pattern]]) -> list[Any]:
-        from fact_ray.actors.compile import compile_all
-
-        def done(o: Any) -> None:
-            for p in users[o.source.name]:
-                p.compiles.append(o)
-                self.bus.emit(CompileFinished(
-                    match_key=p.key, source_name=o.source.name, ok=o.ok, seconds=o.library.seconds or o.seconds,
-                    n_configs=len(o.source.configs), log_excerpt="" if o.ok else _excerpt(o.library.log),
-                    cached=o.library.cached))
-
-        if not sources:
-            return []
-        from fact_ray.shared_cache import cache_uri_for_table
-
-        # A table at a URI every node reaches also shares what the nodes build (see shared_cache).
-        return compile_all(sources, self.cache_dir, self.s.nvcc, max_in_flight=self.s.jobs, on_done=done,
-                           shared=cache_uri_for_table(self.table.uri))
-
-    # ------------------------------------------------------------------ trials
-
-    def _trials(self, todo: list[_Pattern], built: dict[str, Any], arch: Arch, ctx: Any) -> None:
-        from fact_ray.actors.trial_worker import TrialOutcome
-
-        calls: list[tuple] = []
-        owners: list[tuple[_Pattern, KernelConfig]] = []
-        for p in todo:
-            for cfg in p.configs:
-                o = built[p.source_of[cfg.name].name]
-                if not o.ok:
-                    why = "compile task lost" if o.lost else f"its TU {o.source.name} failed to compile"
-                    p.trials.append(Trial(cfg.name, "compile_error", error=why))
-                    self._trial_event(p, p.trials[-1])
-                    continue
-                p.expected_trials += 1
-                calls.append((p.problem, cfg, self.policy, o.meta_ref, o.so_ref))
-                owners.append((p, cfg))
-        for p in todo:
-            if p.expected_trials == 0:
-                self._finish(p, arch, ctx, built)
-
-        def outcome(out: TrialOutcome) -> None:
-            p, cfg = owners[out.index]
-            where = {"gpu_slot": out.worker, "host": out.host}  # which GPU ran it (MLflow shows the spread)
-            if out.done:
-                res = out.value
-                if p.torch_trial is None:
-                    p.torch_trial = res.torch_trial
-                    self._trial_event(p, res.torch_trial, **where)
-                trial = res.trial
-            else:
-                trial = Trial(cfg.name, out.status, error=out.error)
-                if out.detail:
-                    # Not a candidate's verdict but an exception in our own trial code (or a CUDA fault): the trial
-                    # is recorded and the worker replaced, and the traceback is shown, never swallowed.
-                    log.warning("trial of %s on %s raised unexpectedly (worker replaced):\n%s", cfg.name,
-                                out.host or "a worker", out.detail)
-            p.trials.append(trial)
-            self._trial_event(p, trial, **where)
-            p.expected_trials -= 1
-            if p.expected_trials == 0:
-                self._finish(p, arch, ctx, built)
-
-        if calls:
-            self.pool.run(calls, outcome)
-
     def _trial_event(self, p: _Pattern, trial: Trial, gpu_slot: int = -1, host: str = "") -> None:
         self.bus.emit(TrialFinished(match_key=p.key, trial=trial, step=p.step, gpu_slot=gpu_slot, host=host))
         p.step += 1
 
-    def _finish(self, p: _Pattern, arch: Arch, ctx: Any, built: dict[str, Any]) -> None:
+    def _commit(self, p: _Pattern, run: Any, arch: Arch, ctx: Any) -> None:
+        """The pattern's winner (and the failures behind it) to the table, through the one writer."""
         import ray
 
         from fact_ray.actors import cluster
         from fact_ray.actors.compile import unwrap_user_error
         from fact_ray.actors.table_writer import TableWriter
         from fact_ray.pattern_table import row_from_trial, row_from_winner
-        from fact_ray.realize.select import select
 
-        trials = ([p.torch_trial] if p.torch_trial else []) + p.trials
-        chosen = select(trials)
-        config = next((c for c in p.configs if c.name == chosen.candidate_name), None)
-        src = p.source_of[config.name] if config is not None else None
-        o = built[src.name] if src is not None else None
-        p.winner = Winner(match_key=p.key, rule=p.match.rule, precision=self.policy, arch=arch, config=config,
-                          trial=chosen, library_key=o.library.key if o else "", trials=tuple(trials))
+        p.winner = run.winner
         p.status = TUNED
-        if not p.trials or all(t.status == "compile_error" for t in p.trials):
+        if not p.trials or all(t.status == TrialStatus.COMPILE_ERROR for t in p.trials):
             p.reason = "every candidate failed to compile; the PyTorch op stays"
-
         if self.writer is None:
             self.writer = TableWriter.options(scheduling_strategy=cluster.driver_node_affinity()).remote(
                 self.table.uri)
-        lib_uri, symbol = None, None
-        if o is not None:
+        config, chosen = run.winner.config, run.chosen
+        lib_uri, symbol, src = None, None, None
+        if chosen is not None:
+            src = chosen.source
             try:
-                lib_uri = ray.get(self.writer.put_library.remote(o.so_ref))
+                lib_uri = ray.get(self.writer.put_library.remote(chosen.handle.so_ref))
             except ray.exceptions.RayTaskError as e:
                 unwrap_user_error(e)
                 raise
-            symbol = src.symbols[src.configs.index(config)]
+            symbol = src.symbols[[c.name for c in src.configs].index(config.name)]
         rows = [row_from_winner(p.winner, p.match, ctx, library_uri=lib_uri, library_symbol=symbol)]
         # The failures behind the winner are history worth keeping; they can never be selected (status not ok).
         # Other verified candidates are left out so that the table's best entry is always the one chosen here.
         for t in p.trials:
-            if t.status not in ("ok", "slower") and t is not chosen:
+            if not t.status.correct and t is not run.winner.trial:
                 cfg = next((c for c in p.configs if c.name == t.candidate_name), None)
                 rows.append(row_from_trial(t, p.match, ctx, policy=self.policy, arch=arch, config=cfg))
         self.commits.append(self.writer.commit.remote(rows))
 
-        failures = sum(t.status not in ("ok", "slower") for t in p.trials)
+        failures = sum(not t.status.correct for t in p.trials)
         sources = freeze({src.name: src.code}) if src is not None else ()
-        self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, trials=tuple(trials), failures=failures,
-                                      sources=sources, reason=p.reason))
+        self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, trials=run.winner.trials,
+                                      failures=failures, sources=sources, reason=p.reason))
 
     # ------------------------------------------------------------------ summary
 
@@ -826,6 +741,36 @@ class _Driver:
             phases=tuple(self.phases))
 
 
+class _FarmHooks:
+    """The pipeline's reports as farm events, per-pattern state and table commits."""
+
+    def __init__(self, driver: _Driver, by_plan: dict[int, _Pattern], ctx: Any) -> None:
+        self.d, self.by_plan, self.ctx = driver, by_plan, ctx
+        self.outcomes: list[Any] = []  # CompileOutcome of every unit, in plan order, once the build is over
+
+    def compiled(self, run: Any, built: Any) -> None:
+        p, o = self.by_plan[id(run.plan)], built.handle
+        p.compiles.append(o)
+        self.d.bus.emit(CompileFinished(
+            match_key=p.key, source_name=o.source.name, ok=o.ok, seconds=o.library.seconds or o.seconds,
+            n_configs=len(o.source.configs), log_excerpt="" if o.ok else _excerpt(o.library.log),
+            cached=o.library.cached))
+
+    def build_done(self, built: Sequence[Any]) -> None:
+        self.outcomes = [b.handle for b in built]
+        self.d._phase("compile")
+
+    def trial(self, run: Any, trial: Trial, slot: int = -1, host: str = "") -> None:
+        p = self.by_plan[id(run.plan)]
+        p.trials = run.trials
+        self.d._trial_event(p, trial, gpu_slot=slot, host=host)
+
+    def finished(self, run: Any) -> None:
+        p = self.by_plan[id(run.plan)]
+        p.trials = run.trials
+        self.d._commit(p, run, run.winner.arch, self.ctx)
+
+
 def _pattern_summary(p: _Pattern, index: int, m: Match, same_as: int = 0) -> PatternSummary:
     w = p.winner
     winner, sp, t_ms, b_ms = "", math.nan, math.nan, math.nan
@@ -838,5 +783,5 @@ def _pattern_summary(p: _Pattern, index: int, m: Match, same_as: int = 0) -> Pat
         index=index, rule=m.rule, family=m.family, match_key=m.key, shapes=m.shape_signature, dtype=m.dtype,
         share=m.share, status=p.status, winner=winner, speedup=sp, time_ms=t_ms, baseline_ms=b_ms,
         configs=len(p.configs), compiles=len(p.compiles), compile_failures=sum(not o.ok for o in p.compiles),
-        trials=len(p.trials), failures=sum(t.status not in ("ok", "slower") for t in p.trials), same_as=same_as,
+        trials=len(p.trials), failures=sum(not t.status.correct for t in p.trials), same_as=same_as,
         reason=p.reason)

@@ -25,12 +25,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from fact_ray.pattern_table.row import TableRow
 from fact_ray.pattern_table.truth import DEMOTED, INVALIDATED, current
-from fact_ray.types import Trial
+from fact_ray.types import Trial, TrialStatus
 
 DEFAULT_THRESHOLD = 0.05  # 5 %: above the spread of a median of 100 interleaved runs (measuring.md)
 
 # Trial statuses that mean "the kernel computed a wrong result": a verification failure, not bad luck.
-_WRONG = frozenset({"wrong"})
+_WRONG = frozenset({TrialStatus.WRONG})
 
 # The environment facts a row records, as (name, how to read it from a row). Names match the host facts.
 ENV_FACTS = ("gpu_name", "driver", "cublas", "cudnn", "torch", "cuda", "cutlass")
@@ -136,7 +136,7 @@ def judge(previous: TableRow | None, trials: Sequence[Trial], chosen: Trial, *, 
     invalid = inc is not None and inc.status in _WRONG and inc_name != "torch"
     if invalid:
         extra.append(replace(inc, status=INVALIDATED, error=f"failed verification on re-measurement: {inc.error}"))
-    elif inc is not None and inc.candidate_name != chosen.candidate_name and inc.status in ("ok", "slower"):
+    elif inc is not None and inc.candidate_name != chosen.candidate_name and inc.status.correct:
         extra.append(replace(inc, status=DEMOTED, error=f"re-measured; {chosen.candidate_name} is faster now"))
     regressed = False
     notes = []

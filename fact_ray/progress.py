@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fact_ray.types import TrialStatus
 from fact_ray.events import (
     CompileFinished,
     PatternFinished,
@@ -96,9 +97,9 @@ class ConsoleProgress:
         t = event.trial
         if t.candidate_name == "torch":
             return  # the baseline is measured, not a candidate: it does not count as a trial
-        self._trial_failures += t.status not in ("ok", "slower")
+        self._trial_failures += not t.status.correct
         sp = t.speedup
-        if t.status == "ok" and not math.isnan(sp) and (math.isnan(self._best[0]) or sp > self._best[0]):
+        if t.status == TrialStatus.OK and not math.isnan(sp) and (math.isnan(self._best[0]) or sp > self._best[0]):
             self._best = (sp, f"{self._rules.get(event.match_key, '')} {t.candidate_name}")
         parts = []
         if not math.isnan(self._best[0]):

@@ -73,8 +73,6 @@ _HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
 
 _RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
-# A trial with these statuses produced a correct, timed kernel.
-_CORRECT = ("ok", "slower")
 
 
 # --------------------------------------------------------------------------------------------- reachability
@@ -371,7 +369,7 @@ class MlflowListener:
         metrics: dict[str, float] = {}
         if t.time is not None:
             metrics["time_ms"] = t.time.median_ms
-            if t.status in _CORRECT:
+            if t.status.correct:  # a correct, timed kernel
                 p.best_ms = min(p.best_ms, t.time.median_ms)
         if t.baseline is not None:
             metrics["trial_baseline_ms"] = t.baseline.median_ms

@@ -14,7 +14,7 @@ import enum
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 
 class Precision(str, enum.Enum):
@@ -280,6 +280,66 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class AttentionConfig:
+    """One attention kernel (CUTLASS example 41 in one block shape, or the Hopper FMHA of example 88)."""
+
+    TEMPLATES: ClassVar[tuple[str, ...]] = ("attention_sm80", "fmha_sm90")
+
+    template: str  # attention_sm80 (example 41) | fmha_sm90 (example 88)
+    name: str
+    arch: Arch
+    precision: Precision
+    element: str  # CUTLASS element of q, k, v: float | bfloat16_t | half_t
+    math_op: str  # how float32 multiplies: multiply_add_fast_f32 (3xTF32) | multiply_add (one TF32 product)
+    block: tuple[int, int, int]  # queries, keys, max head dim of one thread block
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Our one-pass row LayerNorm/RMSNorm kernel for one element type."""
+
+    TEMPLATES: ClassVar[tuple[str, ...]] = ("norm",)
+
+    template: str
+    name: str
+    arch: Arch
+    precision: Precision
+    element: str  # float | bfloat16_t | half_t
+
+
+GemmConfig = KernelConfig  # the GEMM families' config (sm80_gemm, sm90_gemm, sm90_tf32x3) under its own name
+AnyConfig = KernelConfig | AttentionConfig | NormConfig
+CONFIG_TYPES: tuple[type, ...] = (KernelConfig, AttentionConfig, NormConfig)
+# Before configs had family types, attention and norm configs were stored as KernelConfigs, whose GEMM fields
+# carried no meaning for them (tile was the attention block): such a stored config still loads.
+_LEGACY_FIELDS = frozenset(f.name for f in fields(KernelConfig))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
+    """A stored config (table row, artifact manifest) as its family's type, chosen by its template. Raises
+    ValueError (one line) for an unknown template or a field this version does not know: every field changes the
+    emitted C++, so dropping one would silently run a different kernel."""
+    data = dict(data)
+    template = data.get("template")
+    cls = next((c for c in CONFIG_TYPES[1:] if template in c.TEMPLATES), KernelConfig)
+    names = {f.name for f in fields(cls)}
+    if cls is not KernelConfig and "opclass" in data and set(data) <= _LEGACY_FIELDS:
+        if cls is AttentionConfig:
+            data["block"] = data.get("tile")
+        data = {k: v for k, v in data.items() if k in names}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"stored kernel config {data.get('name', '?')!r} has fields this fact-ray does not know: "
+                         f"{', '.join(unknown)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        kw["arch"], kw["precision"] = Arch(kw["arch"]), Precision(kw["precision"])
+        return cls(**kw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"stored kernel config {data.get('name', '?')!r} does not load: {e}") from None
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A configuration to try on one problem."""
 
@@ -295,8 +355,14 @@ class Source:
     name: str  # file stem, unique per content
     arch: Arch
     code: str
-    configs: tuple[KernelConfig, ...]
+    configs: tuple[Any, ...]  # one family's configs (KernelConfig, AttentionConfig, NormConfig, ...)
     symbols: tuple[str, ...]  # exported C symbols, in config order (prefixes: <sym>_workspace, _can_implement, _run)
+    # What the family that wrote it needs from nvcc, so that the build knows no family: -gencode targets and other
+    # flags (keyed), and include folders beyond CUTLASS's (not keyed: machine paths). An include folder is a path,
+    # "cutlass:<folder under the CUTLASS package>" or "header:<file>" (a folder of the CUDA toolkit or of an
+    # nvidia-* wheel that holds that header), resolved by the build on the node that compiles.
+    flags: tuple[str, ...] = ()
+    include_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -320,18 +386,46 @@ class TimeStats:
     reps: int
 
 
+class TrialStatus(str, enum.Enum):
+    """How one candidate's trial ended. A str enum: stored rows and events keep the plain string values."""
+
+    OK = "ok"  # verified and faster than the PyTorch op beyond noise (the op's own trial is "ok" too)
+    SLOWER = "slower"  # verified, not faster
+    WRONG = "wrong"  # verification failed
+    COMPILE_ERROR = "compile_error"  # its library did not build or load
+    CANNOT_IMPLEMENT = "cannot_implement"  # operand checks or the kernel's can_implement refused the real shapes
+    CRASHED = "crashed"  # its launch failed or faulted, or its worker died
+    TIMEOUT = "timeout"  # no result within the trial time limit; the worker was killed
+    FAILED = "failed"  # our own trial code raised (a bug): recorded, the worker replaced
+    # Written by the nightly re-tune (fact_ray.nightly) about an incumbent, never by a first tuning:
+    INVALIDATED = "invalidated"  # failed verification on a re-check: never served again for its key
+    DEMOTED = "demoted"  # verified on a re-measurement, but no longer the winner
+    REVERIFIED = "reverified"  # a note: re-checked under a new environment (its ok row follows)
+
+    @property
+    def correct(self) -> bool:
+        """Verified against float64 (whether or not it is faster)."""
+        return self in (TrialStatus.OK, TrialStatus.SLOWER, TrialStatus.DEMOTED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Trial:
     """The outcome of one candidate: verified and timed, or the reason it was not."""
 
-    candidate_name: str  # KernelConfig.name, or "torch" for the PyTorch op
-    status: str  # ok | compile_error | cannot_implement | wrong | crashed | timeout | slower
+    candidate_name: str  # the config's name, or "torch" for the PyTorch op
+    status: TrialStatus  # a plain string is accepted and parsed
     error: str = ""  # reason, one line
     rel_err: float = float("nan")
     max_abs_err: float = float("nan")
     time: TimeStats | None = None
     baseline: TimeStats | None = None  # the PyTorch op, timed interleaved in the same process
     tflops: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", TrialStatus(self.status))
 
     @property
     def speedup(self) -> float:
@@ -348,7 +442,7 @@ class Winner:
     rule: str
     precision: Precision
     arch: Arch
-    config: KernelConfig | None  # None: the PyTorch op stays
+    config: Any  # the family's config (KernelConfig, AttentionConfig, ...); None: the PyTorch op stays
     trial: Trial
     library_key: str = ""
     trials: tuple[Trial, ...] = field(default=())

@@ -33,11 +33,13 @@ from fact_ray.errors import TableError
 from fact_ray.toolchain import Host, Toolchain
 from fact_ray.types import (
     Arch,
-    KernelConfig,
+    AnyConfig,
+    config_from_dict,
     Match,
     Precision,
     TimeStats,
     Trial,
+    TrialStatus,
     Winner,
     to_jsonable,
 )
@@ -94,8 +96,8 @@ class TableRow:
     policy: Precision
     arch: Arch
     toolchain: Toolchain
-    config_json: str | None  # JSON of KernelConfig; None: the PyTorch op stays
-    config_name: str  # KernelConfig.name, or "torch"
+    config_json: str | None  # JSON of the family's config; None: the PyTorch op stays
+    config_name: str  # the config's name, or "torch"
     status: str  # a Trial status: ok | compile_error | cannot_implement | wrong | crashed | timeout | slower
     created_at: datetime  # UTC
     gpu_name: str | None = None
@@ -142,10 +144,10 @@ class TableRow:
     @property
     def valid(self) -> bool:
         """Eligible as a best entry: verified, faster-or-kept (status ok), and timed."""
-        return self.status == "ok" and self.median_ms is not None
+        return self.status == TrialStatus.OK and self.median_ms is not None
 
     @property
-    def config(self) -> KernelConfig | None:
+    def config(self) -> AnyConfig | None:
         return None if self.config_json is None else config_from_json(self.config_json)
 
     def to_winner(self) -> Winner:
@@ -203,36 +205,22 @@ def _stats(median: float | None, p10: float | None, p90: float | None, reps: int
     return TimeStats(median_ms=median, p10_ms=_nan(p10), p90_ms=_nan(p90), reps=reps or 0)
 
 
-# ---------------------------------------------------------------------------- KernelConfig <-> JSON
+# ---------------------------------------------------------------------------- configs <-> JSON
 
-_CONFIG_FIELDS = {f.name: f for f in fields(KernelConfig)}
-
-
-def config_to_json(config: KernelConfig) -> str:
+def config_to_json(config: AnyConfig) -> str:
     return json.dumps(to_jsonable(config), sort_keys=True)
 
 
-def config_from_json(text: str) -> KernelConfig:
-    """Rebuild a KernelConfig. A field this version does not know is refused, not dropped: every field of a
-    config changes the emitted C++, so dropping one would silently run a different kernel."""
+def config_from_json(text: str) -> AnyConfig:
+    """Rebuild a stored config as its family's type (types.config_from_dict); what does not load is a TableError."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TableError(f"stored kernel config is not valid JSON ({e})") from None
-    unknown = sorted(set(data) - set(_CONFIG_FIELDS))
-    if unknown:
-        raise TableError(f"stored kernel config {data.get('name', '?')!r} has fields this fact-ray does not know: "
-                         f"{', '.join(unknown)}")
-    kw: dict[str, Any] = {}
-    for name, value in data.items():
-        if name == "arch":
-            value = Arch(value)
-        elif name == "precision":
-            value = Precision(value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kw[name] = value
-    return KernelConfig(**kw)
+    try:
+        return config_from_dict(data)
+    except ValueError as e:
+        raise TableError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- conversions from realization
@@ -256,7 +244,7 @@ def row_from_trial(
     *,
     policy: Precision,
     arch: Arch,
-    config: KernelConfig | None,
+    config: AnyConfig | None,
     library_key: str | None = None,
     library_hash: str | None = None,
     library_uri: str | None = None,
@@ -279,7 +267,7 @@ def row_from_trial(
         toolchain=ctx.toolchain,
         config_json=None if config is None else config_to_json(config),
         config_name=trial.candidate_name if config is None else config.name,
-        status=trial.status,
+        status=trial.status.value,  # stored as its plain string
         created_at=created_at or datetime.now(timezone.utc),
         gpu_name=ctx.gpu_name,
         median_ms=t.median_ms if t else None,

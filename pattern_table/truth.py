@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
-# Row statuses beyond a Trial's: written by the nightly re-tune (fact_ray.nightly), never by a first tuning.
-INVALIDATED = "invalidated"  # the kernel failed verification on a re-check: never served again for this key
-DEMOTED = "demoted"  # verified on a re-measurement, but no longer the winner (slower than tonight's)
-REVERIFIED = "reverified"  # a note row: the kernel was re-checked under a new environment (its ok row follows)
+from fact_ray.types import TrialStatus
+
+# Row statuses of the nightly re-tune (fact_ray.nightly), never written by a first tuning (see TrialStatus).
+INVALIDATED = TrialStatus.INVALIDATED.value  # failed verification on a re-check: never served again for this key
+DEMOTED = TrialStatus.DEMOTED.value  # verified on a re-measurement, but no longer the winner (slower than tonight's)
+REVERIFIED = TrialStatus.REVERIFIED.value  # a note row: re-checked under a new environment (its ok row follows)
 
 
 def invalidated(rows: Iterable) -> frozenset[str]:

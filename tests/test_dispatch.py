@@ -127,7 +127,8 @@ def test_gemm_meta_refuses_what_the_kernel_cannot_take(native, stubs):
 
 
 def test_attention_and_norm_meta(native, stubs):
-    from fact_ray.realize.fused import AttentionProblem, NormProblem
+    from fact_ray.realize.attention_family import AttentionProblem
+    from fact_ray.realize.norm_family import NormProblem
 
     attn = dispatch.register_fused(stubs["attn"], "attention_sm80", AttentionProblem(
         B=2, H=4, S=16, D=32, dtype="bfloat16", causal=True, scale=0.2, spelling="sdpa"))
@@ -177,7 +178,7 @@ def test_register_kernel_refuses_foreign_libraries(native, stubs, tmp_path):
     with pytest.raises(CompileError, match="not a fact-ray kernel library: it lacks fr_t_workspace"):
         dispatch.register_gemm(stubs["bare"], "fr_t", p)
     with pytest.raises(CompileError, match="holds no attention kernel for float32"):
-        from fact_ray.realize.fused import AttentionProblem
+        from fact_ray.realize.attention_family import AttentionProblem
 
         dispatch.register_fused(stubs["attn"], "attention_sm80", AttentionProblem(
             B=1, H=1, S=8, D=32, dtype="float32", causal=True, scale=0.1, spelling="sdpa"))
@@ -305,10 +306,10 @@ def test_native_gemm_refuses_bad_operands_with_one_clear_error(native):
 
 @pytest.mark.gpu
 def test_native_norm_and_attention_match_the_python_path(native):
-    from fact_ray.realize import fused
+    from fact_ray.realize.attention_family import AttentionFamily, AttentionProblem
     from fact_ray.realize.build import build
-    from fact_ray.realize.fused import AttentionProblem, NormProblem
     from fact_ray.realize.norm import emit_norm
+    from fact_ray.realize.norm_family import NormFamily, NormProblem
     from fact_ray.toolchain import detect
 
     arch = detect(nvcc=None).arch
@@ -318,23 +319,24 @@ def test_native_norm_and_attention_match_the_python_path(native):
     norm_lib = build(emit_norm("bfloat16", arch), tmp)
     assert norm_lib.ok, norm_lib.log[-3000:]
     kid = dispatch.register_fused(norm_lib.path, "norm", norm_p)
-    x, w, b = fused.make_inputs(norm_p, "cuda", 0)
+    norms, attns = NormFamily(), AttentionFamily()
+    x, w, b = norms.make_inputs(norm_p, "cuda", 0)
     y = native.norm(x, w, b, norm_p.eps, "layernorm", kid)
-    torch.testing.assert_close(y, fused.kernel_fn(norm_p, norm_lib)(x, w, b), rtol=0, atol=0)
+    torch.testing.assert_close(y, norms.kernel_fn(norm_p, norm_lib)(x, w, b), rtol=0, atol=0)
     torch.testing.assert_close(y.float(), torch.nn.functional.layer_norm(x.float(), (512,), w.float(), b.float()),
                                rtol=2e-2, atol=2e-2)
 
     attn_p = AttentionProblem(B=2, H=4, S=128, D=64, dtype="bfloat16", causal=True, scale=64 ** -0.5,
                               spelling="sdpa")
-    (source, *_) = fused.sources_for(attn_p, arch)
+    (source, *_) = attns.sources(attns.candidates(attn_p, "bf16", arch, 1), arch)
     from fact_ray.realize.build import build as build_one
 
     attn_lib = build_one(source, tmp)
     assert attn_lib.ok, attn_lib.log[-3000:]
     kid = dispatch.register_fused(attn_lib.path, source.configs[0].template, attn_p)
-    q, k, v = fused.make_inputs(attn_p, "cuda", 1)
+    q, k, v = attns.make_inputs(attn_p, "cuda", 1)
     o = native.attention(q, k, v, True, attn_p.scale, kid)
-    assert o.stride() == fused.kernel_fn(attn_p, attn_lib)(q, k, v).stride()
-    torch.testing.assert_close(o, fused.kernel_fn(attn_p, attn_lib)(q, k, v), rtol=0, atol=0)
+    assert o.stride() == attns.kernel_fn(attn_p, attn_lib)(q, k, v).stride()
+    torch.testing.assert_close(o, attns.kernel_fn(attn_p, attn_lib)(q, k, v), rtol=0, atol=0)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     torch.testing.assert_close(o.float(), ref, rtol=3e-2, atol=3e-2)

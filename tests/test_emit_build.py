@@ -23,6 +23,7 @@ import pytest
 from fact_ray.errors import NotAvailable
 from fact_ray.realize import build as B
 from fact_ray.realize.emit import COMPILE_FIELDS, MAX_PER_TU, emit, render, symbol
+from fact_ray.realize.targets import AMPERE_AND_HOPPER
 from fact_ray.search_spaces import space
 from fact_ray.types import Arch, GemmProblem, Precision, Source
 
@@ -188,7 +189,8 @@ __global__ void fr_tiny_kernel(float* x) { x[threadIdx.x] = %s; }
 def tiny_source(value: str = "1.0f", code: str | None = None) -> Source:
     cfg = fp32_configs()[0]
     text = code if code is not None else TINY % value
-    return Source(name="tiny", arch=Arch.SM80, code=text, configs=(cfg,), symbols=(symbol(cfg),))
+    return Source(name="tiny", arch=Arch.SM80, code=text, configs=(cfg,), symbols=(symbol(cfg),),
+                  flags=AMPERE_AND_HOPPER)  # a source carries its targets: the build knows no family
 
 
 def test_build_key_covers_every_field():

@@ -63,18 +63,25 @@ def test_fits_mirrors_example_88s_can_implement(dtype, D, S, causal, ok):
     assert F.fits(dtype, D, S, causal) is ok
 
 
-def test_fused_offers_the_fmha_beside_example_41_on_sm90_only():
-    from fact_ray.realize import fused
+def _sources(problem, arch, policy=Precision.BF16):
+    from fact_ray.realize.attention_family import AttentionFamily
 
-    p = fused.AttentionProblem(B=2, H=8, S=512, D=96, dtype="bfloat16", causal=True, scale=96 ** -0.5,
+    fam = AttentionFamily()
+    return fam.sources(fam.candidates(problem, policy, arch, budget=16), arch)
+
+
+def test_fused_offers_the_fmha_beside_example_41_on_sm90_only():
+    from fact_ray.realize.attention_family import AttentionProblem
+
+    p = AttentionProblem(B=2, H=8, S=512, D=96, dtype="bfloat16", causal=True, scale=96 ** -0.5,
                                spelling="sdpa")
-    assert {s.configs[0].template for s in fused.sources_for(p, Arch.SM90)} == {"attention_sm80", "fmha_sm90"}
-    assert [s.configs[0].template for s in fused.sources_for(p, Arch.SM80)] == ["attention_sm80"]
-    fp32 = fused.AttentionProblem(B=2, H=8, S=512, D=96, dtype="float32", causal=True, scale=96 ** -0.5,
-                                  spelling="sdpa")
-    assert [s.configs[0].template for s in fused.sources_for(fp32, Arch.SM90)] == ["attention_sm80"]
-    odd = fused.AttentionProblem(B=2, H=8, S=77, D=96, dtype="bfloat16", causal=True, scale=1.0, spelling="sdpa")
-    assert len(fused.sources_for(odd, Arch.SM90)) == 1
+    assert {s.configs[0].template for s in _sources(p, Arch.SM90)} == {"attention_sm80", "fmha_sm90"}
+    assert [s.configs[0].template for s in _sources(p, Arch.SM80)] == ["attention_sm80"]
+    fp32 = AttentionProblem(B=2, H=8, S=512, D=96, dtype="float32", causal=True, scale=96 ** -0.5,
+                            spelling="sdpa")
+    assert [s.configs[0].template for s in _sources(fp32, Arch.SM90, Precision.FP32)] == ["attention_sm80"]
+    odd = AttentionProblem(B=2, H=8, S=77, D=96, dtype="bfloat16", causal=True, scale=1.0, spelling="sdpa")
+    assert len(_sources(odd, Arch.SM90)) == 1
 
 
 def test_missing_example_88_is_one_clear_error(tmp_path, monkeypatch):
@@ -207,11 +214,11 @@ def test_fmha_non_causal_and_fused_qkv_slices(fmha_libs):
 @pytest.mark.nvcc
 @pytest.mark.sm90
 def test_fused_trial_runs_the_fmha_against_sdpa(fmha_libs):
-    from fact_ray.realize import fused
+    from fact_ray.realize.attention_family import AttentionFamily, AttentionProblem
 
-    problem = fused.AttentionProblem(B=2, H=8, S=512, D=96, dtype="bfloat16", causal=True, scale=96 ** -0.5,
-                                     spelling="sdpa")
+    problem = AttentionProblem(B=2, H=8, S=512, D=96, dtype="bfloat16", causal=True, scale=96 ** -0.5,
+                               spelling="sdpa")
     lib = fmha_libs["bfloat16"]
-    torch_trial, trial = fused.trial(problem, lib.source.configs[0], lib, Precision.BF16, "cuda", reps=10)
+    torch_trial, trial = AttentionFamily().trial(problem, lib.source.configs[0], lib, Precision.BF16, "cuda", reps=10)
     assert torch_trial.status == "ok"
     assert trial.status in ("ok", "slower") and trial.rel_err < Precision.BF16.tolerance, trial

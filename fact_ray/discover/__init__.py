@@ -8,7 +8,7 @@ estimates with eager timings on a GPU.
 from __future__ import annotations
 
 from fact_ray.discover.cost import estimate, resolve_arch, resolve_policy
-from fact_ray.discover.match import find_matches
+from fact_ray.discover import match as _match
 from fact_ray.discover.report import format_matches, matches_to_json
 from fact_ray.errors import UnsupportedDtype
 from fact_ray.types import Arch, Graph, Match, Precision
@@ -16,6 +16,13 @@ from fact_ray.types import Arch, Graph, Match, Precision
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 __all__ = ["discover", "profile", "format_matches", "matches_to_json", "find_matches", "SUPPORTED_DTYPES"]
+
+
+def find_matches(graph: Graph, rules: tuple | None = None) -> list[Match]:
+    """All non-overlapping matches of the rule table (or of `rules`) in graph order (unranked, no costs yet)."""
+    from fact_ray.discover.rules import RULES
+
+    return _match.find_matches(graph, RULES if rules is None else rules)
 
 
 def discover(graph: Graph, arch: Arch | str, policy: Precision | str) -> list[Match]:

@@ -313,12 +313,9 @@ def to_match(view: GraphView, f: Found) -> Match:
                  params=freeze(params), dtype=dtype, shapes=shapes)
 
 
-def find_matches(graph: Graph, rules: tuple[Any, ...] | None = None) -> list[Match]:
-    """All non-overlapping matches of the rule table in graph order (unranked, no costs yet)."""
-    if rules is None:
-        from fact_ray.discover.rules import RULES
-
-        rules = RULES
+def find_matches(graph: Graph, rules: tuple[Any, ...]) -> list[Match]:
+    """All non-overlapping matches of `rules` in graph order (unranked, no costs yet). The rule table is passed in
+    (discover.find_matches passes rules.RULES): the rules' parameter functions import this module."""
     view = GraphView(graph)
     return [to_match(view, f) for f in select(view, candidates(view, rules))]
 

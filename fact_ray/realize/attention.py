@@ -1,6 +1,6 @@
 """Causal multi-head attention from CUTLASS example 41 (templates/attention_sm80.cu.in): render, build, load, call.
 
-The farm and `fact-ray tune` reach it through realize/fused.py (the attention family's candidates). The TU
+The farm and `fact-ray tune` reach it through realize/attention_family.py (the attention family). The TU
 includes example 41's `kernel_forward.h` (shipped inside the nvidia-cutlass package) which includes
 `<curand_kernel.h>` unconditionally, even with dropout compiled out; a toolkit without cuRAND headers needs the ones of the `nvidia-curand` wheel (`nvidia/cu13/include`)
 or `nvidia-curand-cu12` (`nvidia/curand/include`). `curand_include_dir` finds them; the build fails with
@@ -11,24 +11,23 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.util
-import shutil
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from fact_ray.errors import CannotImplement, LaunchError, NotAvailable, UnsupportedDtype
 from fact_ray.realize.abi import load_checked
+from fact_ray.realize.targets import AMPERE_AND_HOPPER
 from fact_ray.realize.emit import render, template_text
-from fact_ray.types import Arch, KernelConfig, Library, Precision, Source
+from fact_ray.types import Arch, AttentionConfig, Library, Precision, Source
 
-TEMPLATE = "attention_sm80"  # build.GENCODES key: sm_80 + sm_90a
+TEMPLATE = "attention_sm80"  # AttentionConfig.template of example-41 kernels; built for sm_80 and sm_90a
 ATTN_ABI_VERSION = 1
 MAX_HEAD_DIM = 128
 # (queries, keys, max head dim) per block, as example 41 chooses them: 64x64 for head dims up to 64 (most GPT-2
 # style models), 32x128 up to 128 (MiniGPT's 96). The first is the default.
 BLOCKS = ((32, 128, MAX_HEAD_DIM), (64, 64, 64))
 EINVAL, ENOTSUP = -1, -2
-# How float32 operands multiply -> the KernelConfig math_op it is recorded as.
+# How float32 operands multiply -> the AttentionConfig math_op it is recorded as.
 F32_MATH = {"3xtf32": "multiply_add_fast_f32", "tf32": "multiply_add"}
 EXAMPLE_DIR = ("examples", "41_fused_multi_head_attention")
 
@@ -88,18 +87,19 @@ def emit_attention(dtypes: Iterable[str], arch: Arch = Arch.SM80,
         "f32_math": f32_math, "f32_one_pass": int(f32_math == "tf32"),
     })
     name = f"fr_attn_{'_'.join(wanted)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    def config(d: str) -> KernelConfig:
+
+    def config(d: str) -> AttentionConfig:
         one_pass = d == "float32" and f32_math == "tf32"  # f32_math concerns float32 only
-        return KernelConfig(template=TEMPLATE, name=f"attn_causal_{d}{'_tf32' if one_pass else ''}"
-                                                    f"_q{queries}_k{keys}_d{max_k}",
-                            arch=arch, precision=Precision.TF32 if one_pass else _DTYPES[d][2],
-                            element=_DTYPES[d][1], opclass="tensorop",
-                            math_op=F32_MATH[f32_math] if d == "float32" else "multiply_add",
-                            instruction=(1, 1, 1), tile=(queries, keys, max_k))
+        return AttentionConfig(template=TEMPLATE, name=f"attn_causal_{d}{'_tf32' if one_pass else ''}"
+                                                       f"_q{queries}_k{keys}_d{max_k}",
+                               arch=arch, precision=Precision.TF32 if one_pass else _DTYPES[d][2],
+                               element=_DTYPES[d][1], math_op=F32_MATH[f32_math] if d == "float32" else "multiply_add",
+                               block=(queries, keys, max_k))
 
     configs = tuple(config(d) for d in wanted)
-    return Source(name=name, arch=arch, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs))
+    # Example 41's folder and cuRAND's headers (kernel_forward.h includes <curand_kernel.h>), found by the build.
+    return Source(name=name, arch=arch, code=text, configs=configs, symbols=("fr_attn_run",) * len(configs),
+                  flags=AMPERE_AND_HOPPER, include_dirs=(f"cutlass:{'/'.join(EXAMPLE_DIR)}", "header:curand_kernel.h"))
 
 
 def example_dir() -> str:
@@ -116,18 +116,9 @@ def example_dir() -> str:
 def curand_include_dir(hints: Sequence[str] = (), nvcc: str = "nvcc") -> Optional[str]:
     """A folder holding curand_kernel.h: the first of `hints`, the CUDA toolkit of `nvcc`, or an installed
     nvidia-curand wheel. None when there is none (the caller decides what that means)."""
-    candidates = [Path(h) for h in hints]
-    nvcc_path = shutil.which(nvcc)
-    if nvcc_path:
-        top = Path(nvcc_path).resolve().parent.parent
-        candidates += [top / "include", *sorted(top.glob("targets/*/include"))]
-    spec = importlib.util.find_spec("nvidia")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        candidates += [Path(base) / "cu13" / "include", Path(base) / "curand" / "include"]
-    for c in candidates:
-        if (c / "curand_kernel.h").is_file():
-            return str(c)
-    return None
+    from fact_ray.realize import build as build_mod  # late, as above
+
+    return build_mod.header_dir("curand_kernel.h", hints, nvcc)
 
 
 def include_dirs(nvcc: str = "nvcc", curand_hints: Sequence[str] = ()) -> tuple[str, ...]:
@@ -144,7 +135,7 @@ def build_attention(dtypes: Iterable[str], cache_dir: str, nvcc: str = "nvcc",
                     f32_math: str = "3xtf32") -> Library:
     """emit_attention + build.build with example 41's folder and the cuRAND headers on the include path."""
     source = emit_attention(dtypes, block=block, f32_math=f32_math)
-    from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
+    from fact_ray.realize import build as build_mod  # late, as above
 
     return build_mod.build(source, cache_dir, nvcc=nvcc, include_dirs=include_dirs(nvcc, curand_hints))
 

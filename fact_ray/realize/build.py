@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from fact_ray.errors import NotAvailable
 from fact_ray.toolchain import resolve_nvcc, cutlass_version, nvcc_version  # what the cache key names
@@ -44,21 +45,6 @@ from fact_ray.types import Library, Source, file_sha256
 
 BASE_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-shared",
               "-Xcompiler", "-fvisibility=hidden")  # see FR_EXPORT in fr_abi.h
-
-# 2.x kernels build for A100 and also for Hopper (mma.sync runs there; the only 3xTF32 path on sm90).
-# 3.x kernels need sm_90a: without the "a" the WGMMA/TMA code compiles to an abort.
-GENCODES = {
-    "sm80_gemm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
-    "sm90_gemm": ("-gencode=arch=compute_90a,code=sm_90a",),
-    "sm90_tf32x3": ("-gencode=arch=compute_90a,code=sm_90a",),  # WGMMA/TMA as sm90_gemm; headers are embedded
-    # Standalone norm and attention TUs (realize/norm.py, realize/attention.py): plain CUDA and CUTLASS 2.x
-    # (example 41's Sm80 attention), so A100 and Hopper alike.
-    "norm": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
-    "attention_sm80": ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"),
-    # Example 88's Hopper FMHA (realize/fmha.py): TMA + WGMMA, sm_90a only. Without the example's --use_fast_math:
-    # its softmax calls exp2f/__logf, and the accurate exp2f costs little next to the two GEMMs.
-    "fmha_sm90": ("-gencode=arch=compute_90a,code=sm_90a",),
-}
 
 META_VERSION = 1
 DEFAULT_TIMEOUT_S = 1800.0
@@ -80,20 +66,59 @@ def include_paths() -> tuple[str, ...]:
     return tuple(str(p) for p in paths)
 
 
-def source_template(source: Source) -> str:
-    templates = {c.template for c in source.configs}
-    if len(templates) != 1 or next(iter(templates)) not in GENCODES:
-        raise ValueError(f"source {source.name}: expected configs of one known template, got {sorted(templates)}")
-    return templates.pop()
+def _gencodes(source: Source) -> list[str]:
+    codes = [f for f in source.flags if f.startswith("-gencode=")]
+    if not codes:
+        raise ValueError(f"source {source.name}: its flags name no -gencode target (the family that emitted it "
+                         "sets them)")
+    return codes
 
 
 def flags_for(source: Source) -> tuple[str, ...]:
-    """nvcc flags for a source, include paths excluded (they are added at invocation and not keyed)."""
-    return BASE_FLAGS + GENCODES[source_template(source)]
+    """nvcc flags for a source: ours and the ones its family put on it; include paths excluded (they are added at
+    invocation and not keyed)."""
+    _gencodes(source)
+    return BASE_FLAGS + tuple(source.flags)
 
 
 def arch_targets(source: Source) -> str:
-    return "+".join(g.rsplit(",code=", 1)[1] for g in GENCODES[source_template(source)])
+    return "+".join(g.rsplit(",code=", 1)[1] for g in _gencodes(source))
+
+
+def header_dir(header: str, hints: Sequence[str] = (), nvcc: str = "nvcc") -> Optional[str]:
+    """A folder holding `header`: the first of `hints`, the CUDA toolkit of `nvcc`, or an installed nvidia-* wheel
+    (`nvidia/cu13/include`, `nvidia/<lib>/include`). None when there is none (the caller decides what that means)."""
+    candidates = [Path(h) for h in hints]
+    nvcc_path = shutil.which(nvcc)
+    if nvcc_path:
+        top = Path(nvcc_path).resolve().parent.parent
+        candidates += [top / "include", *sorted(top.glob("targets/*/include"))]
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        candidates += [Path(base) / "cu13" / "include", *sorted(Path(base).glob("*/include"))]
+    for c in candidates:
+        if (c / header).is_file():
+            return str(c)
+    return None
+
+
+def resolve_include(spec: str, source_name: str, nvcc: str = "nvcc", hints: Sequence[str] = ()) -> str:
+    """One of a Source's include folders on this machine (see Source.include_dirs); NotAvailable (one line) when
+    it is not here."""
+    if spec.startswith("cutlass:"):
+        path = Path(include_paths()[0]).parent / spec.removeprefix("cutlass:")
+        if not path.is_dir():
+            raise NotAvailable(f"{path} missing (the {source_name} TU needs it): reinstall nvidia-cutlass==4.2.0.0")
+        return str(path)
+    if spec.startswith("header:"):
+        header = spec.removeprefix("header:")
+        found = header_dir(header, hints, nvcc)
+        if found is None:
+            raise NotAvailable(f"{header} not found (the {source_name} TU includes it): neither the CUDA toolkit of "
+                               f"{nvcc} nor an installed nvidia-* wheel has it; install the wheel that ships it "
+                               "or pass its include folder")
+        return found
+    return spec
 
 
 def build_key(source_text: str, nvcc_version: str, flags: Sequence[str], cutlass_version: str, arch: str) -> str:
@@ -147,24 +172,19 @@ def _library(source: Source, key: str, meta: dict, cache_dir: str | os.PathLike,
 
 def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float = DEFAULT_TIMEOUT_S,
           include_dirs: Sequence[str] = ()) -> Library:
-    """Compile one Source (or fetch it from the cache). Never raises for bad C++; raises NotAvailable if the
-    toolchain is missing. `include_dirs` come after CUTLASS's and, like them, are not keyed (machine paths)."""
+    """Compile one Source (or fetch it from the cache), whichever family wrote it: its flags and include folders
+    travel on it. Never raises for bad C++; raises NotAvailable if the toolchain, or a folder the source needs, is
+    missing. `include_dirs` come after CUTLASS's and, like them, are not keyed (machine paths)."""
     nvcc_path = resolve_nvcc(nvcc)
     flags = flags_for(source)
     key = key_of(source, nvcc)
     meta = read_entry(cache_dir, key)
     if meta is not None:
         return _library(source, key, meta, cache_dir, cached=True)
-    if source_template(source) == "attention_sm80":
-        # Example 41's headers and cuRAND's: found here so that every caller (the compile actor included) builds
-        # attention TUs the same way. Imported late: attention.py imports this module.
-        from fact_ray.realize.attention import include_dirs as attention_include_dirs
-
-        include_dirs = tuple(dict.fromkeys((*include_dirs, *attention_include_dirs(nvcc))))
-    elif source_template(source) == "fmha_sm90":
-        from fact_ray.realize.fmha import include_dirs as fmha_include_dirs  # late, as above
-
-        include_dirs = tuple(dict.fromkeys((*include_dirs, *fmha_include_dirs())))
+    # The source's own include folders, resolved on this node (every caller, the compile actor included, builds a
+    # source the same way); a header it names may also be in one of the caller's folders.
+    own = (resolve_include(spec, source.name, nvcc, include_dirs) for spec in source.include_dirs)
+    include_dirs = tuple(dict.fromkeys((*include_dirs, *own)))
 
     final = entry_dir(cache_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)

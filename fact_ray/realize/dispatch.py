@@ -334,21 +334,18 @@ def bind_gemm(library: Any, config: Any, problem: Any, symbol: str, native: bool
     return Binding(getattr(torch.ops.fact_ray, name).default, f"fact_ray.{name}")
 
 
-def bind_fused(library: Any, config: Any, problem: Any, native: bool, digest: Optional[str] = None) -> Binding:
+def bind_fused(family: Any, library: Any, config: Any, problem: Any, native: bool,
+               digest: Optional[str] = None) -> Binding:
     """`fact_ray_native.attention(q, k, v, causal, scale, kernel)` / `norm(x, weight, bias, eps, kind, kernel)`
-    where `native`, else the Python custom op of fused.py."""
+    where `native` and the dispatcher runs the family's template, else the family's Python custom op
+    (realize/fused.py's FusedFamily)."""
     import torch
 
-    from fact_ray.realize import fused
-
-    if native:
+    if native and config.template in _FUSED_FAMILY:
         kid = register_fused(library.path, config.template, problem, digest=digest)
-        if isinstance(problem, fused.AttentionProblem):
-            return Binding(torch.ops.fact_ray_native.attention.default, f"{NAMESPACE}.attention",
-                           (bool(problem.causal), float(problem.scale), kid), kid)
-        return Binding(torch.ops.fact_ray_native.norm.default, f"{NAMESPACE}.norm",
-                       (float(problem.eps), problem.kind, kid), kid)
-    name, _ = fused.register_op(config, problem, library)
+        op, extra = family.native_call(problem, kid)
+        return Binding(getattr(torch.ops.fact_ray_native, op).default, f"{NAMESPACE}.{op}", (*extra, kid), kid)
+    name, _ = family.register_op(problem, config, library)
     return Binding(getattr(torch.ops.fact_ray, name).default, f"fact_ray.{name}")
 
 
@@ -373,11 +370,9 @@ def composed_gemm(kernel: Any, device: Any) -> Callable[..., Any]:
     return caller(binding)
 
 
-def composed_fused(problem: Any, config: Any, library: Any) -> Callable[..., Any]:
-    """As composed_gemm, for an attention or norm library: `fn(*operands)` through the native op where the
-    dispatcher runs here, else fused.kernel_fn (the callable the Python custom op wraps)."""
-    if available():
-        return caller(bind_fused(library, config, problem, True))
-    from fact_ray.realize.fused import kernel_fn
-
-    return kernel_fn(problem, library)
+def composed_fused(family: Any, problem: Any, config: Any, library: Any) -> Callable[..., Any]:
+    """As composed_gemm, for a fused family's library: `fn(*operands)` through the native op where the dispatcher
+    runs here (and runs the family's template), else the family's kernel_fn (what its Python custom op wraps)."""
+    if config.template in _FUSED_FAMILY and available():
+        return caller(bind_fused(family, library, config, problem, True))
+    return family.kernel_fn(problem, library)

@@ -20,22 +20,50 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from fact_ray.realize.targets import AMPERE_AND_HOPPER, HOPPER_ONLY
 from fact_ray.types import Arch, KernelConfig, Source, to_jsonable
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 ABI_VERSION = 1
 
-TEMPLATES = ("sm80_gemm", "sm90_gemm", "sm90_tf32x3")
-# tf32x3 TUs also carry the split kernels and compile slower per distinct kernel (~35 s for the first, ~5-10 s
-# each after; instances that differ only in operand layouts or promotion share one kernel and cost ~nothing).
-MAX_PER_TU = {"sm80_gemm": 16, "sm90_gemm": 8, "sm90_tf32x3": 4}
-INSTANCE_TEMPLATE = {"sm80_gemm": "sm80_instance.cu.in", "sm90_gemm": "sm90_instance.cu.in",
-                     "sm90_tf32x3": "sm90_tf32x3_instance.cu.in"}
-# Family headers pasted into the TU template's slots (beside fr_abi.h and fr_common.h).
-TU_HEADERS = {"sm90_tf32x3": {"mainloop_header": "fr_tf32x3_mainloop.hpp"}}
+
+@dataclass(frozen=True)
+class GemmTemplate:
+    """One of the GEMM family's TU templates (`<name>.cu.in`) and what emitting and building its TUs needs."""
+
+    name: str
+    instance: str  # the per-config instance template file
+    max_per_tu: int  # configs per TU (compile time is dominated by per-TU parsing and NVVM)
+    flags: tuple[str, ...]  # nvcc targets, carried on its Sources
+    compile_fields: tuple[str, ...]  # KernelConfig fields that change the C++ of an instance
+    headers: tuple[tuple[str, str], ...] = ()  # (TU slot, header file) pasted beside fr_abi.h and fr_common.h
+
+
+# Fields that change the C++ of an instance. Not: name, split_k (run-time), precision and arch (implied by
+# element/math_op; the Source's flags decide the targets).
+_SHARED_FIELDS = ("template", "element", "opclass", "math_op", "tile", "stages", "alignment", "layout_a",
+                  "layout_b", "epilogue", "activation")
+_SM90_FIELDS = _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler")
+GEMM_TEMPLATES = {t.name: t for t in (
+    # 2.x kernels run on A100 and on Hopper (mma.sync; the only 3xTF32 path on sm90); cheap, ~1 s an instance.
+    GemmTemplate("sm80_gemm", "sm80_instance.cu.in", 16, AMPERE_AND_HOPPER,
+                 _SHARED_FIELDS + ("instruction", "warps", "swizzle")),
+    # 3.x: WGMMA/TMA code for sm_90a, 5-11 s an instance after the first.
+    GemmTemplate("sm90_gemm", "sm90_instance.cu.in", 8, HOPPER_ONLY, _SM90_FIELDS),
+    # tf32x3 TUs also carry the split kernels and compile slower per distinct kernel (~35 s for the first, ~5-10 s
+    # each after; instances that differ only in operand layouts or promotion share one kernel and cost ~nothing).
+    # kernel_schedule carries the promotion ("TF32x3PromotedG4Stagger"); layouts change the split calls.
+    GemmTemplate("sm90_tf32x3", "sm90_tf32x3_instance.cu.in", 4, HOPPER_ONLY, _SM90_FIELDS,
+                 headers=(("mainloop_header", "fr_tf32x3_mainloop.hpp"),)),
+)}
+# Views by template name (tests and search spaces read these).
+TEMPLATES = tuple(GEMM_TEMPLATES)
+MAX_PER_TU = {n: t.max_per_tu for n, t in GEMM_TEMPLATES.items()}
+COMPILE_FIELDS = {n: t.compile_fields for n, t in GEMM_TEMPLATES.items()}
 
 # fr::EpilogueKind in fr_common.h
 EPILOGUE_KIND = {"none": 0, "bias": 1, "bias_act": 2, "bias_residual": 3, "act": 4, "residual": 5}
@@ -59,17 +87,6 @@ ELEMENT_TAG = {"float": "float", "bfloat16_t": "cutlass::bfloat16_t", "half_t": 
 LAYOUT_TAG = {"row": "cutlass::layout::RowMajor", "col": "cutlass::layout::ColumnMajor"}
 
 TMA_EPILOGUES = {"TmaWarpSpecialized", "TmaWarpSpecializedCooperative"}
-
-# Fields that change the C++ of an instance, per template. Not: name, split_k (run-time), precision and arch
-# (implied by element/math_op; the build decides the targets).
-_SHARED_FIELDS = ("template", "element", "opclass", "math_op", "tile", "stages", "alignment", "layout_a",
-                  "layout_b", "epilogue", "activation")
-COMPILE_FIELDS = {
-    "sm80_gemm": _SHARED_FIELDS + ("instruction", "warps", "swizzle"),
-    "sm90_gemm": _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler"),
-    # kernel_schedule carries the promotion ("TF32x3PromotedG4Stagger"); layouts change the split calls.
-    "sm90_tf32x3": _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler"),
-}
 
 _SLOT = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -189,7 +206,7 @@ def _tf32x3_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
 
 def instance(cfg: KernelConfig) -> str:
     """The C++ block (types + extern "C" entry points) of one config."""
-    return render(template_text(INSTANCE_TEMPLATE[cfg.template]), _instance_values(cfg, symbol(cfg)))
+    return render(template_text(GEMM_TEMPLATES[cfg.template].instance), _instance_values(cfg, symbol(cfg)))
 
 
 def translation_unit(template: str, configs: Iterable[KernelConfig]) -> str:
@@ -202,7 +219,7 @@ def translation_unit(template: str, configs: Iterable[KernelConfig]) -> str:
         if sym not in blocks:
             blocks[sym] = instance(cfg)
     listing = "\n".join(f"//   {sym}" for sym in blocks)
-    headers = {slot: template_text(name) for slot, name in TU_HEADERS.get(template, {}).items()}
+    headers = {slot: template_text(name) for slot, name in GEMM_TEMPLATES[template].headers}
     return render(template_text(f"{template}.cu.in"), {
         "listing": listing, "abi_header": abi_header(), "common_header": template_text("fr_common.h"),
         "instances": "\n".join(blocks.values()), **headers,
@@ -251,5 +268,5 @@ def emit(configs: Iterable[KernelConfig], arch: Arch) -> list[Source]:
             code = translation_unit(template, chunk)
             name = f"{template}_{hashlib.sha256(code.encode()).hexdigest()[:16]}"
             sources.append(Source(name=name, arch=arch, code=code, configs=tuple(chunk),
-                                  symbols=tuple(symbol(c) for c in chunk)))
+                                  symbols=tuple(symbol(c) for c in chunk), flags=GEMM_TEMPLATES[template].flags))
     return sources

@@ -21,10 +21,11 @@ from typing import Optional
 from fact_ray.errors import CannotImplement, NotAvailable, UnsupportedDtype
 from fact_ray.realize.abi import load_checked
 from fact_ray.realize import attention
+from fact_ray.realize.targets import HOPPER_ONLY
 from fact_ray.realize.emit import render, template_text
-from fact_ray.types import Arch, KernelConfig, Library, Source
+from fact_ray.types import Arch, AttentionConfig, Library, Source
 
-TEMPLATE = "fmha_sm90"  # build.GENCODES key: sm_90a only (WGMMA/TMA)
+TEMPLATE = "fmha_sm90"  # AttentionConfig.template of example-88 kernels; sm_90a only (WGMMA/TMA)
 FMHA_ABI_VERSION = 1
 HEAD_DIM_TILE = 128
 Q_TILE, K_TILE = 128, 128  # the example's "tma ws cooperative 128x128x128" for head dim 128
@@ -61,11 +62,13 @@ def emit_fmha(dtype: str, arch: Arch = Arch.SM90) -> Source:
         "dtype": dtype, "element": f"cutlass::{element}", "dtype_code": code, "has_full": int(HAS_FULL),
     })
     name = f"fr_fmha_{dtype}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    config = KernelConfig(template=TEMPLATE, name=f"fmha_sm90_causal_{dtype}_q{Q_TILE}_k{K_TILE}_d{HEAD_DIM_TILE}",
-                          arch=Arch.SM90, precision=precision, element=element, opclass="tensorop",
-                          math_op="multiply_add", instruction=(1, 1, 1), tile=(Q_TILE, K_TILE, HEAD_DIM_TILE))
-    return Source(name=name, arch=Arch.SM90, code=text, configs=(config,), symbols=("fr_fmha_run",))
+    config = AttentionConfig(template=TEMPLATE, name=f"fmha_sm90_causal_{dtype}_q{Q_TILE}_k{K_TILE}_d{HEAD_DIM_TILE}",
+                             arch=Arch.SM90, precision=precision, element=element, math_op="multiply_add",
+                             block=(Q_TILE, K_TILE, HEAD_DIM_TILE))
+    # Without the example's --use_fast_math: its softmax calls exp2f/__logf, and the accurate exp2f costs little
+    # next to the two GEMMs. Its includes are relative to the example's folder ("collective/...", "kernel/...").
+    return Source(name=name, arch=Arch.SM90, code=text, configs=(config,), symbols=("fr_fmha_run",),
+                  flags=HOPPER_ONLY, include_dirs=(f"cutlass:{'/'.join(EXAMPLE_DIR)}",))
 
 
 def example_dir() -> str:
@@ -85,7 +88,7 @@ def include_dirs() -> tuple[str, ...]:
 
 
 def build_fmha(dtype: str, cache_dir: str, nvcc: str = "nvcc") -> Library:
-    """emit_fmha + build.build (which adds example 88's folder to the include path for this template)."""
+    """emit_fmha + build.build (the source names example 88's folder as an include folder)."""
     from fact_ray.realize import build as build_mod  # late: loading a kernel never needs the build step
 
     return build_mod.build(emit_fmha(dtype), cache_dir, nvcc=nvcc)

@@ -1,212 +1,44 @@
-"""Fused families that are not GEMMs: causal attention (CUTLASS example 41; on sm90 also example 88) and row
-LayerNorm/RMSNorm (ours).
+"""What the fused families that are not GEMMs share (attention, realize/attention_family.py; LayerNorm/RMSNorm,
+realize/norm_family.py): a few fixed candidates each, tried against the PyTorch op the model already runs:
+verified in float64 on fresh seeds, timed interleaved with the op, kept only where it is clearly faster; and a
+custom op taking the match's operands as the graph holds them.
 
-The GEMM families search a space of configurations; these have a few fixed candidates (attention: example 41 in
-its block shapes for the head dim, with one TF32 product as well under the tf32 policy, and the Hopper FMHA for
-bf16/fp16 on sm90; norms: our one-pass kernel), each tried against the PyTorch op the model already runs:
-verified in float64 on fresh seeds, timed interleaved with the op, kept only where it is clearly faster.
-
-Layout: attention patterns see q, k, v as the graph holds them, [B, H, S, D] views of the QKV projection; the
-kernel reads [B, S, H, D] through strides, so the op passes `x.transpose(1, 2)` (a view, no copy) and returns its
-[B, S, H, D] output as a [B, H, S, D] view: the model's `y.transpose(1, 2).contiguous()` then copies nothing.
+`FusedFamily` is the base of such a family: a subclass says how its kernel is called (`kernel_fn`), what the
+model's op is (`torch_fn`), how inputs are drawn (`make_inputs`), and its op's schema and fake; the trial and the
+op registration are here, once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from fact_ray.errors import CannotImplement, first_line
-from fact_ray.types import Arch, KernelConfig, Library, Match, Precision, Source, Trial, content_hash
+from fact_ray.types import Library, Match, Precision, Trial, TrialStatus, content_hash
 
-FUSED_FAMILIES = ("attention", "layernorm", "rmsnorm")
-_POLICY_DTYPE = {Precision.FP32: "float32", Precision.TF32: "float32", Precision.BF16: "bfloat16",
-                 Precision.FP16: "float16"}
-_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+POLICY_DTYPE = {Precision.FP32: "float32", Precision.TF32: "float32", Precision.BF16: "bfloat16",
+                Precision.FP16: "float16"}
 
 
-@dataclass(frozen=True)
-class AttentionProblem:
-    """softmax(scale * Q K^T, causal from the top left) V over [B, H, S, D] q, k, v of one dtype."""
-
-    B: int
-    H: int
-    S: int
-    D: int
-    dtype: str
-    causal: bool
-    scale: float
-    spelling: str  # "explicit" (matmul, scale, mask, softmax, matmul) | "sdpa"
-    tf32: bool = False  # float32 operands may multiply in one TF32 pass (the tf32 policy)
-
-
-@dataclass(frozen=True)
-class NormProblem:
-    """LayerNorm or RMSNorm over the last `cols` elements of each of `rows` rows."""
-
-    rows: int
-    cols: int
-    kind: str  # layernorm | rmsnorm
-    dtype: str
-    eps: float
-    has_weight: bool
-    has_bias: bool
-
-
-FusedProblem = AttentionProblem | NormProblem
-
-
-def _int(match: Match, key: str) -> int:
+def static_int(match: Match, key: str) -> int:
     try:
         return int(match.param(key))
     except (TypeError, ValueError):
         raise CannotImplement(f"{match.rule}: {key}={match.param(key)!r} is not a static integer") from None
 
 
-def problem_of(match: Match, policy: Precision | str) -> FusedProblem:
-    """The kernel's view of a match; CannotImplement (one line) for what these kernels do not run."""
-    policy = Precision(policy)
-    if match.family not in FUSED_FAMILIES:
-        raise CannotImplement(f"{match.rule}: family {match.family!r} is not attention or a norm")
-    dtype = _POLICY_DTYPE[policy]
+def policy_dtype(match: Match, policy: Precision) -> str:
+    """The operand dtype of `policy`; CannotImplement when the model runs another one at this match."""
+    dtype = POLICY_DTYPE[Precision(policy)]
     if match.dtype != dtype:
-        raise CannotImplement(f"{match.rule}: the model runs {match.dtype} here, the {policy.value} policy "
-                              f"{dtype}")
-    operands = dict(match.param("operands", ()) or ())
-    if match.family == "attention":
-        B, H, S, D = (_int(match, k) for k in ("B", "H", "S", "D"))
-        if D > 128 or (D * _ELEMENT_BYTES[dtype]) % 16:
-            raise CannotImplement(f"{match.rule}: head dim {D} ({dtype}) is not a multiple of 16 bytes up to 128")
-        scale = match.param("scale")
-        scale = D ** -0.5 if scale is None else float(scale)
-        if not all(operands.get(r) for r in ("q", "k", "v")):
-            raise CannotImplement(f"{match.rule}: the match names no q, k or v operand")
-        return AttentionProblem(B=B, H=H, S=S, D=D, dtype=dtype, causal=bool(match.param("causal", False)),
-                                scale=scale, spelling=str(match.param("spelling", "explicit")),
-                                tf32=policy == Precision.TF32)
-    if not operands.get("x"):
-        raise CannotImplement(f"{match.rule}: the match names no x operand")
-    return NormProblem(rows=_int(match, "rows"), cols=_int(match, "cols"), kind=match.family, dtype=dtype,
-                       eps=float(match.param("eps", 1e-5)), has_weight=bool(operands.get("weight")),
-                       has_bias=bool(operands.get("bias")))
+        raise CannotImplement(f"{match.rule}: the model runs {match.dtype} here, the {Precision(policy).value} "
+                              f"policy {dtype}")
+    return dtype
 
 
-def sources_for(problem: FusedProblem, arch: Arch) -> list[Source]:
-    """The translation unit(s) holding this problem's kernel (one config each, for `arch`)."""
-    if isinstance(problem, AttentionProblem):
-        from fact_ray.realize import fmha
-        from fact_ray.realize.attention import blocks_for, emit_attention
-
-        # Example 41 in each block shape that runs this head dim (32x128; 64x64 too for head dims up to 64); under
-        # the tf32 policy also with one TF32 product instead of three (about 3x less tensor work, TF32 accuracy).
-        maths = ("3xtf32", "tf32") if problem.tf32 and problem.dtype == "float32" else ("3xtf32",)
-        sources = [emit_attention([problem.dtype], arch, block, math)
-                   for math in maths for block in blocks_for(problem.D)]
-        # On Hopper the FMHA (example 88) is a second candidate: the trial keeps the faster verified one.
-        p = problem
-        if Arch(arch) == Arch.SM90 and fmha.fits(p.dtype, p.D, p.S, p.causal):
-            sources.append(fmha.emit_fmha(problem.dtype, arch))
-        return sources
-    from fact_ray.realize.norm import emit_norm
-
-    return [emit_norm(problem.dtype, arch)]
-
-
-def op_name(config: KernelConfig, problem: FusedProblem, library_key: str) -> str:
-    stem = "attn" if isinstance(problem, AttentionProblem) else problem.kind
-    digest = hashlib.sha256(content_hash(config, problem, library_key).encode()).hexdigest()[:12]
-    return f"{stem}_{problem.dtype}_{digest}"
-
-
-# --------------------------------------------------------------------------------------------- callables
-
-
-def kernel_fn(problem: FusedProblem, library: Library, poison: bool = False) -> Callable:
-    """The kernel as a function of the graph's operands: attention(q, k, v), norm(x, weight, bias). With `poison`
-    every output starts as NaN, so an element the kernel never writes fails verification."""
-    import torch
-
-    def fresh(shape: tuple, like: Any) -> Any:
-        return torch.full(shape, math.nan, dtype=like.dtype, device=like.device) if poison else None
-
-    if isinstance(problem, AttentionProblem):
-        from fact_ray.realize.attention import AttentionKernel
-        from fact_ray.realize.fmha import TEMPLATE as FMHA_TEMPLATE, FmhaKernel
-
-        # Both take the same call; the library's config says which ABI its .so speaks.
-        kind = FmhaKernel if library.source.configs[0].template == FMHA_TEMPLATE else AttentionKernel
-        k = kind(library)
-        p = problem
-
-        def attention(q, kk, v):
-            q, kk, v = q.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2)
-            out = fresh(tuple(q.shape), q)
-            return k(q, kk, v, causal=p.causal, scale=p.scale, out=out).transpose(1, 2)
-
-        return attention
-    from fact_ray.realize.norm import NormKernel
-
-    n = NormKernel(library)
-
-    def norm(x, weight=None, bias=None):
-        out = fresh(tuple(x.shape), x)
-        if problem.kind == "layernorm":
-            return n.layer_norm(x, weight, bias, eps=problem.eps, out=out)
-        return n.rms_norm(x, weight, eps=problem.eps, out=out)
-
-    return norm
-
-
-def torch_fn(problem: FusedProblem) -> Callable:
-    """The PyTorch op the pattern is in the model (the baseline), in whatever dtype it is given."""
-    import torch
-    import torch.nn.functional as F
-
-    if isinstance(problem, AttentionProblem):
-        p = problem
-        if p.spelling == "sdpa":
-            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=p.causal, scale=p.scale)
-        masks: dict[Any, torch.Tensor] = {}
-
-        def explicit(q, k, v):
-            s = (q @ k.transpose(-2, -1)) * p.scale
-            if p.causal:
-                mask = masks.get(q.device)
-                if mask is None:
-                    mask = masks[q.device] = torch.ones(p.S, p.S, dtype=torch.bool, device=q.device).triu(1)
-                s = s.masked_fill(mask, float("-inf"))
-            return torch.softmax(s, dim=-1) @ v
-
-        return explicit
-    if problem.kind == "layernorm":
-        return lambda x, weight=None, bias=None: F.layer_norm(x, (problem.cols,), weight, bias, problem.eps)
-
-    def rms(x, weight=None, bias=None):
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + problem.eps)
-        return y * weight if weight is not None else y
-
-    return rms
-
-
-def make_inputs(problem: FusedProblem, device: Any, seed: int) -> tuple:
-    import torch
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dt = getattr(torch, problem.dtype)
-    if isinstance(problem, AttentionProblem):
-        p = problem
-        # q, k, v as the graph has them: [B, H, S, D] views of a [B, S, 3 * H * D] projection
-        qkv = torch.randn(p.B, p.S, 3, p.H, p.D, generator=gen, device=device, dtype=dt)
-        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
-    x = torch.randn(problem.rows, problem.cols, generator=gen, device=device, dtype=dt)
-    w = (1 + 0.1 * torch.randn(problem.cols, generator=gen, device=device, dtype=dt)) if problem.has_weight else None
-    b = 0.1 * torch.randn(problem.cols, generator=gen, device=device, dtype=dt) if problem.has_bias else None
-    return x, w, b
-
-
-# --------------------------------------------------------------------------------------------- trial
+def operands_of(match: Match) -> dict[str, str]:
+    return dict(match.param("operands", ()) or ())
 
 
 def _rel_err(out: Any, ref: Any) -> tuple[float, float]:
@@ -219,102 +51,140 @@ def _rel_err(out: Any, ref: Any) -> tuple[float, float]:
     return float(torch.linalg.vector_norm(diff)) / (norm or 1.0), float(diff.abs().max())
 
 
-def _check(fn: Callable, problem: FusedProblem, policy: Precision, device: Any,
-           seeds: Sequence[int]) -> tuple[str, str, float, float]:
-    """(status, error, worst rel err, worst max abs err) of `fn` against the float64 op on fresh inputs."""
-    ref_fn = torch_fn(problem)
-    worst_rel, worst_abs = 0.0, 0.0
-    for seed in seeds:
-        inputs = make_inputs(problem, device, seed)
-        ref = ref_fn(*[x.double() if x is not None else None for x in inputs])
-        out = fn(*inputs)
-        rel, mx = _rel_err(out, ref)
-        if math.isnan(rel) or rel > policy.tolerance:
-            why = "non-finite output" if math.isnan(rel) else \
-                f"rel err {rel:.3g} > {policy.tolerance:g} (seed {seed})"
-            return "wrong", why, rel, mx
-        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, mx)
-    return "ok", "", worst_rel, worst_abs
+class FusedFamily:
+    """Base of a fused family; see the module doc. Subclasses set name, serves, templates, stem (op names),
+    schema, and implement problem, candidates, sources, operands, kernel_fn, torch_fn, make_inputs, op_functions."""
 
+    name: str = ""
+    serves: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    problem_type: type = object
+    schema: str = ""  # the custom op's schema
 
-def trial(problem: FusedProblem, config: KernelConfig, library: Library, policy: Precision | str, device: Any,
-          seeds: Sequence[int] = (0, 1), reps: int = 50) -> tuple[Trial, Trial]:
-    """(the PyTorch op's trial, the kernel's trial): verified in float64, then timed interleaved."""
-    import torch
+    # ------------------------------------------------------------------ what a subclass says
 
-    from fact_ray.errors import CandidateError, CompileError, LaunchError
-    from fact_ray.realize.bench import clearly_faster, time_interleaved
-    from fact_ray.realize.verify import precision_mode
+    def stem(self, problem: Any) -> str:
+        return self.name
 
-    policy = Precision(policy)
-    device = torch.device(device)
-    base = torch_fn(problem)
-    with torch.no_grad(), precision_mode(policy):
-        b_status, b_err, b_rel, b_abs = _check(base, problem, policy, device, seeds)
-        try:
-            status, err, rel, mx = _check(kernel_fn(problem, library, poison=True), problem, policy, device, seeds)
-            # timed through the call a composed module makes (the native op where the dispatcher runs here)
-            from fact_ray.realize.dispatch import composed_fused
+    def kernel_fn(self, problem: Any, library: Library, poison: bool = False) -> Callable:
+        """The kernel as a function of the graph's operands. With `poison` every output starts as NaN, so an
+        element the kernel never writes fails verification."""
+        raise NotImplementedError
 
-            kernel = composed_fused(problem, config, library)
-        except CompileError as e:  # the library did not build (or is not one of ours): that candidate's verdict
-            status, err, rel, mx = "compile_error", first_line(e, named=False), math.nan, math.nan
-        except LaunchError as e:  # a CUDA error: the worker pool replaces this process (TrialResult)
-            status, err, rel, mx = "crashed", first_line(e, named=False), math.nan, math.nan
-        except CandidateError as e:
-            status, err, rel, mx = "cannot_implement", first_line(e, named=False), math.nan, math.nan
-        inputs = make_inputs(problem, device, 12345)
-        fns = {"torch": lambda: base(*inputs)}
-        if status == "ok":
-            fns[config.name] = lambda: kernel(*inputs)
-        times = time_interleaved(fns, reps=reps)
-    torch_error = "" if b_status == "ok" else f"the PyTorch op itself misses the {policy.value} policy: {b_err}"
-    bt = times["torch"]
-    torch_trial = Trial("torch", "ok", error=torch_error, rel_err=b_rel, max_abs_err=b_abs, time=bt, baseline=bt)
-    if status != "ok":
-        return torch_trial, Trial(config.name, status, error=err, rel_err=rel, max_abs_err=mx)
-    own = times[config.name]
-    return torch_trial, Trial(config.name, "ok" if clearly_faster(own, bt) else "slower", rel_err=rel,
-                              max_abs_err=mx, time=own, baseline=bt)
+    def torch_fn(self, problem: Any) -> Callable:
+        """The PyTorch op the pattern is in the model (the baseline), in whatever dtype it is given."""
+        raise NotImplementedError
 
+    def make_inputs(self, problem: Any, device: Any, seed: int) -> tuple:
+        raise NotImplementedError
 
-# --------------------------------------------------------------------------------------------- custom ops
+    # ------------------------------------------------------------------ shared
+
+    def accepts(self, config: Any, problem: Any) -> str:
+        if getattr(config, "template", None) not in self.templates:
+            return f"kernel {config.name} ({config.template}) does not compute {self.name}"
+        return ""
+
+    def output_shape(self, problem: Any, first_operand: tuple[int, ...]) -> None:
+        return None  # the kernel's output has the graph's own shape
+
+    def op_name(self, config: Any, problem: Any, library_key: str) -> str:
+        digest = hashlib.sha256(content_hash(config, problem, library_key).encode()).hexdigest()[:12]
+        return f"{self.stem(problem)}_{problem.dtype}_{digest}"
+
+    def _check(self, fn: Callable, problem: Any, policy: Precision, device: Any,
+               seeds: Sequence[int]) -> tuple[TrialStatus, str, float, float]:
+        """(status, error, worst rel err, worst max abs err) of `fn` against the float64 op on fresh inputs."""
+        ref_fn = self.torch_fn(problem)
+        worst_rel, worst_abs = 0.0, 0.0
+        for seed in seeds:
+            inputs = self.make_inputs(problem, device, seed)
+            ref = ref_fn(*[x.double() if x is not None else None for x in inputs])
+            out = fn(*inputs)
+            rel, mx = _rel_err(out, ref)
+            if math.isnan(rel) or rel > policy.tolerance:
+                why = "non-finite output" if math.isnan(rel) else \
+                    f"rel err {rel:.3g} > {policy.tolerance:g} (seed {seed})"
+                return TrialStatus.WRONG, why, rel, mx
+            worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, mx)
+        return TrialStatus.OK, "", worst_rel, worst_abs
+
+    def trial(self, problem: Any, config: Any, library: Library, policy: Precision | str, device: Any,
+              seeds: Sequence[int] = (0, 1), reps: int = 50) -> tuple[Trial, Trial]:
+        """(the PyTorch op's trial, the kernel's trial): verified in float64, then timed interleaved."""
+        import torch
+
+        from fact_ray.errors import CandidateError, CompileError, LaunchError
+        from fact_ray.realize.bench import clearly_faster, time_interleaved
+        from fact_ray.realize.verify import precision_mode
+
+        policy = Precision(policy)
+        device = torch.device(device)
+        base = self.torch_fn(problem)
+        with torch.no_grad(), precision_mode(policy):
+            b_status, b_err, b_rel, b_abs = self._check(base, problem, policy, device, seeds)
+            try:
+                status, err, rel, mx = self._check(self.kernel_fn(problem, library, poison=True), problem, policy,
+                                                   device, seeds)
+                # timed through the call a composed module makes (the native op where the dispatcher runs here)
+                from fact_ray.realize.dispatch import composed_fused
+
+                kernel = composed_fused(self, problem, config, library)
+            except CompileError as e:  # the library did not build (or is not one of ours): that candidate's verdict
+                status, err, rel, mx = TrialStatus.COMPILE_ERROR, first_line(e, named=False), math.nan, math.nan
+            except LaunchError as e:  # a CUDA error: the worker pool replaces this process (TrialResult)
+                status, err, rel, mx = TrialStatus.CRASHED, first_line(e, named=False), math.nan, math.nan
+            except CandidateError as e:
+                status, err, rel, mx = TrialStatus.CANNOT_IMPLEMENT, first_line(e, named=False), math.nan, math.nan
+            inputs = self.make_inputs(problem, device, 12345)
+            fns = {"torch": lambda: base(*inputs)}
+            if status == TrialStatus.OK:
+                fns[config.name] = lambda: kernel(*inputs)
+            times = time_interleaved(fns, reps=reps)
+        torch_error = "" if b_status.correct else f"the PyTorch op itself misses the {policy.value} policy: {b_err}"
+        bt = times["torch"]
+        torch_trial = Trial("torch", TrialStatus.OK, error=torch_error, rel_err=b_rel, max_abs_err=b_abs, time=bt,
+                            baseline=bt)
+        if status != TrialStatus.OK:
+            return torch_trial, Trial(config.name, status, error=err, rel_err=rel, max_abs_err=mx)
+        own = times[config.name]
+        verdict = TrialStatus.OK if clearly_faster(own, bt) else TrialStatus.SLOWER
+        return torch_trial, Trial(config.name, verdict, rel_err=rel, max_abs_err=mx, time=own, baseline=bt)
+
+    def register_op(self, problem: Any, config: Any, library: Library) -> tuple[str, Any]:
+        """`torch.ops.fact_ray.<name>` calling the kernel, with a fake implementation (shapes and strides only) so
+        the composed module traces, exports and compiles without running it. Returns (name, op)."""
+        import torch
+
+        name = self.op_name(config, problem, library.key)
+        if name in _OPS:  # one op per name and process, whichever instance of the family asks
+            return name, _OPS[name]
+        real, fake = self.op_functions(problem, self.kernel_fn(problem, library))
+        op = torch.library.custom_op(f"fact_ray::{name}", real, mutates_args=(), schema=self.schema)
+        op.register_fake(fake)
+        _OPS[name] = op
+        return name, op
+
+    def native_call(self, problem: Any, kid: str) -> tuple[str, tuple]:
+        """The native dispatcher's op for this family (`fact_ray_native.<op>`) and the arguments that follow the
+        operands; NotImplementedError for a family the dispatcher does not run (its Python custom op is used)."""
+        raise NotImplementedError
+
+    def bind(self, problem: Any, config: Any, library: Library, symbol: str, native: bool,
+             digest: str | None = None) -> Any:
+        """How a composed graph calls this kernel (a dispatch.Binding): the native op where `native` and the
+        dispatcher runs this family, else the Python custom op."""
+        from fact_ray.realize import dispatch
+
+        return dispatch.bind_fused(self, library, config, problem, native, digest)
+
+    def op_functions(self, problem: Any, run: Callable) -> tuple[Callable, Callable]:
+        """(real, fake) of the custom op: `real` calls `run`, `fake` gives the output's shape and strides only;
+        both with the schema's arguments."""
+        raise NotImplementedError
+
+    def operands(self, problem: Any) -> tuple:
+        raise NotImplementedError
+
 
 _OPS: dict[str, Any] = {}
-_SCHEMA = {"attention": "(Tensor q, Tensor k, Tensor v) -> Tensor",
-           "norm": "(Tensor x, Tensor? weight=None, Tensor? bias=None) -> Tensor"}
-
-
-def roles(problem: FusedProblem) -> tuple[str, ...]:
-    """The match operands the op takes, in order."""
-    return ("q", "k", "v") if isinstance(problem, AttentionProblem) else ("x", "weight", "bias")
-
-
-def register_op(config: KernelConfig, problem: FusedProblem, library: Library) -> tuple[str, Any]:
-    """`torch.ops.fact_ray.<name>` calling the kernel, with a fake implementation (shapes and strides only) so
-    the composed module traces, exports and compiles without running it. Returns (name, op)."""
-    import torch
-
-    name = op_name(config, problem, library.key)
-    if name in _OPS:
-        return name, _OPS[name]
-    run = kernel_fn(problem, library)
-    if isinstance(problem, AttentionProblem):
-        def real(q, k, v):
-            return run(q, k, v)
-
-        def fake(q, k, v):
-            B, H, S, D = q.shape
-            return q.new_empty((B, S, H, D)).transpose(1, 2)  # the kernel's [B, S, H, D] output, seen as BHSD
-        schema = _SCHEMA["attention"]
-    else:
-        def real(x, weight=None, bias=None):
-            return run(x, weight, bias)
-
-        def fake(x, weight=None, bias=None):
-            return torch.empty_like(x, memory_format=torch.contiguous_format)
-        schema = _SCHEMA["norm"]
-    op = torch.library.custom_op(f"fact_ray::{name}", real, mutates_args=(), schema=schema)
-    op.register_fake(fake)
-    _OPS[name] = op
-    return name, op

@@ -13,10 +13,11 @@ from typing import Optional
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError, UnsupportedDtype
 from fact_ray.realize.abi import load_checked
+from fact_ray.realize.targets import AMPERE_AND_HOPPER
 from fact_ray.realize.emit import render, template_text
-from fact_ray.types import Arch, KernelConfig, Library, Precision, Source
+from fact_ray.types import Arch, Library, NormConfig, Precision, Source
 
-TEMPLATE = "norm"  # build.GENCODES key: sm_80 + sm_90a
+TEMPLATE = "norm"  # NormConfig.template; plain CUDA, built for sm_80 and sm_90a
 NORM_ABI_VERSION = 1
 KIND = {"layernorm": 0, "rmsnorm": 1}
 EINVAL = -1
@@ -59,11 +60,8 @@ def emit_norm(dtype: str, arch: Arch = Arch.SM80) -> Source:
     ctype, code, element, precision = _dtype_entry(dtype)
     text = render(template_text("layernorm.cu.in"), {"element": dtype, "element_type": ctype, "element_code": code})
     name = f"fr_norm_{dtype}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    # build.py keys its flags on the configs' template; the GEMM fields of KernelConfig carry no meaning here.
-    cfg = KernelConfig(template=TEMPLATE, name=f"norm_{dtype}", arch=arch, precision=precision,
-                       element=element, opclass="simt", math_op="multiply_add", instruction=(1, 1, 1),
-                       tile=(1, 1, 1))
-    return Source(name=name, arch=arch, code=text, configs=(cfg,), symbols=("fr_norm_run",))
+    cfg = NormConfig(template=TEMPLATE, name=f"norm_{dtype}", arch=arch, precision=precision, element=element)
+    return Source(name=name, arch=arch, code=text, configs=(cfg,), symbols=("fr_norm_run",), flags=AMPERE_AND_HOPPER)
 
 
 def build_norm(dtype: str, cache_dir: str, nvcc: str = "nvcc") -> Library:

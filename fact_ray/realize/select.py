@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fact_ray.realize.bench import clearly_faster
-from fact_ray.types import TimeStats, Trial
+from fact_ray.types import TimeStats, Trial, TrialStatus
 
 TORCH = "torch"
 
@@ -32,7 +32,7 @@ def speedup_over_torch(trial: Trial, torch_trial: Trial | None = None) -> float:
 
 def eligible(trial: Trial, torch_trial: Trial | None = None, min_speedup: float = 1.0) -> bool:
     """A kernel trial that may replace the torch op."""
-    if trial.candidate_name == TORCH or trial.status != "ok" or trial.time is None:
+    if trial.candidate_name == TORCH or trial.status != TrialStatus.OK or trial.time is None:
         return False
     base = _baseline(trial, torch_trial)
     if base is None:
@@ -48,4 +48,4 @@ def select(trials: Sequence[Trial], min_speedup: float = 1.0) -> Trial:
         return max(best, key=lambda t: (speedup_over_torch(t, torch_trial), -t.time.median_ms))
     if torch_trial is not None:
         return torch_trial
-    return Trial(candidate_name=TORCH, status="ok", error="no trial of the PyTorch op was recorded")
+    return Trial(candidate_name=TORCH, status=TrialStatus.OK, error="no trial of the PyTorch op was recorded")

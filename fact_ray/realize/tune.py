@@ -1,71 +1,29 @@
-"""Tune one GEMM problem on the local GPU: check, verify and time every compiled config against the torch op.
-
-`tune_problem` is the GPU half of realization (no Ray, no tracking): given configs and the libraries that hold
-them, it produces one `Trial` per config plus the torch op's own, and selects. `tune_match` wires the whole
-stage for one match on this machine: problem_from_match -> space -> emit -> build_many -> tune_problem.
-
-Each config ends in exactly one status: compile_error (its library failed to build or load), cannot_implement
-(operand checks or CUTLASS's can_implement refuse the real shapes), wrong (verify failed), crashed (its launch
-failed or faulted), ok (verified and faster than the torch op beyond noise) or slower (verified, not faster).
+"""`fact-ray tune`: one match realized on the local GPU through the one pipeline (realize/pipeline.py) with the
+in-process executor, and the trials table a person reads. The GEMM trial itself is realize/gemm_trial.py (its
+names are re-exported here for the scripts that import them from this module).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from rich.table import Table
 
 from fact_ray.config import Settings
-from fact_ray.errors import CandidateError, CannotImplement, NotAvailable, first_line
-from fact_ray.realize import dispatch, fused
+from fact_ray.errors import CannotImplement, NotAvailable
+from fact_ray.realize.gemm_trial import (  # noqa: F401 - re-exported
+    Choice, Progress, TuneProgress, context_alive, one_line, tune_problem)
+from fact_ray.realize.select import TORCH
 from fact_ray.toolchain import target_arch
-from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
-from fact_ray.realize.build import build_many
-from fact_ray.realize.emit import emit
-from fact_ray.realize.kernel import GemmKernel, torch_op
-from fact_ray.realize.problem import problem_from_match
-from fact_ray.realize.select import TORCH, select
-from fact_ray.realize.verify import as_candidate, make_inputs, policy_dtype, precision_mode, verify
-from fact_ray.search_spaces import space
-from fact_ray.types import (Arch, GemmProblem, KernelConfig, Library, Match, Precision, TimeStats, Trial,
-                            Winner)
-
-# CUDA faults surface as torch.AcceleratorError (a RuntimeError) at the next synchronisation.
-_CUDA_FAULTS: tuple[type[BaseException], ...] = tuple(
-    e for e in (getattr(torch, "AcceleratorError", None),) if isinstance(e, type))
-
-# Aim for about this much timed work per candidate; reps stay within [MIN_REPS, MAX_REPS].
-TARGET_MS_PER_CANDIDATE = 300.0
-MIN_REPS, MAX_REPS, WARMUP = 10, 100, 5
-
-
-@dataclass(frozen=True)
-class TuneProgress:
-    """A progress report: `stage` is space | compile | verify | time | done."""
-
-    stage: str
-    done: int
-    total: int
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Choice:
-    """What tune_problem selected: a verified kernel (config set) or the torch op (config None)."""
-
-    trial: Trial
-    config: Optional[KernelConfig]
-    library_key: str = ""
+from fact_ray.types import Arch, Match, TimeStats, Trial, TrialStatus, Winner, Precision
 
 
 @dataclass(frozen=True)
 class TuneResult:
     match: Match
-    problem: Any  # GemmProblem, or fused.AttentionProblem / NormProblem
+    problem: Any  # the family's problem: GemmProblem, AttentionProblem, NormProblem, ...
     winner: Winner
     trials: tuple[Trial, ...]
     gpu: str
@@ -73,167 +31,6 @@ class TuneResult:
     libraries: int
     libraries_ok: int
     compile_seconds: float  # summed over libraries (cached ones count their original build time)
-
-
-Progress = Callable[[TuneProgress], None]
-KernelFactory = Callable[[Library, KernelConfig, GemmProblem], GemmKernel]
-
-
-def _tflops(problem: GemmProblem, t: Optional[TimeStats]) -> float:
-    if t is None or not t.median_ms > 0:
-        return 0.0
-    return problem.flops / (t.median_ms * 1e-3) / 1e12
-
-
-def _context_alive(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return True
-    try:
-        torch.cuda.synchronize(device)
-        return True
-    except Exception:  # noqa: BLE001 - any failure here means the context is gone
-        return False
-
-
-def _check_and_verify(cfg: KernelConfig, library: Optional[Library], problem: GemmProblem, policy: Precision,
-                      device: torch.device, seeds: Sequence[int], inputs: tuple,
-                      factory: KernelFactory) -> tuple[Trial, Optional[GemmKernel]]:
-    if library is None:
-        return Trial(cfg.name, "compile_error", error="no library holds this config"), None
-    if not library.ok:
-        return Trial(cfg.name, "compile_error", error=first_line(library.log)), None
-    try:
-        kernel = factory(library, cfg, problem)
-        kernel.check(*inputs)
-        res = verify(lambda a, b, bias, residual, out: kernel(a, b, bias, residual, out=out),
-                     problem, policy, device, seeds)
-    except CandidateError as e:
-        return Trial(cfg.name, e.status, error=first_line(e, named=False)), None
-    except _CUDA_FAULTS as e:
-        return Trial(cfg.name, "crashed", error=first_line(e, named=False)), None
-    if not res.ok:
-        return Trial(cfg.name, "wrong", error=res.reason, rel_err=res.rel_err, max_abs_err=res.max_abs_err), None
-    return Trial(cfg.name, "ok", rel_err=res.rel_err, max_abs_err=res.max_abs_err), kernel
-
-
-def _choose_reps(base: Callable[[], None], timer: Optional[Timer]) -> int:
-    pilot = time_interleaved({TORCH: base}, warmup=2, reps=3, timer=timer)[TORCH].median_ms
-    if not pilot > 0 or math.isinf(pilot):
-        return MIN_REPS
-    return int(min(MAX_REPS, max(MIN_REPS, round(TARGET_MS_PER_CANDIDATE / pilot))))
-
-
-def tune_problem(problem: GemmProblem, configs: Sequence[KernelConfig], libraries: Sequence[Library],
-                 policy: Precision, device: torch.device | str, *, timer: Optional[Timer] = None,
-                 progress: Optional[Progress] = None, kernel_factory: KernelFactory = GemmKernel,
-                 seeds: Sequence[int] = (0, 1, 2), reps: Optional[int] = None,
-                 min_speedup: float = 1.0) -> tuple[Choice, list[Trial]]:
-    """Check, verify and time every config; return the selection and all trials (the torch op's first).
-
-    `timer` replaces CUDA-event timing (tests); `kernel_factory` builds the callable of a config (a
-    `GemmKernel` unless a test plants another); `reps` overrides the timed rounds chosen from a pilot run.
-    """
-    policy = Precision(policy)
-    device = torch.device(device)
-    report = progress or (lambda _ev: None)
-    lib_of = {cfg.name: lib for lib in libraries for cfg in lib.source.configs}
-    base_op = torch_op(problem)
-    with precision_mode(policy):
-        inputs = make_inputs(problem, policy_dtype(policy), device, seeds[0] if seeds else 0)
-        base_check = verify(as_candidate(base_op), problem, policy, device, seeds)
-        torch_error = "" if base_check.ok else f"the PyTorch op itself misses the {policy.value} policy: " \
-                                                f"{base_check.reason}"
-        checked: dict[str, Trial] = {}
-        kernels: dict[str, GemmKernel] = {}
-        lost = ""  # name of the candidate after which the CUDA context died
-        for i, cfg in enumerate(configs):
-            if lost:
-                checked[cfg.name] = Trial(cfg.name, "crashed", error=f"not run: CUDA context lost after {lost}")
-                continue
-            trial, kernel = _check_and_verify(cfg, lib_of.get(cfg.name), problem, policy, device, seeds, inputs,
-                                              kernel_factory)
-            checked[cfg.name] = trial
-            if kernel is not None:
-                kernels[cfg.name] = kernel
-            if trial.status == "crashed" and not _context_alive(device):
-                lost = cfg.name
-            report(TuneProgress("verify", i + 1, len(configs), f"{cfg.name}: {trial.status}"))
-
-        times: dict[str, TimeStats] = {}
-        if not lost:
-            times, crashed, lost = _time_all(base_op, kernels, inputs, device, timer, reps, report)
-            for name, err in crashed.items():
-                checked[name] = Trial(name, "crashed", error=err, rel_err=checked[name].rel_err,
-                                      max_abs_err=checked[name].max_abs_err)
-
-    base_time = times.get(TORCH)
-    trials = [Trial(TORCH, "ok", error=torch_error, rel_err=base_check.rel_err, max_abs_err=base_check.max_abs_err,
-                    time=base_time, baseline=base_time, tflops=_tflops(problem, base_time))]
-    for cfg in configs:
-        t = checked[cfg.name]
-        if t.status == "ok":
-            own = times.get(cfg.name)
-            if own is None or base_time is None:
-                t = Trial(cfg.name, "crashed", error=f"not timed: CUDA context lost after {lost}",
-                          rel_err=t.rel_err, max_abs_err=t.max_abs_err)
-            else:
-                t = Trial(cfg.name, "ok" if clearly_faster(own, base_time) else "slower", rel_err=t.rel_err,
-                          max_abs_err=t.max_abs_err, time=own, baseline=base_time, tflops=_tflops(problem, own))
-        trials.append(t)
-    chosen = select(trials, min_speedup)
-    config = next((c for c in configs if c.name == chosen.candidate_name), None)
-    library_key = lib_of[config.name].key if config is not None else ""
-    report(TuneProgress("done", len(configs), len(configs), f"best: {chosen.candidate_name}"))
-    return Choice(chosen, config, library_key), trials
-
-
-def _time_all(base_op, kernels: dict[str, GemmKernel], inputs: tuple, device: torch.device,
-              timer: Optional[Timer], reps: Optional[int],
-              report: Progress) -> tuple[dict[str, TimeStats], dict[str, str], str]:
-    """Time the torch op and every verified kernel interleaved. A kernel that fails here is dropped and the
-    rest timed again; returns (times, crashed name -> error, name after which the context died or "")."""
-    a, b, bias, residual = inputs
-    # Timed through the call a composed module makes (the native op where the dispatcher runs here); verified
-    # above through the same kernel's ctypes wrapper, which can write into a poisoned output.
-    runners = {n: dispatch.composed_gemm(k, device) for n, k in kernels.items()}
-    pending = dict(kernels)
-    crashed: dict[str, str] = {}
-    base = lambda: base_op(a, b, bias, residual)  # noqa: E731
-    while True:
-        failed: list[str] = []
-
-        def guarded(name: str, k: Callable[..., Any]) -> Callable[[], None]:
-            def call() -> None:
-                try:
-                    k(a, b, bias, residual)
-                except BaseException:
-                    failed.append(name)
-                    raise
-            return call
-
-        fns: dict[str, Callable[[], None]] = {TORCH: base}
-        fns.update({n: guarded(n, runners[n]) for n in pending})
-        report(TuneProgress("time", 0, len(fns), f"{len(fns)} candidates interleaved"))
-        try:
-            n_reps = reps if reps is not None else _choose_reps(base, timer)
-            times = time_interleaved(fns, warmup=WARMUP, reps=n_reps, timer=timer)
-            report(TuneProgress("time", len(fns), len(fns), ""))
-            return times, crashed, ""
-        except (CandidateError, *_CUDA_FAULTS) as e:
-            # An asynchronous fault may surface in a later call than the one that caused it; blame the one
-            # that raised, which is the best evidence there is.
-            culprit = failed[0] if failed else ""
-            if not culprit:
-                if isinstance(e, CandidateError) or _context_alive(device):
-                    raise  # not a kernel's fault we can name: a bug, let it show
-                # A fault that surfaced at a synchronisation: no single kernel can be blamed, and none can
-                # run again in this process.
-                crashed.update({n: f"timing faulted, culprit unknown: {first_line(e, named=False)}" for n in pending})
-                return {}, crashed, "a fault while timing"
-            crashed[culprit] = f"while timing: {first_line(e, named=False)}"
-            pending.pop(culprit, None)
-            if not _context_alive(device):
-                return {}, crashed, culprit
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -245,63 +42,56 @@ def local_arch(device: torch.device, wanted: Optional[Arch]) -> Arch:
 
 
 def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress] = None) -> TuneResult:
-    """Realize one match on the local GPU: problem -> space -> emit -> build -> verify and time -> winner.
+    """Realize one match on the local GPU through the one pipeline (realize/pipeline.py) with the in-process
+    executor: plan (problem -> candidates within the budget -> units) -> build -> one trial per candidate ->
+    winner. The farm runs the very same plan with its Ray executor.
 
-    Raises NotAvailable (one line) without a GPU, for a GPU that is not a target, and for a match that no GEMM
-    template realizes (attention, normalisation, ...).
+    Raises NotAvailable (one line) without a GPU, for a GPU that is not a target, and for a match that no kernel
+    family realizes.
     """
+    from fact_ray.realize import pipeline
+
     if not torch.cuda.is_available():
         raise NotAvailable("no CUDA GPU: tune verifies and times kernels on a local GPU, and torch sees none")
     report = progress or (lambda _ev: None)
     device = torch.device("cuda", torch.cuda.current_device())
     arch = local_arch(device, settings.arch)
-    policy = settings.policy
-    if match.family in fused.FUSED_FAMILIES:
-        return _tune_fused(match, settings, device, arch, policy, report)
+    policy = Precision(settings.policy)
     try:
-        problem = problem_from_match(match, policy)
-        configs = list(space(problem, arch, policy, settings.budget))
-    except CannotImplement as e:
-        raise NotAvailable(f"cannot tune {match.rule} as a GEMM: {e}") from None
-    report(TuneProgress("space", len(configs), len(configs), f"{len(configs)} configs for {arch.value}"))
-    sources = emit(configs, arch)
-    report(TuneProgress("compile", 0, len(sources), f"{len(sources)} translation units"))
-    libraries = build_many(sources, settings.resolved_cache_dir, settings.jobs or os.cpu_count() or 1,
-                           nvcc=settings.nvcc)
-    n_ok = sum(lib.ok for lib in libraries)
-    report(TuneProgress("compile", len(libraries), len(sources), f"{n_ok} built"))
-    choice, trials = tune_problem(problem, configs, libraries, policy, device, progress=progress)
-    winner = Winner(match_key=match.key, rule=match.rule, precision=policy, arch=arch, config=choice.config,
-                    trial=choice.trial, library_key=choice.library_key, trials=tuple(trials))
-    return TuneResult(match=match, problem=problem, winner=winner, trials=tuple(trials),
-                      gpu=torch.cuda.get_device_name(device), configs=len(configs), libraries=len(libraries),
-                      libraries_ok=n_ok, compile_seconds=sum(lib.seconds for lib in libraries))
-
-
-def _tune_fused(match: Match, settings: Settings, device: torch.device, arch: Arch, policy: Precision,
-                report: Progress) -> TuneResult:
-    """Attention or a norm: its one kernel for this dtype, built, verified and timed against the model's op."""
-    try:
-        problem = fused.problem_of(match, policy)
+        plan = pipeline.plan(match, policy, arch, settings.budget)
     except CannotImplement as e:
         raise NotAvailable(f"cannot tune {match.rule}: {e}") from None
-    sources = fused.sources_for(problem, arch)
-    report(TuneProgress("compile", 0, len(sources), f"{len(sources)} translation unit"))
-    libraries = build_many(sources, settings.resolved_cache_dir, settings.jobs or os.cpu_count() or 1,
-                           nvcc=settings.nvcc)
-    n_ok = sum(lib.ok for lib in libraries)
-    report(TuneProgress("compile", len(libraries), len(sources), f"{n_ok} built"))
-    config, library = sources[0].configs[0], libraries[0]
-    torch_trial, trial = fused.trial(problem, config, library, policy, device)
-    trials = (torch_trial, trial)
-    chosen = select(list(trials))
-    winner = Winner(match_key=match.key, rule=match.rule, precision=policy, arch=arch,
-                    config=config if chosen is trial else None, trial=chosen,
-                    library_key=library.key if chosen is trial else "", trials=trials)
-    report(TuneProgress("done", 1, 1, f"best: {chosen.candidate_name}"))
-    return TuneResult(match=match, problem=problem, winner=winner, trials=trials,
-                      gpu=torch.cuda.get_device_name(device), configs=1, libraries=len(libraries), libraries_ok=n_ok,
+    n_cfg, n_src = len(plan.configs), len(plan.sources)
+    report(TuneProgress("space", n_cfg, n_cfg, f"{n_cfg} {plan.family} candidates for {arch.value}"))
+    report(TuneProgress("compile", 0, n_src, f"{n_src} translation units"))
+    executor = pipeline.LocalExecutor(settings.resolved_cache_dir, jobs=settings.jobs or 0, nvcc=settings.nvcc,
+                                      device=device)
+    (run,) = pipeline.realize([plan], executor, policy, arch, _ProgressHooks(report, n_src, n_cfg))
+    libraries = [b.library for b in run.built]
+    trials = tuple(run.all_trials)
+    return TuneResult(match=match, problem=plan.problem, winner=run.winner, trials=trials,
+                      gpu=torch.cuda.get_device_name(device), configs=n_cfg, libraries=len(libraries),
+                      libraries_ok=sum(lib.ok for lib in libraries),
                       compile_seconds=sum(lib.seconds for lib in libraries))
+
+
+class _ProgressHooks:
+    """The pipeline's reports as TuneProgress lines."""
+
+    def __init__(self, report: Progress, n_sources: int, n_configs: int) -> None:
+        self.report, self.n_sources, self.n_configs = report, n_sources, n_configs
+
+    def compiled(self, run: Any, built: Any) -> None:
+        ok = sum(b.ok for b in run.built)
+        self.report(TuneProgress("compile", len(run.built), self.n_sources, f"{ok} built"))
+
+    def trial(self, run: Any, trial: Trial, slot: int = -1, host: str = "") -> None:
+        if trial.candidate_name != TORCH:
+            self.report(TuneProgress("verify", len(run.trials), self.n_configs,
+                                     f"{trial.candidate_name}: {trial.status.value}"))
+
+    def finished(self, run: Any) -> None:
+        self.report(TuneProgress("done", self.n_configs, self.n_configs, f"best: {run.winner.trial.candidate_name}"))
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -320,12 +110,10 @@ def format_trials(trials: Sequence[Trial], chosen: str = "", title: str = "") ->
                     ("time ms", {"justify": "right"}), ("TFLOP/s", {"justify": "right"}),
                     ("speedup", {"justify": "right"}), ("rel err", {"justify": "right"})):
         table.add_column(col, **kw)
-    style = {"ok": "green", "slower": "yellow", "wrong": "red", "crashed": "red", "compile_error": "red",
-             "cannot_implement": "dim", "timeout": "red"}
+    style = {TrialStatus.OK: "green", TrialStatus.SLOWER: "yellow", TrialStatus.CANNOT_IMPLEMENT: "dim"}  # else red
     for t in trials:
         mark = " *" if chosen and t.candidate_name == chosen else ""
         sp = t.speedup
-        table.add_row(t.candidate_name + mark, f"[{style.get(t.status, '')}]{t.status}[/]" if style.get(t.status)
-                      else t.status, t.error or "", _fmt_time(t.time), f"{t.tflops:.1f}" if t.tflops else "-",
+        table.add_row(t.candidate_name + mark, f"[{style.get(t.status, 'red')}]{t.status.value}[/]", t.error or "", _fmt_time(t.time), f"{t.tflops:.1f}" if t.tflops else "-",
                       f"{sp:.2f}x" if sp == sp else "-", f"{t.rel_err:.1e}" if t.rel_err == t.rel_err else "-")
     return table
