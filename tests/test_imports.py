@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"fact_ray": "fact_ray", "fact_ray.actors": "actors", "fact_ray.search_spaces": "search_spaces",
             "fact_ray.pattern_table": "pattern_table"}
 LAYERS = [
-    ("fact_ray.types", "fact_ray.errors", "fact_ray.config", "fact_ray.events", "fact_ray.redact", "fact_ray.fsutil"),
+    ("fact_ray.types", "fact_ray.errors", "fact_ray.config", "fact_ray.events", "fact_ray.redact", "fact_ray.fsutil",
+     "fact_ray.toolchain"),
     ("fact_ray.search_spaces", "fact_ray.pattern_table"),
     ("fact_ray.capture", "fact_ray.capture_cache", "fact_ray.buckets"),
     ("fact_ray.discover",),
@@ -33,8 +34,9 @@ LAYERS = [
     ("fact_ray.bench", "fact_ray.doctor", "fact_ray.fleet"),
     ("fact_ray.cli", "fact_ray"),  # the package itself: `fact_ray.load`, a facade like the CLI
 ]
-# all that search_spaces and pattern_table may import of ours: the nouns, the errors, and two leaf utilities
-BOTTOM = {"fact_ray.types", "fact_ray.errors", "fact_ray.redact", "fact_ray.fsutil"}
+# all that search_spaces and pattern_table may import of ours: the nouns, the errors, and leaf modules beside them
+# (the table key's toolchain part, redaction, file helpers), which import nothing but types and errors
+BOTTOM = {"fact_ray.types", "fact_ray.errors", "fact_ray.redact", "fact_ray.fsutil", "fact_ray.toolchain"}
 
 
 def modules() -> dict[str, Path]:
