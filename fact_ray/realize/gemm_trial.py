@@ -19,7 +19,7 @@ import torch
 from fact_ray.errors import CandidateError, first_line
 from fact_ray.realize import dispatch
 from fact_ray.realize.bench import Timer, clearly_faster, time_interleaved
-from fact_ray.realize.kernel import GemmKernel, first_error_line, torch_op
+from fact_ray.realize.kernel import GemmKernel, torch_op
 from fact_ray.realize.select import TORCH, select
 from fact_ray.realize.verify import as_candidate, make_inputs, policy_dtype, precision_mode, verify
 from fact_ray.types import GemmProblem, KernelConfig, Library, Precision, TimeStats, Trial, TrialStatus
@@ -82,7 +82,7 @@ def _check_and_verify(cfg: KernelConfig, library: Optional[Library], problem: Ge
     if library is None:
         return Trial(cfg.name, TrialStatus.COMPILE_ERROR, error="no library holds this config"), None
     if not library.ok:
-        return Trial(cfg.name, TrialStatus.COMPILE_ERROR, error=first_error_line(library.log)), None
+        return Trial(cfg.name, TrialStatus.COMPILE_ERROR, error=first_line(library.log)), None
     try:
         kernel = factory(library, cfg, problem)
         kernel.check(*inputs)
