@@ -31,7 +31,7 @@ def test_emit_fmha_fills_every_slot_and_differs_per_dtype():
         assert "{{" not in s.code and f"using Element = {element};" in s.code
         assert s.arch == Arch.SM90 and s.symbols == ("fr_fmha_run",)
         (cfg,) = s.configs
-        assert cfg.template == "fmha_sm90" and cfg.arch == Arch.SM90 and cfg.tile == (128, 128, 128)
+        assert cfg.template == "fmha_sm90" and cfg.arch == Arch.SM90 and cfg.block == (128, 128, 128)
     assert bf.configs[0].name == "fmha_sm90_causal_bfloat16_q128_k128_d128"
     assert (bf.configs[0].precision, fp.configs[0].precision) == (Precision.BF16, Precision.FP16)
     assert bf.code != fp.code and bf.name != fp.name
