@@ -118,7 +118,7 @@ def _refused(s, match, **kw):
 
 def test_the_untampered_artifact_gets_as_far_as_loading_its_library(setup):
     # The benign library lacks the GEMM symbols, so compose refuses it (one line): everything before passed.
-    with pytest.raises(ArtifactError, match="lacks a symbol of fr_x"):
+    with pytest.raises(ArtifactError, match="lacks (a symbol of )?fr_x"):
         load(setup["art"], setup["model"], expect_arch="sm80")
     assert setup["mark"].exists()
 
@@ -170,7 +170,7 @@ def test_library_that_is_a_link_is_refused(setup):
 def test_library_swapped_while_the_model_imports_is_never_loaded(setup, monkeypatch):
     lib = setup["art"] / "libs" / f"{setup['digest']}.so"
     monkeypatch.setenv("FR_TEST_SWAP", f"{setup['planted']}|{lib}")
-    with pytest.raises(ArtifactError, match="lacks a symbol of fr_x"):
+    with pytest.raises(ArtifactError, match="lacks (a symbol of )?fr_x"):
         load(setup["art"], setup["model"], expect_arch="sm80")
     assert setup["mark"].exists() and lib.read_bytes() == setup["planted"].read_bytes(), "the swap happened"
     assert not setup["planted_mark"].exists(), "the swapped-in library was loaded: its constructor ran"

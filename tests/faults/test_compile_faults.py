@@ -16,6 +16,7 @@ import pytest
 from fact_ray.realize import build as B
 from fact_ray.search_spaces import space
 from fact_ray.realize.emit import symbol
+from fact_ray.realize.targets import GENCODE
 from fact_ray.types import Arch, GemmProblem, Precision, Source
 
 from ._util import Assassin, processes_under
@@ -34,7 +35,8 @@ __global__ void fr_fault_kernel(cutlass::half_t* x) { x[threadIdx.x] = cutlass::
 def small_source(value: str) -> Source:
     cfg = next(c for c in space(GemmProblem(M=256, N=256, K=256, dtype="float32"), Arch.SM80, Precision.FP32)
                if c.template == "sm80_gemm")
-    return Source(name="fault", arch=Arch.SM80, code=SMALL % value, configs=(cfg,), symbols=(symbol(cfg),))
+    return Source(name="fault", arch=Arch.SM80, code=SMALL % value, configs=(cfg,), symbols=(symbol(cfg),),
+                  flags=(GENCODE["sm_80"],))
 
 
 @pytest.mark.nvcc
