@@ -59,13 +59,12 @@ def register_artifact(artifact: str | os.PathLike) -> tuple[str, ...]:
     registered: the native dispatcher's kernel ids, or the Python custom ops' names.
     The artifact is checked as `fact_ray.load` checks it (arch, toolchain, library bytes)."""
     from fact_ray import artifact_trust as trust
-    from fact_ray.artifact import _config_from, check_target, read_manifest
+    from fact_ray.artifact import _checked_artifact, _config_from
     from fact_ray.compose import KernelChoice, library_for
     from fact_ray.realize import dispatch, family
 
-    manifest = read_manifest(artifact, key=trust.key_from_env())
-    check_target(manifest, where=f"artifact {artifact}")
-    staged = trust.stage_libraries(Path(artifact), manifest)  # hashed and loaded from one private copy
+    # The same checks as fact_ray.load, in the same place: libraries hashed and loaded from one private copy.
+    manifest, staged = _checked_artifact(artifact, trust.key_from_env(), None, None)
     names = []
     # The path the composition took: a native kernel id in the manifest needs the native dispatcher here too.
     native = any(pat.get("kernel") for pat in manifest["patterns"])
