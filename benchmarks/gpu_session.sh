@@ -5,7 +5,8 @@
 # (into the same table), bench:<model>:<policy>[:<bench options, '+' for spaces>], profile:<model>:<policy> (one more
 # `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
-# suite:<policy>:<budget>[:<timeout>] (issue 15: benchmarks/suite.py over benchmarks/models/, FR_* sizes from the env),
+# suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
+# of stems and paths given, resumable on a warm machine, FR_* sizes from the env),
 # e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
 # composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
 # timing methods side by side on a Llama-style block: benchmarks/bench_methods.py), fleet:<gpu counts, '+'
@@ -32,7 +33,10 @@ for step in "$@"; do
   case "$name" in
     pytest) timeout "${b:-400}" python3 -m pytest -q -m gpu ${a//,/ } ${c:+-k "$c"} -rfEs --durations=8 -p no:cacheprovider 2>&1 \
               | tee "$OUT/pytest-$(basename "${a%%,*}" .py).log" | tail -40 ;;
-    gputests) timeout "${a:-300}" python3 -m pytest -q -m gpu tests --durations=15 -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" | tail -60 ;;
+    # gputests[:<timeout>[:<workers>]]: -v so that every test's outcome is in the log as it finishes (a call cut off
+    # by its time limit keeps them); workers > 1 spread the test files over pytest-xdist processes sharing the GPU
+    gputests) timeout "${a:-300}" python3 -m pytest -v -m gpu tests --durations=15 -rfEs -p no:cacheprovider \
+                ${b:+-n "$b" --dist loadfile} 2>&1 | tee "$OUT/gputests.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | tail -70 ;;
     gemm) timeout "${c:-420}" python3 benchmarks/gemm.py --policy "$a" --budget "$b" --out "$OUT/gemm-${a//,/-}.jsonl" 2>&1 \
             | tee "$OUT/gemm-${a//,/-}.log" | tail -40 ;;
     scaling) timeout 400 python3 benchmarks/compile_scaling.py --units "$a" --base-units "${b:-0}" --arch sm80 --out "$OUT/compile-scaling.json" 2>&1 \
@@ -62,8 +66,13 @@ for step in "$@"; do
            | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
     attn) timeout 300 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
-    suite) timeout "${c:-560}" python3 benchmarks/suite.py --policy "${a:-bf16}" --budget "${b:-8}" --out "$OUT/suite" 2>&1 \
-             | tee "$OUT/suite-${a:-bf16}.log" | tail -30 ;;  # issue 15: every model of benchmarks/models/
+    suite) IFS=: read -r t models <<<"${c:-}"  # issue 15: every model of benchmarks/models/ (or the comma list given)
+           # the suite's folder lives in the tree so that the same step in a later call on a warm machine goes on
+           # with the models not done yet (benchmarks/suite.py keeps a ledger); a copy goes back every call
+           work=".fact-ray/suite-${a:-bf16}"
+           timeout "${t:-560}" python3 benchmarks/suite.py --policy "${a:-bf16}" --budget "${b:-8}" --out "$work" \
+             ${models:+--models "$models"} 2>&1 | tee -a "$OUT/suite-${a:-bf16}.log" | grep -v '^|' | tail -30
+           tail -16 "$work/suite-${a:-bf16}.md" 2>/dev/null; rm -rf "$OUT/suite-${a:-bf16}"; cp -r "$work" "$OUT/suite-${a:-bf16}" ;;
     methods) timeout 400 python3 benchmarks/bench_methods.py --out "$OUT/bench-methods.json" 2>&1 \
                | tee "$OUT/bench-methods.log" | tail -15 ;;
     fleet) timeout "${b:-580}" python3 benchmarks/fleet_scaling.py ${a:+--gpus "${a//+/,}"} --out "$OUT/fleet-scaling.json" \

@@ -124,11 +124,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     (out / "bench").mkdir(parents=True, exist_ok=True)
-    stems = [s for s in args.models.split(",") if s] or sorted(p.stem for p in MODELS.glob("*.py"))
-    tokens, errors = {}, {}
-    for stem in stems:
-        ref = str(MODELS / f"{stem}.py")
-        tokens[stem] = tokens_of(ref)
+    # A stem names a file of benchmarks/models/; a path (examples/minigpt.py) names any KernelBench-format file.
+    refs = [s for s in args.models.split(",") if s] or sorted(p.stem for p in MODELS.glob("*.py"))
+    # Resumable: a GPU call is cut at 10 minutes, so each finished model is recorded in done.json and the summary
+    # rewritten after it; the same command on the same machine goes on with the models not done yet.
+    ledger = out / "done.json"
+    done_before = json.loads(ledger.read_text()) if ledger.exists() else {}
+    tokens, errors = dict(done_before.get("tokens", {})), dict(done_before.get("errors", {}))
+    for item in refs:
+        ref = item if "/" in item else str(MODELS / f"{item}.py")
+        stem = Path(ref).stem
+        if stem in tokens:
+            print(f"# {stem}: done in an earlier call", flush=True)
+            continue
         for cmd in (["fact-ray", "run", ref, "--policy", args.policy, "--budget", str(args.budget)],
                     ["fact-ray", "bench", ref, "--policy", args.policy, "--out", str(out / "bench"),
                      "--variants", args.variants]):
@@ -139,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tail = (done.stdout + done.stderr).strip().splitlines()
                 errors[stem] = f"{cmd[1]}: {tail[-1] if tail else f'exit {done.returncode}'}"
                 break
-    write(out, collect(out, tokens, errors), args.policy)
+        tokens[stem] = tokens_of(ref)
+        ledger.write_text(json.dumps({"tokens": tokens, "errors": errors}, indent=1))
+        write(out, collect(out, tokens, errors), args.policy)
     return 0
 
 

@@ -182,9 +182,43 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 def runnable_module(captured: Any) -> torch.fx.GraphModule:
     """A fresh runnable copy of the captured graph sharing the original's parameters and buffers."""
     if captured.exported is not None:
-        return captured.exported.module()  # lifted state back to attributes; same tensors as the model's
-    gm = captured.graph_module
-    return torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+        gm = captured.exported.module()  # lifted state back to attributes; same tensors as the model's
+    else:
+        gm = captured.graph_module
+        gm = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+    return _follow_input_device(gm)
+
+
+def _follow_input_device(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make the graph run on whatever device its inputs are on. Tracing writes the device it ran on into the graph
+    as a literal (`torch.arange(T, device=x.device)` becomes `arange(..., device=cpu)`, and export's
+    `_assert_tensor_metadata` for `.to(dtype)` checks device=cpu), but a module is usually captured on the CPU and
+    then composed, moved and served on a GPU: there the literals create CPU tensors or fail the check ("Tensor
+    device mismatch! Expected: cpu, Got: cuda:0"). Literal devices now read the first input's device at run time;
+    the checks keep their dtype and layout and drop the device. A model that puts a tensor on another device than
+    its input on purpose is not supported by this rewrite (none of the suite's models does)."""
+    from fact_ray.capture import canonical_target
+    from fact_ray.discover.view import is_assertion
+
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    tensors = [n for n in inputs if isinstance(n.meta.get("val", n.meta.get("example_value")), torch.Tensor)]
+    first = (tensors or inputs or [None])[0]
+    device_node = None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not any(isinstance(v, torch.device) for v in node.kwargs.values()):
+            continue
+        if is_assertion(canonical_target(node.target)):
+            node.kwargs = {k: v for k, v in node.kwargs.items() if not isinstance(v, torch.device)}
+            continue
+        if first is None:
+            continue  # no input to follow: the literal is all there is
+        if device_node is None:
+            with graph.inserting_after(inputs[-1]):  # after every placeholder: they open the graph
+                device_node = graph.call_function(getattr, (first, "device"))
+        node.kwargs = {k: (device_node if isinstance(v, torch.device) else v) for k, v in node.kwargs.items()}
+    gm.recompile()
+    return gm
 
 
 def _node_index(captured: Any, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:

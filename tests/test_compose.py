@@ -90,6 +90,38 @@ def test_compose_without_winners_keeps_every_op_and_runs_like_the_original():
         torch.testing.assert_close(module(x), loaded.module(x), rtol=0, atol=0)
 
 
+def test_composed_graph_holds_no_device_of_the_capture(tmp_path):
+    """Captured on the CPU, served on a GPU: export writes the tracing device into the graph (a buffer's
+    `.to(dtype)` becomes a device=cpu check, `arange(device=x.device)` a device=cpu literal). The composed module
+    of the Llama-style block failed on the H200 with "Tensor device mismatch! Expected: cpu, Got: cuda:0" before the
+    literals followed the input."""
+    src = tmp_path / "rope_like.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("cos", torch.randn(16, 8), persistent=False)
+                self.lin = torch.nn.Linear(8, 8)
+            def forward(self, x):
+                pos = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
+                return self.lin(x) * self.cos[: x.shape[1]].to(x.dtype) + pos[:, None]
+        def get_inputs():
+            return [torch.randn(2, 16, 8)]
+        def get_init_inputs():
+            return []
+    """))
+    loaded = load_model(str(src))
+    captured = capture(loaded)
+    assert any(isinstance(v, torch.device) for n in captured.exported.graph.nodes for v in n.kwargs.values())
+    module = compose(captured, discover(captured.graph, Arch.SM80, Precision.FP32), {}, Precision.FP32)
+    literal = [n.name for n in module.graph.nodes if any(isinstance(v, torch.device) for v in n.kwargs.values())]
+    assert literal == []
+    x = loaded.inputs[0]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), loaded.module(x), rtol=0, atol=0)
+
+
 def test_check_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: test_compose_gpu checks for real")
