@@ -296,7 +296,8 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class NormConfig:
-    """Our one-pass row LayerNorm/RMSNorm kernel for one element type."""
+    """Our row LayerNorm/RMSNorm kernel for one element type, in one launch shape (realize/norm.py). lanes 0 is the
+    general kernel alone (what was stored before launch shapes were searched)."""
 
     TEMPLATES: ClassVar[tuple[str, ...]] = ("norm",)
 
@@ -305,11 +306,29 @@ class NormConfig:
     arch: Arch
     precision: Precision
     element: str  # float | bfloat16_t | half_t
+    lanes: int = 0  # threads per row of the row kernel (32 .. 1024); 0: the general kernel only
+    rows_per_block: int = 1
+    items: int = 0  # 16-byte vectors per thread, held in registers
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Our rotary position embedding kernel (realize/rope.py) for one element type, in one launch shape."""
+
+    TEMPLATES: ClassVar[tuple[str, ...]] = ("rope",)
+
+    template: str
+    name: str
+    arch: Arch
+    precision: Precision
+    element: str  # float | bfloat16_t | half_t
+    threads: int  # threads a block
+    units: int  # 16-byte units a thread
 
 
 GemmConfig = KernelConfig  # the GEMM families' config (sm80_gemm, sm90_gemm, sm90_tf32x3) under its own name
-AnyConfig = KernelConfig | AttentionConfig | NormConfig
-CONFIG_TYPES: tuple[type, ...] = (KernelConfig, AttentionConfig, NormConfig)
+AnyConfig = KernelConfig | AttentionConfig | NormConfig | RopeConfig
+CONFIG_TYPES: tuple[type, ...] = (KernelConfig, AttentionConfig, NormConfig, RopeConfig)
 # Before configs had family types, attention and norm configs were stored as KernelConfigs, whose GEMM fields
 # carried no meaning for them (tile was the attention block): such a stored config still loads.
 _LEGACY_FIELDS = frozenset(f.name for f in fields(KernelConfig))

@@ -56,6 +56,13 @@ def element_bytes(dtype: str, policy: Precision) -> int:
     return DTYPE_BYTES.get(dtype, 4)
 
 
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
 def work(m: Match, policy: Precision) -> tuple[int, int, bool]:
     """(FLOPs, fewest bytes, runs on tensor cores) of one match."""
     p = dict(m.params)
@@ -85,6 +92,9 @@ def work(m: Match, policy: Precision) -> tuple[int, int, bool]:
         rows, cols = p["rows"], p["cols"]
         params = (2 if m.family == "layernorm" else 1) * cols if p.get("affine") else 0
         return 8 * rows * cols, e * (2 * rows * cols + params), False
+    if m.family == "rope":  # x read, y written, the cos and sin tables read once
+        n = _prod(p["x_shape"])
+        return 3 * n, e * (2 * n + _prod(p["cos_shape"]) + _prod(p["sin_shape"])), False
     raise ValueError(f"no cost formula for family {m.family!r}")
 
 

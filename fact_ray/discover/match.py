@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from fact_ray.discover import evaluate
-from fact_ray.discover.patterns import Absent, Activation, Alt, CausalMask, Const, Op, Pattern, Var
+from fact_ray.discover.patterns import Absent, Activation, Alt, CausalMask, Const, Op, Pattern, Seq, Var
 from fact_ray.discover.view import GraphView
 from fact_ray.types import Graph, Match, Node, Ref, TensorMeta, freeze
 
@@ -98,6 +98,9 @@ class Matcher:
         elif isinstance(pat, Absent):
             if value is _MISSING or value is None:
                 yield st
+        elif isinstance(pat, Seq):
+            if isinstance(value, (tuple, list)) and len(value) == len(pat.items):
+                yield from self._args(pat.items, tuple(value), 0, st)
         elif isinstance(pat, Alt):
             for option in pat.options:
                 yield from self.match(option, value, st)

@@ -366,3 +366,71 @@ def read_rmsnorm(b: Bound) -> dict[str, Any] | None:
         return None
     return {"rows": x.numel // cols, "cols": cols, "eps": float(eps), "affine": b.has("weight"),
             "dtype": x.dtype, "operands": _norm_operands(b)}
+
+
+# ------------------------------------------------------------------------------------------- rotary embedding
+
+_END = 2 ** 62  # a slice end at or past this is "to the end" (torch spells it 2**63 - 1)
+
+
+def _slice_is(b: Bound, part: str, ndim: int, D: int, start: int, end: int, step: int) -> bool:
+    """x[..., start:end:step] over the last dim (an end past D counts as D)."""
+    dim = b.get(part + "_dim")
+    if not isinstance(dim, int) or dim % ndim != ndim - 1:
+        return False
+    got = (b.get(part + "_start", 0) or 0, b.get(part + "_end", _END), b.get(part + "_step", 1) or 1)
+    if not all(isinstance(v, int) for v in got):
+        return False
+    s, e, st = got
+    return (s, min(e if e is not None else D, D), st) == (start, end, step)
+
+
+def _last_dim(value: Any, ndim: int, default: Any = None) -> bool:
+    value = default if value is None else value
+    return isinstance(value, int) and value % ndim == ndim - 1
+
+
+def read_rope(b: Bound) -> dict[str, Any] | None:
+    """x * cos + rot(x) * sin over x's last dim D, cos and sin broadcast to x: the half form (rotate_half) or the
+    interleaved one (rotate_every_two). None for anything else that looks alike (another split, a rotation
+    over another dim, tables that do not broadcast to x, mixed dtypes)."""
+    x, cos, sin, out = b.meta("x"), b.meta("cos"), b.meta("sin"), b.meta("rope")
+    if x is None or cos is None or sin is None or out is None or not 1 <= len(x.shape) <= 4:
+        return None
+    nd, D = len(x.shape), x.shape[-1]
+    if D < 2 or D % 2 or tuple(out.shape) != tuple(x.shape) or not x.stride or x.stride[-1] != 1:
+        return None
+    rotated = b.meta("rotate")
+    if rotated is None or tuple(rotated.shape) != tuple(x.shape):
+        return None
+    for t in (cos, sin):
+        if t.dtype != x.dtype or len(t.shape) > nd or t.shape[-1] != D or \
+                any(s not in (1, n) for s, n in zip(t.shape[::-1], x.shape[::-1])):
+            return None
+    if b.has("odd"):  # interleaved pairs
+        if not (_slice_is(b, "odd", nd, D, 1, D, 2) and _slice_is(b, "even", nd, D, 0, D, 2)):
+            return None
+        stack = b.meta("stack")
+        if stack is None or len(stack.shape) != nd + 1 or not _last_dim(b.get("stack_dim"), nd + 1, 0):
+            return None
+        if b.has("flatten_start") and (not _last_dim(b.get("flatten_start"), nd + 1) or
+                                       not _last_dim(b.get("flatten_end"), nd + 1, -1)):
+            return None
+        form = "interleaved"
+    else:  # rotate_half: cat(-second, first) over the last dim
+        if not _last_dim(b.get("cat_dim"), nd, 0):
+            return None
+        if b.has("split"):
+            if b.get("first_index") != 0 or b.get("second_index") != 1 or not _last_dim(b.get("split_dim"), nd, 0):
+                return None
+            split = b.node("split")
+            how = split.target if split is not None else ""
+            arg = b.get("split_arg")
+            if not ((arg == 2 and "chunk" in how) or (arg == D // 2 and "split" in how)):
+                return None
+        elif not (_slice_is(b, "first", nd, D, 0, D // 2, 1) and _slice_is(b, "second", nd, D, D // 2, D, 1)):
+            return None
+        form = "half"
+    return {"x_shape": tuple(x.shape), "x_stride": tuple(x.stride), "cos_shape": tuple(cos.shape),
+            "sin_shape": tuple(sin.shape), "form": form, "dtype": x.dtype,
+            "operands": {"x": b.get("x"), "cos": b.get("cos"), "sin": b.get("sin")}}

@@ -9,6 +9,7 @@ A pattern is a tree rooted at the node whose value a subgraph produces and read 
 - `Var(name)`: any tensor node, an input of the subgraph. The same name used twice must bind the same node.
 - `Const(name)`: a plain argument (a number, a list of ints), or a node that evaluates to a one-element tensor.
 - `Absent()`: the argument is missing or None.
+- `Seq(items)`: a list argument (`cat`'s tensors) whose elements match `items` in order, no more, no fewer.
 - `Alt(options)`: any one of the options.
 - `Activation(name, input)`: a closed region of elementwise ops over one input that computes a known activation,
   whatever its spelling (the region is evaluated on sample values and compared); binds `name` to its kind.
@@ -44,6 +45,11 @@ class Absent:
 
 
 @dataclass(frozen=True)
+class Seq:
+    items: tuple["Pattern", ...]
+
+
+@dataclass(frozen=True)
 class Op:
     ops: tuple[str, ...]
     args: tuple["Pattern", ...] = ()
@@ -73,7 +79,7 @@ class CausalMask:
     form: str  # fill | keep | additive
 
 
-Pattern = Union[Var, Const, Absent, Op, Alt, Activation, CausalMask]
+Pattern = Union[Var, Const, Absent, Seq, Op, Alt, Activation, CausalMask]
 
 
 def op(*ops: str, args: tuple[Pattern, ...] = (), name: str = "", commutative: bool = False,
@@ -83,3 +89,7 @@ def op(*ops: str, args: tuple[Pattern, ...] = (), name: str = "", commutative: b
 
 def alt(*options: Pattern) -> Alt:
     return Alt(tuple(options))
+
+
+def seq(*items: Pattern) -> Seq:
+    return Seq(tuple(items))

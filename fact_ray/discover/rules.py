@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fact_ray.discover import params as P
-from fact_ray.discover.patterns import Absent, Activation, CausalMask, Const, Pattern, Var, alt, op
+from fact_ray.discover.patterns import Absent, Activation, CausalMask, Const, Pattern, Var, alt, op, seq
 
 MATMULS = ("aten.mm", "aten.matmul", "aten.bmm")
 TRANSPOSES = ("aten.t", "aten.transpose", "aten.permute", "aten.numpy_T", "aten.mT")
@@ -159,6 +159,38 @@ RMSNORM = alt(
     _NORMED,
 )
 
+# ------------------------------------------------------------------------------------------- rotary embedding
+
+
+def _opt(name: str) -> Pattern:
+    return alt(Absent(), Const(name))
+
+
+def _slice(part: str) -> Pattern:
+    """x[..., start:end:step] over the rotated tensor x, the part named `part` (its bounds checked by the reader)."""
+    return op("aten.slice", args=(Var("x"), Const(part + "_dim"), _opt(part + "_start"), _opt(part + "_end"),
+                                  _opt(part + "_step")), name=part)
+
+
+def _half(part: str) -> Pattern:
+    """One half of x's last dim: a slice, or one of the two pieces of chunk(2) / split(D/2)."""
+    pieces = op("aten.chunk", "aten.split", args=(Var("x"), Const("split_arg"), _opt("split_dim")), name="split")
+    return alt(_slice(part), op("getitem", args=(pieces, Const(part + "_index")), name=part))
+
+
+# rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]) (HF's Llama, GPT-NeoX); rotate_every_two(x) =
+# stack(-x[..., 1::2], x[..., ::2]) with the last two dims flattened (GPT-J's interleaved pairs).
+_ROTATE_HALF = op("aten.cat", args=(seq(op("aten.neg", args=(_half("second"),), name="neg"), _half("first")),
+                                    _opt("cat_dim")), name="rotate")
+_PAIRS = op("aten.stack", args=(seq(op("aten.neg", args=(_slice("odd"),), name="neg"), _slice("even")),
+                                _opt("stack_dim")), name="stack")
+_ROTATE_PAIRS = alt(op("aten.flatten", args=(_PAIRS, Const("flatten_start"), _opt("flatten_end")), name="rotate"),
+                    op(*VIEWS, args=(_PAIRS, Const("rotate_shape")), name="rotate"))
+ROPE = op("aten.add", args=(op("aten.mul", args=(Var("x"), Var("cos")), name="x_cos", commutative=True),
+                            op("aten.mul", args=(alt(_ROTATE_HALF, _ROTATE_PAIRS), Var("sin")), name="rot_sin",
+                               commutative=True)),
+          name="rope", commutative=True, check=P.plain_add)
+
 # ------------------------------------------------------------------------------------------- the table
 
 _GEMM_ROLES = ("a", "b", "bias", "residual")
@@ -176,6 +208,7 @@ RULES: tuple[Rule, ...] = tuple(
         ("batched_matmul", "bmm", GEMM, P.read_batched_matmul, _GEMM_ROLES),
         ("layernorm", "layernorm", LAYERNORM, P.read_layernorm, ("x", "weight", "bias")),
         ("rmsnorm", "rmsnorm", RMSNORM, P.read_rmsnorm, ("x", "weight")),
+        ("rope", "rope", ROPE, P.read_rope, ("x", "cos", "sin")),
         ("attention_gqa", "attention_gqa", ATTENTION_SDPA_GQA, P.read_attention_gqa, ("q", "k", "v")),
         ("baddbmm", "baddbmm", BADDBMM, P.read_baddbmm, ("input", "a", "b")),
     ))

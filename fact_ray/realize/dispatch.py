@@ -1,7 +1,7 @@
 """The native dispatcher: the composed module's kernel calls with no Python on the hot path.
 
 `templates/fr_dispatch.cpp` is one small torch extension that the kernel libraries plug into: it defines the ops
-`torch.ops.fact_ray_native.{gemm, attention, norm}` (CUDA impls that fill the C ABI structs, allocate from the
+`torch.ops.fact_ray_native.{gemm, attention, norm, rope}` (CUDA impls that fill the C ABI structs, allocate from the
 caching allocator and launch on the current stream; Meta impls for FakeTensor, torch.compile, torch.export and
 AOTInductor) and `register_kernel`, which dlopens a kernel library, checks its ABI version and files its entry
 points under a kernel id. The libraries themselves stay torch-free.
@@ -279,16 +279,24 @@ def register_gemm(library_path: str, symbol: str, problem: Any, split_k: int = 1
 
 
 # KernelConfig.template -> the dispatcher's family (the C ABI the library speaks)
-_FUSED_FAMILY = {"attention_sm80": "attention", "fmha_sm90": "fmha", "norm": "norm"}
+_FUSED_FAMILY = {"attention_sm80": "attention", "fmha_sm90": "fmha", "norm": "norm", "rope": "rope"}
+# The entry point each family's library is filed under: attention and FMHA libraries export fixed prefixes; a
+# norm or rope library exports one run function per launch shape, named by its config (default: the general norm).
+_FIXED_SYMBOL = {"attention": "fr_attn", "fmha": "fr_fmha", "norm": "fr_norm_run"}
 
 
-def register_fused(library_path: str, template: str, problem: Any, digest: Optional[str] = None) -> str:
-    """File an attention, FMHA or norm library (for the problem's dtype) with the dispatcher; its kernel id."""
+def register_fused(library_path: str, template: str, problem: Any, digest: Optional[str] = None,
+                   symbol: Optional[str] = None) -> str:
+    """File an attention, FMHA, norm or rope library (for the problem's dtype) with the dispatcher; its kernel id.
+    `symbol`: the norm or rope run function (the library's Source.symbols[0])."""
     family = _FUSED_FAMILY.get(template)
     if family is None:
         raise CompileError(f"template {template!r} is not one the dispatcher runs ({', '.join(_FUSED_FAMILY)})")
+    if family in ("attention", "fmha") or not symbol:
+        symbol = _FIXED_SYMBOL.get(family)
+        if symbol is None:
+            raise CompileError(f"a {family} library is registered under its run function's name: none given")
     digest = digest or _digest(library_path)
-    symbol = {"attention": "fr_attn", "fmha": "fr_fmha", "norm": "fr_norm"}[family]
     kid = kernel_id(digest, symbol, problem.dtype)
     return _register(kid, library_path, symbol, family, problem.dtype)
 
@@ -336,13 +344,15 @@ def bind_gemm(library: Any, config: Any, problem: Any, symbol: str, native: bool
 
 def bind_fused(family: Any, library: Any, config: Any, problem: Any, native: bool,
                digest: Optional[str] = None) -> Binding:
-    """`fact_ray_native.attention(q, k, v, causal, scale, kernel)` / `norm(x, weight, bias, eps, kind, kernel)`
-    where `native` and the dispatcher runs the family's template, else the family's Python custom op
+    """`fact_ray_native.attention(q, k, v, causal, scale, kernel)` / `norm(x, weight, bias, eps, kind, kernel)` /
+    `rope(x, cos, sin, form, kernel)` where `native` and the dispatcher runs the family's template, else the family's Python custom op
     (realize/fused.py's FusedFamily)."""
     import torch
 
     if native and config.template in _FUSED_FAMILY:
-        kid = register_fused(library.path, config.template, problem, digest=digest)
+        symbols = library.source.symbols
+        kid = register_fused(library.path, config.template, problem, digest=digest,
+                             symbol=symbols[0] if symbols else None)
         op, extra = family.native_call(problem, kid)
         return Binding(getattr(torch.ops.fact_ray_native, op).default, f"{NAMESPACE}.{op}", (*extra, kid), kid)
     name, _ = family.register_op(problem, config, library)

@@ -67,8 +67,9 @@ def _builtin() -> list[KernelFamily]:
     from fact_ray.realize.attention_family import AttentionFamily
     from fact_ray.realize.gemm_family import GemmFamily
     from fact_ray.realize.norm_family import NormFamily
+    from fact_ray.realize.rope_family import RopeFamily
 
-    return [GemmFamily(), AttentionFamily(), NormFamily()]
+    return [GemmFamily(), AttentionFamily(), NormFamily(), RopeFamily()]
 
 
 def families() -> tuple[KernelFamily, ...]:

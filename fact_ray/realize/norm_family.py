@@ -1,5 +1,6 @@
-"""The norm family: our one-pass row LayerNorm / RMSNorm kernel (realize/norm.py), one candidate per dtype, tried
-against the model's own op."""
+"""The norm family: our row LayerNorm / RMSNorm kernel (realize/norm.py), tried against the model's own op. The
+candidates are the row kernel's launch shapes that hold the problem's row in registers (threads per row, rows per
+block, vectors per thread), then the general kernel, which runs any row; one library each."""
 
 from __future__ import annotations
 
@@ -46,15 +47,17 @@ class NormFamily(FusedFamily):
 
     def candidates(self, problem: NormProblem, policy: Precision, arch: Arch, budget: int,
                    hinted: Sequence[str] = ()) -> list[NormConfig]:
-        from fact_ray.realize.norm import emit_norm
+        from fact_ray.realize.norm import norm_candidates
 
-        return list(emit_norm(problem.dtype, arch).configs)[:max(budget, 0)]
+        configs = norm_candidates(problem.cols, problem.dtype, arch, budget)
+        named = {c.name: c for c in configs}
+        lead = [named[h] for h in hinted if h in named]
+        return (lead + [c for c in configs if c not in lead])[:max(budget, 0)]
 
     def sources(self, configs: Sequence[NormConfig], arch: Arch) -> list[Source]:
-        from fact_ray.realize.norm import _DTYPES, emit_norm
+        from fact_ray.realize.norm import DTYPE_OF_ELEMENT, emit_norm
 
-        dtype_of = {element: d for d, (_, _, element, _) in _DTYPES.items()}
-        return [emit_norm(dtype_of[c.element], arch) for c in configs]
+        return [emit_norm(DTYPE_OF_ELEMENT[c.element], arch, c) for c in configs]
 
     def operands(self, problem: NormProblem) -> tuple:
         return ("x", "weight" if problem.has_weight else None, "bias" if problem.has_bias else None)

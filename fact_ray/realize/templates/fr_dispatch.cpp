@@ -1,7 +1,7 @@
 // fact-ray's native dispatcher: the composed module's kernel calls with no Python on the hot path.
 //
 // The kernel libraries stay torch-free (they export the C ABIs of fr_abi.h, attention_sm80.cu.in,
-// fmha_sm90.cu.in and layernorm.cu.in). This one small extension, built once per torch and CUDA version
+// fmha_sm90.cu.in, layernorm.cu.in and rope.cu.in). This one small extension, built once per torch and CUDA version
 // (realize/dispatch.py), owns the torch side:
 //
 //   fact_ray_native::register_kernel(str kernel, str path, str symbol, str family, str dtype, ...) -> ()
@@ -11,6 +11,7 @@
 //   fact_ray_native::gemm(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str kernel) -> Tensor
 //   fact_ray_native::attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str kernel) -> Tensor
 //   fact_ray_native::norm(Tensor x, Tensor? weight, Tensor? bias, float eps, str kind, str kernel) -> Tensor
+//   fact_ray_native::rope(Tensor x, Tensor cos, Tensor sin, str form, str kernel) -> Tensor
 //
 // CUDA impls (only where FR_DISPATCH_CUDA is defined: a CUDA build of torch) look the kernel up, check the
 // operands (dtype, shape, strides, 16-byte pointer alignment: CUTLASS's can_implement does not look at pointers),
@@ -26,6 +27,8 @@
 //   attention: q, k, v as the graph holds them, [B, H, S, D] (any strides, head dim contiguous); the kernels
 //     read them as [B, S, H, D] through strides; the output is a [B, S, H, D] buffer seen as [B, H, S, D].
 //   norm: LayerNorm / RMSNorm over the last dim; out is contiguous with x's shape.
+//   rope: y = x * cos + rot(x) * sin over x's last dim (form "half": rotate_half; "interleaved": pairs), x of 1 to
+//     4 dims with the last contiguous, cos and sin broadcast to x's shape; y has x's layout (empty_like).
 
 #include <dlfcn.h>
 
@@ -58,7 +61,7 @@
 
 #include "fr_abi.h"
 
-// Mirrors of the attention, FMHA and norm argument structs (their templates define them inside their TUs, as
+// Mirrors of the attention, FMHA, norm and rope argument structs (their templates define them inside their TUs, as
 // realize/attention.py and norm.py mirror them for ctypes): field order and types must match exactly.
 extern "C" {
 typedef struct {
@@ -77,28 +80,44 @@ typedef struct {
 
 typedef struct {
   const void* x; void* y; const void* weight; const void* bias;
+  const void* residual; void* h;
   int64_t rows, cols;
-  int64_t ld_x, ld_y;
+  int64_t ld_x, ld_y, ld_r, ld_h;
   float eps;
   int32_t kind;
   void* stream;
 } fr_norm_args;
+
+typedef struct {
+  const void* x; void* y; const void* cos; const void* sin;
+  int64_t n[3];
+  int64_t x_stride[3], y_stride[3], cos_stride[3], sin_stride[3];
+} fr_rope_tensor;
+
+typedef struct {
+  fr_rope_tensor t[2];
+  int32_t count;
+  int64_t D;
+  int32_t form;
+  void* stream;
+} fr_rope_args;
 }
 
 namespace fr_dispatch {
 
 // The ABI versions this dispatcher speaks, per family (FR_ABI_VERSION, FR_ATTN_ABI_VERSION, FR_FMHA_ABI_VERSION,
-// FR_NORM_ABI_VERSION); a library of another version is refused at registration.
+// FR_NORM_ABI_VERSION, FR_ROPE_ABI_VERSION); a library of another version is refused at registration.
 constexpr int kGemmAbi = FR_ABI_VERSION;
 constexpr int kAttnAbi = 1;
 constexpr int kFmhaAbi = 1;
-constexpr int kNormAbi = 1;
+constexpr int kNormAbi = 2;
+constexpr int kRopeAbi = 1;
 // Dtype codes of the attention and norm ABIs (FR_ATTN_F32/BF16/F16, FR_NORM_* alike) and their refusals.
 constexpr int kCodeF32 = 0, kCodeBF16 = 1, kCodeF16 = 2;
 constexpr int kEinval = -1, kEnotsup = -2;
 constexpr uintptr_t kAlign = 16;
 
-enum class Family { Gemm, Attention, Fmha, Norm };
+enum class Family { Gemm, Attention, Fmha, Norm, Rope };
 
 struct Kernel {
   std::string id, path, symbol;
@@ -114,6 +133,7 @@ struct Kernel {
   size_t (*attn_workspace)(const fr_attn_args*) = nullptr;
   int (*attn_run)(const fr_attn_args*) = nullptr;
   int (*norm_run)(const fr_norm_args*) = nullptr;
+  int (*rope_run)(const fr_rope_args*) = nullptr;
 };
 
 // Filled by register_kernel, read on every call. Entries are never removed, so a reference stays valid after the
@@ -147,11 +167,13 @@ const char* family_name(Family f) {
     case Family::Attention: return "attention";
     case Family::Fmha: return "fmha";
     case Family::Norm: return "norm";
+    case Family::Rope: return "rope";
   }
   return "?";
 }
 
-const Kernel& find(c10::string_view id, const char* op, bool attention_op = false, bool gemm_op = false) {
+const Kernel& find(c10::string_view id, const char* op, bool attention_op = false, bool gemm_op = false,
+                   bool rope_op = false) {
   const Kernel* k = nullptr;
   {
     std::shared_lock<std::shared_mutex> lock(g_mutex);
@@ -161,7 +183,8 @@ const Kernel& find(c10::string_view id, const char* op, bool attention_op = fals
   TORCH_CHECK_VALUE(k != nullptr, "fact_ray_native.", op, ": kernel '", str(id), "' is not registered in this "
                     "process (register the artifact's libraries first: fact_ray.realize.dispatch.register_*)");
   bool fits = attention_op ? (k->family == Family::Attention || k->family == Family::Fmha)
-                           : gemm_op ? k->family == Family::Gemm : k->family == Family::Norm;
+                           : gemm_op ? k->family == Family::Gemm
+                           : rope_op ? k->family == Family::Rope : k->family == Family::Norm;
   TORCH_CHECK_VALUE(fits, "fact_ray_native.", op, ": kernel '", k->id, "' is a ", family_name(k->family),
                     " kernel");
   return *k;
@@ -204,8 +227,9 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
   else if (family == "attention") k->family = Family::Attention;
   else if (family == "fmha") k->family = Family::Fmha;
   else if (family == "norm") k->family = Family::Norm;
+  else if (family == "rope") k->family = Family::Rope;
   else TORCH_CHECK_VALUE(false, "fact_ray_native.register_kernel: unknown family '", family,
-                         "' (gemm, attention, fmha, norm)");
+                         "' (gemm, attention, fmha, norm, rope)");
   k->dtype = parse_dtype(str(dtype_sv));
   k->col_a = col_a;
   k->col_b = col_b;
@@ -237,7 +261,7 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
   try {
     auto version = symbol<int (*)(void)>(handle, "fr_abi_version", k->path)();
     int want = k->family == Family::Gemm ? kGemmAbi : k->family == Family::Attention ? kAttnAbi
-             : k->family == Family::Fmha ? kFmhaAbi : kNormAbi;
+             : k->family == Family::Fmha ? kFmhaAbi : k->family == Family::Norm ? kNormAbi : kRopeAbi;
     TORCH_CHECK_VALUE(version == want, "fact_ray_native.register_kernel: ", k->path, " speaks ",
                       family_name(k->family), " ABI version ", num(version), ", this dispatcher speaks ", num(want),
                       ": rebuild it from the current templates");
@@ -258,10 +282,18 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
         break;
       }
       case Family::Norm: {
-        k->norm_run = symbol<int (*)(const fr_norm_args*)>(handle, "fr_norm_run", k->path);
+        // one run function per launch shape: the symbol names it
+        k->norm_run = symbol<int (*)(const fr_norm_args*)>(handle, k->symbol, k->path);
         int element = symbol<int (*)(void)>(handle, "fr_norm_element", k->path)();
         TORCH_CHECK_VALUE(element == dtype_code(k->dtype), "fact_ray_native.register_kernel: ", k->path,
                           " normalises element code ", num(element), ", not ", str(dtype_sv));
+        break;
+      }
+      case Family::Rope: {
+        k->rope_run = symbol<int (*)(const fr_rope_args*)>(handle, k->symbol, k->path);
+        int element = symbol<int (*)(void)>(handle, "fr_rope_element", k->path)();
+        TORCH_CHECK_VALUE(element == dtype_code(k->dtype), "fact_ray_native.register_kernel: ", k->path,
+                          " rotates element code ", num(element), ", not ", str(dtype_sv));
         break;
       }
     }
@@ -337,6 +369,19 @@ at::Tensor norm_meta(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
+void check_rope_form(c10::string_view form) {
+  TORCH_CHECK_VALUE(str(form) == "half" || str(form) == "interleaved", "fact_ray_native.rope: form '", str(form),
+                    "' is not half or interleaved");
+}
+
+at::Tensor rope_meta(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, c10::string_view form,
+                     c10::string_view kernel) {
+  const Kernel& k = find(kernel, "rope", false, false, true);
+  check_kernel_dtype(k, x, "rope", "x");
+  check_rope_form(form);
+  return at::empty_like(x);  // x's layout, as the CUDA impl writes it
+}
+
 // --------------------------------------------------------------------------------------------- CPU: refuse
 
 at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -349,6 +394,9 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor&, const at::Tenso
 at::Tensor norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
                     c10::string_view, c10::string_view) {
   TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.norm runs on cuda tensors, got ", dev(x.device()));
+}
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.rope runs on cuda tensors, got ", dev(x.device()));
 }
 
 // --------------------------------------------------------------------------------------------- CUDA
@@ -541,6 +589,7 @@ at::Tensor norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   if (rows == 0) return y;
   fr_norm_args a{};
   a.x = x.data_ptr(); a.y = y.data_ptr();
+  a.residual = nullptr; a.h = nullptr; a.ld_r = 0; a.ld_h = 0;
   a.weight = weight.has_value() ? weight->data_ptr() : nullptr;
   a.bias = !rms && bias.has_value() ? bias->data_ptr() : nullptr;
   a.rows = rows; a.cols = cols; a.ld_x = ld_x; a.ld_y = cols;
@@ -551,6 +600,61 @@ at::Tensor norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   TORCH_CHECK_VALUE(status != kEinval, "fact_ray_native.norm: kernel '", k.id, "' refused ", str(kind), " rows=",
                     num(rows), " cols=", num(cols), " eps=", num(eps));
   TORCH_CHECK(status == 0, "fact_ray_native.norm: kernel '", k.id, "' failed with CUDA error ", num(status));
+  return y;
+}
+
+// One tensor of the rope ABI: x viewed as [n0, n1, n2, D] (leading 1s for fewer dims), cos and sin expanded to
+// x's shape (zero strides where they broadcast).
+void fill_rope_tensor(fr_rope_tensor& t, const at::Tensor& x, const at::Tensor& y, const at::Tensor& cos,
+                      const at::Tensor& sin) {
+  const at::Tensor c = cos.expand(x.sizes()), s = sin.expand(x.sizes());
+  const int64_t pad = 4 - x.dim();
+  for (int j = 0; j < 3; ++j) {
+    const int64_t d = j - pad;  // x's dim for slot j; negative: a leading 1
+    t.n[j] = d < 0 ? 1 : x.size(d);
+    t.x_stride[j] = d < 0 ? 0 : x.stride(d);
+    t.y_stride[j] = d < 0 ? 0 : y.stride(d);
+    t.cos_stride[j] = d < 0 ? 0 : c.stride(d);
+    t.sin_stride[j] = d < 0 ? 0 : s.stride(d);
+  }
+  t.x = x.data_ptr(); t.y = y.data_ptr(); t.cos = cos.data_ptr(); t.sin = sin.data_ptr();
+}
+
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, c10::string_view form,
+                     c10::string_view kernel) {
+  const Kernel& k = find(kernel, "rope", false, false, true);
+  check_rope_form(form);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.dim() <= 4 && x.size(-1) % 2 == 0, "fact_ray_native.rope: x must have 1 to "
+                    "4 dims and an even last dim, got ", dims(x.sizes()));
+  const at::Tensor* named[] = {&x, &cos, &sin};
+  const char* names[] = {"x", "cos", "sin"};
+  for (int i = 0; i < 3; ++i) {
+    check_operand(k, *named[i], x, "rope", names[i], false);
+    TORCH_CHECK_VALUE(named[i]->dim() <= x.dim() && named[i]->size(-1) == x.size(-1) &&
+                      (named[i]->size(-1) == 1 || named[i]->stride(-1) == 1), "fact_ray_native.rope: ", names[i],
+                      " of shape ", dims(named[i]->sizes()), " and stride ", dims(named[i]->strides()),
+                      " is not rows of x's last dim ", num(x.size(-1)));
+  }
+  for (int i = 1; i < 3; ++i) {
+    const at::Tensor& t = *named[i];
+    for (int64_t d = 1; d <= t.dim(); ++d) {
+      TORCH_CHECK_VALUE(t.size(-d) == 1 || t.size(-d) == x.size(-d), "fact_ray_native.rope: ", names[i], " ",
+                        dims(t.sizes()), " does not broadcast to x ", dims(x.sizes()));
+    }
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  fr_rope_args a{};
+  fill_rope_tensor(a.t[0], x, y, cos, sin);
+  a.count = 1;
+  a.D = x.size(-1);
+  a.form = str(form) == "half" ? 0 : 1;
+  a.stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int status = k.rope_run(&a);
+  TORCH_CHECK_VALUE(status != kEinval, "fact_ray_native.rope: kernel '", k.id, "' refused ", str(form),
+                    " rope of ", dims(x.sizes()));
+  TORCH_CHECK(status == 0, "fact_ray_native.rope: kernel '", k.id, "' failed with CUDA error ", num(status));
   return y;
 }
 
@@ -574,18 +678,21 @@ TORCH_LIBRARY(fact_ray_native, m) {
   m.def("gemm(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str kernel) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str kernel) -> Tensor");
   m.def("norm(Tensor x, Tensor? weight, Tensor? bias, float eps, str kind, str kernel) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, str form, str kernel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fact_ray_native, Meta, m) {
   m.impl("gemm", &fr_dispatch::gemm_meta);
   m.impl("attention", &fr_dispatch::attention_meta);
   m.impl("norm", &fr_dispatch::norm_meta);
+  m.impl("rope", &fr_dispatch::rope_meta);
 }
 
 TORCH_LIBRARY_IMPL(fact_ray_native, CPU, m) {
   m.impl("gemm", &fr_dispatch::gemm_cpu);
   m.impl("attention", &fr_dispatch::attention_cpu);
   m.impl("norm", &fr_dispatch::norm_cpu);
+  m.impl("rope", &fr_dispatch::rope_cpu);
 }
 
 #ifdef FR_DISPATCH_CUDA
@@ -593,5 +700,6 @@ TORCH_LIBRARY_IMPL(fact_ray_native, CUDA, m) {
   m.impl("gemm", &fr_dispatch::gemm_cuda);
   m.impl("attention", &fr_dispatch::attention_cuda);
   m.impl("norm", &fr_dispatch::norm_cuda);
+  m.impl("rope", &fr_dispatch::rope_cuda);
 }
 #endif
