@@ -40,6 +40,10 @@ int fr_t_run(const void*) { return 0; }
 int fr_norm_element(void) { return 1; }   /* bfloat16 */
 int fr_norm_run(const void*) { return 0; }
 #endif
+#if ROPE
+int fr_rope_element(void) { return 1; }   /* bfloat16 */
+int fr_rope_t256_u1_run(const void*) { return 0; }
+#endif
 #if ATTN
 int fr_attn_supports(int dtype) { return dtype == 1 || dtype == 2; }
 size_t fr_attn_workspace(const void*) { return 0; }
@@ -49,10 +53,11 @@ int fr_attn_run(const void*) { return 0; }
 """
 
 
-def stub(tmp: Path, name: str, version: int = 1, gemm: bool = False, norm: bool = False, attn: bool = False) -> str:
+def stub(tmp: Path, name: str, version: int = 1, gemm: bool = False, norm: bool = False, attn: bool = False,
+         rope: bool = False) -> str:
     src = tmp / f"{name}.cpp"
     src.write_text(STUB.replace("NAME", name).replace("VERSION", str(version)).replace("GEMM", str(int(gemm)))
-                   .replace("NORM", str(int(norm))).replace("ATTN", str(int(attn))))
+                   .replace("NORM", str(int(norm))).replace("ATTN", str(int(attn))).replace("ROPE", str(int(rope))))
     out = tmp / f"{name}.so"
     subprocess.run(["g++", "-shared", "-fPIC", "-o", str(out), str(src)], check=True, capture_output=True)
     return str(out)
@@ -69,7 +74,8 @@ def stubs(tmp_path_factory, native):
     if shutil.which("g++") is None:
         pytest.skip("g++ not on PATH")
     tmp = tmp_path_factory.mktemp("dispatch-stubs")
-    return {"gemm": stub(tmp, "gemm", gemm=True), "gemm_cr": stub(tmp, "gemm_cr", gemm=True), "norm": stub(tmp, "norm", norm=True),
+    return {"gemm": stub(tmp, "gemm", gemm=True), "gemm_cr": stub(tmp, "gemm_cr", gemm=True), "norm": stub(tmp, "norm", version=2, norm=True),
+            "rope": stub(tmp, "rope", rope=True), "norm_v1": stub(tmp, "norm_v1", norm=True),
             "attn": stub(tmp, "attn", attn=True), "abi99": stub(tmp, "abi99", version=99, gemm=True),
             "bare": stub(tmp, "bare")}
 
@@ -143,6 +149,35 @@ def test_attention_and_norm_meta(native, stubs):
     assert y.shape == (4, 16, 64) and y.is_contiguous()
     with pytest.raises(ValueError, match="is a norm kernel"):
         native.attention(q, q, q, True, 0.2, norm)
+
+
+def test_rope_meta_keeps_x_layout_and_norm_abi_1_is_refused(native, stubs):
+    from fact_ray.realize.norm_family import NormProblem
+    from fact_ray.realize.rope_family import RopeProblem
+
+    problem = RopeProblem(x_shape=(2, 4, 16, 32), x_stride=(2048, 32, 128, 1), cos_shape=(16, 32),
+                          sin_shape=(16, 32), form="half", dtype="bfloat16")
+    kid = dispatch.register_fused(stubs["rope"], "rope", problem, symbol="fr_rope_t256_u1_run")
+    assert kid.endswith(":fr_rope_t256_u1_run:bfloat16") and dispatch.is_registered(kid)
+    schema = str(native.rope.default._schema)
+    assert schema == "fact_ray_native::rope(Tensor x, Tensor cos, Tensor sin, str form, str kernel) -> Tensor"
+    # q as the graph holds it: a [B, H, S, D] view of [B, S, H * D]; the output keeps that layout
+    x = torch.empty(2, 16, 4, 32, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    cos = torch.empty(16, 32, device="meta", dtype=torch.bfloat16)
+    y = native.rope(x, cos, cos, "half", kid)
+    assert y.shape == x.shape and y.stride() == x.stride()
+    with pytest.raises(ValueError, match="not half or interleaved"):
+        native.rope(x, cos, cos, "complex", kid)
+    with pytest.raises(ValueError, match="is a rope kernel"):
+        native.norm(x, None, None, 1e-6, "rmsnorm", kid)
+    with pytest.raises(NotImplementedError, match="rope runs on cuda tensors"):
+        native.rope(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16),
+                    torch.randn(8, dtype=torch.bfloat16), "half", kid)
+    with pytest.raises(CompileError, match="lacks fr_rope_t512_u1_run"):
+        dispatch.register_fused(stubs["rope"], "rope", problem, symbol="fr_rope_t512_u1_run")
+    with pytest.raises(CompileError, match="speaks norm ABI version 1, this dispatcher speaks 2"):
+        dispatch.register_fused(stubs["norm_v1"], "norm", NormProblem(
+            rows=16, cols=64, kind="rmsnorm", dtype="bfloat16", eps=1e-6, has_weight=True, has_bias=False))
 
 
 def test_native_op_exports_through_its_meta_impl(native, stubs):

@@ -24,13 +24,13 @@ HF_ENCODER = {"gemm_bias": 6, "gemm_bias_act": 2, "gemm_bias_residual": 4, "atte
 EXPECTED = {
     "gpt2_medium_block": BLOCK,
     "kb_minigpt_closure": BLOCK,
-    "llama_block": {"gemm": 5, "swiglu": 1, "attention": 1, "rmsnorm": 2},
+    "llama_block": {"gemm": 5, "swiglu": 1, "attention": 1, "rmsnorm": 2, "rope": 2},  # RoPE on q and on k
     "kb_attention_split": {"gemm_bias": 2, "attention": 1},
     "kb_gqa_baddbmm": {"gemm": 5, "swiglu": 1, "bmm": 1, "baddbmm": 1},
     # two layers each; HF's Conv1D (addmm, then a view) carries its GELU and residual (GPT-2)
     "hf_gpt2": {"gemm_bias": 2, "gemm_bias_act": 2, "gemm_bias_residual": 4, "attention": 2, "layernorm": 5},
     # grouped-query attention as HF runs it (K and V repeated, then SDPA); its RMSNorm upcasts to float32 inside
-    "hf_llama": {"gemm": 10, "swiglu": 2, "attention": 2, "rmsnorm": 5},
+    "hf_llama": {"gemm": 10, "swiglu": 2, "attention": 2, "rmsnorm": 5, "rope": 4},
     "hf_bert": HF_ENCODER,  # SDPA with an all-visible padding mask: attention without a mask
     "hf_vit": HF_ENCODER,
 }

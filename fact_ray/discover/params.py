@@ -413,7 +413,8 @@ def read_rope(b: Bound) -> dict[str, Any] | None:
         stack = b.meta("stack")
         if stack is None or len(stack.shape) != nd + 1 or not _last_dim(b.get("stack_dim"), nd + 1, 0):
             return None
-        if b.has("flatten_start") and (not _last_dim(b.get("flatten_start"), nd + 1) or
+        start = b.get("flatten_start")  # flatten(-2): the stacked pairs' two dims become the last one
+        if b.has("flatten_start") and (not isinstance(start, int) or start % (nd + 1) != nd - 1 or
                                        not _last_dim(b.get("flatten_end"), nd + 1, -1)):
             return None
         form = "interleaved"
