@@ -5,7 +5,8 @@
 # (into the same table), bench:<model>:<policy>[:<bench options, '+' for spaces>], profile:<model>:<policy> (one more
 # `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
-# suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
+# normbw:<dtype>[:<timeout>] (issue 16: benchmarks/norm_bw.py, norm and RoPE kernels' bandwidth against a copy, eager
+# and torch.compile at Llama-3-8B's and MiniGPT's sizes), # suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
 # of stems and paths given, resumable on a warm machine, FR_* sizes from the env),
 # e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
 # composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
@@ -73,6 +74,8 @@ for step in "$@"; do
            timeout "${t:-560}" python3 benchmarks/suite.py --policy "${a:-bf16}" --budget "${b:-8}" --out "$work" \
              ${models:+--models "$models"} 2>&1 | tee -a "$OUT/suite-${a:-bf16}.log" | grep -v '^|' | tail -30
            tail -16 "$work/suite-${a:-bf16}.md" 2>/dev/null; rm -rf "$OUT/suite-${a:-bf16}"; cp -r "$work" "$OUT/suite-${a:-bf16}" ;;
+    normbw) timeout "${b:-500}" python3 benchmarks/norm_bw.py --dtype "${a:-bfloat16}" --out "$OUT/norm-bw-${a:-bfloat16}.json" 2>&1 \
+              | tee "$OUT/norm-bw-${a:-bfloat16}.log" | tail -60 ;;
     methods) timeout 400 python3 benchmarks/bench_methods.py --out "$OUT/bench-methods.json" 2>&1 \
                | tee "$OUT/bench-methods.log" | tail -15 ;;
     fleet) timeout "${b:-580}" python3 benchmarks/fleet_scaling.py ${a:+--gpus "${a//+/,}"} --out "$OUT/fleet-scaling.json" \

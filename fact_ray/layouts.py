@@ -37,7 +37,8 @@ def operand_misfit(family: str, role: str, shape: Sequence[int], stride: Sequenc
     shape, stride = tuple(shape), tuple(stride)
     if offset is not None and (offset * _ITEM_BYTES.get(dtype, 1)) % ALIGN_BYTES:
         return f"{role} starts {offset} elements into its storage, not {ALIGN_BYTES}-byte aligned"
-    if family == "attention":  # q, k, v: any strides, the head dim dense (realize/attention)
+    if family in ("attention", "rope"):  # q, k, v / x, cos, sin: any strides, the head dim dense (realize/attention,
+        # realize/rope: both read through strides)
         if stride and stride[-1] != 1 and shape[-1] != 1:
             return f"{role}'s head dim is not contiguous (stride {stride})"
         return ""

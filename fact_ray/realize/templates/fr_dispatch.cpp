@@ -45,6 +45,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/SymBool.h>
 #include <torch/library.h>
 
