@@ -184,6 +184,22 @@ def test_configs_round_trip_through_stored_json():
         N.norm_config("float32", Arch.SM90, 48, 1, 2)
 
 
+def test_the_pipeline_plans_llama_rope_and_rmsnorm_with_their_launch_shapes(small, monkeypatch):
+    from fact_ray.realize import pipeline
+
+    monkeypatch.setenv("FR_EMBD", "256")  # rows of 256 bf16: 32 vectors, one warp of one vector each
+    _, _, matches = suite_matches("llama_block")
+    norm = next(m for m in matches if m.family == "rmsnorm")
+    p = pipeline.plan(norm, Precision.BF16, Arch.SM90, budget=16)
+    assert p.family == "norm" and [c.name for c in p.configs] == [
+        "norm_bfloat16_l32_r4_i1", "norm_bfloat16_l32_r8_i1", "norm_bfloat16"]
+    assert all(p.source_of(c.name).configs == (c,) for c in p.configs)
+    rope = next(m for m in matches if m.family == "rope")
+    p = pipeline.plan(rope, Precision.BF16, Arch.SM90, budget=2, banned=frozenset({"rope_bfloat16_t256_u1"}))
+    assert p.family == "rope" and [c.name for c in p.configs] == ["rope_bfloat16_t128_u1", "rope_bfloat16_t512_u1"]
+    assert p.problem.x_shape == (2, 4, 16, 64) and p.problem.cos_shape == (16, 64)
+
+
 # --------------------------------------------------------------------------------------------- real compiles
 
 
