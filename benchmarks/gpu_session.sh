@@ -6,7 +6,8 @@
 # `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
 # normbw:<dtype>[:<timeout>] (issue 16: benchmarks/norm_bw.py, norm and RoPE kernels' bandwidth against a copy, eager
-# and torch.compile at Llama-3-8B's and MiniGPT's sizes), # suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
+# and torch.compile at Llama-3-8B's and MiniGPT's sizes),
+# suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
 # of stems and paths given, resumable on a warm machine, FR_* sizes from the env),
 # e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
 # composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
