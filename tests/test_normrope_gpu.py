@@ -126,13 +126,14 @@ def test_fused_residual_add_writes_h_as_pytorch_rounds_it_and_norms_it(norm_libs
                 assert rel_err(y, N.reference(x + r, w, bias, 1e-5, kind)) < tol, (lib.source.symbols, kind)
 
 
-def test_norm_rows_strided_and_unaligned_take_the_general_path_correctly(norm_libs):
+def test_norm_rows_strided_and_pointers_unaligned(norm_libs):
     kernel = N.NormKernel(norm_libs["bfloat16", 4096][0])  # a row-kernel library
     assert kernel.library.source.configs[0].lanes > 0
-    wide = torch.randn(2 * 37, 4096 + 8, device="cuda").bfloat16()[::2, :4096]  # rows 2 * 4104 apart
+    wide = torch.randn(2 * 37, 4096 + 8, device="cuda").bfloat16()[::2, :4096]  # rows 2 * 4104 apart: ld_x
     out = kernel.layer_norm(wide, None, None)
     assert rel_err(out, N.reference(wide, None, None, 1e-5, "layernorm")) < 2e-2
-    shifted = torch.randn(37 * 4096 + 1, device="cuda").bfloat16()[1:].view(37, 4096)  # 2 bytes off 16
+    # 2 bytes off a 16-byte boundary: the general kernel's scalar loads
+    shifted = torch.randn(37 * 4096 + 1, device="cuda").bfloat16()[1:].view(37, 4096)
     out = kernel.rms_norm(shifted, None)
     assert rel_err(out, N.reference(shifted, None, None, 1e-6, "rmsnorm")) < 2e-2
 
@@ -164,8 +165,6 @@ def test_rope_matches_float64(rope_libs, dtype, form, D):
                 torch.cuda.synchronize()
                 assert out.stride() == x.stride() and not out.isnan().any()
                 assert rel_err(out, R.reference(x, c, s, form)) < tol, (lib.source.symbols, B, S, H, D)
-                eager = x * c + R.rotate(x, form) * s
-                assert rel_err(eager, R.reference(x, c, s, form)) < tol  # the reference is the model's formula
 
 
 def test_rope_q_and_k_in_one_launch(rope_libs):
