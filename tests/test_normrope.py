@@ -268,7 +268,7 @@ def test_norm_and_rope_refuse_bad_arguments_before_touching_cuda(libs):
 def test_composed_llama_block_calls_the_norm_and_rope_kernels_and_still_traces(small, libs):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fact_ray.compose import KernelChoice, compose
+    from fact_ray.compose import KernelChoice, compose, library_for
 
     loaded, captured, matches = suite_matches("llama_block")
     ours = [m for m in matches if m.family in ("rope", "rmsnorm")]
@@ -283,3 +283,17 @@ def test_composed_llama_block_calls_the_norm_and_rope_kernels_and_still_traces(s
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         y = composed(*loaded.inputs)
     assert tuple(y.shape) == (2, 16, 32) and y.dtype == torch.bfloat16
+    # An artifact's manifest gives each problem and binding back (what deploy.register_artifact checks)
+    from fact_ray.artifact import manifest_of
+    from fact_ray.realize.family import for_config
+
+    made = {r.match_key: r for r in composed.fact_ray.replacements}
+    for pat in json.loads(json.dumps(manifest_of(composed, allow_unchecked=True)["patterns"])):
+        cfg = config_from_dict(pat["config"])
+        fam = for_config(cfg)
+        problem = fam.problem_type(**pat["problem"])
+        assert problem == made[pat["match_key"]].problem and cfg == made[pat["match_key"]].config
+        library = library_for(KernelChoice(cfg, made[pat["match_key"]].library_path, pat["symbol"]), pat["sha256"])
+        binding = fam.bind(problem, cfg, library, pat["symbol"], bool(pat["kernel"]), pat["sha256"])
+        assert (binding.name, binding.kernel) == (pat["op"], pat["kernel"])
+
