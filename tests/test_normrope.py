@@ -149,6 +149,9 @@ def test_norm_family_hints_lead_and_sources_render_one_config_each():
     configs = fam.candidates(p, Precision.BF16, Arch.SM90, budget=16)
     hinted = fam.candidates(p, Precision.BF16, Arch.SM90, budget=16, hinted=(configs[2].name,))
     assert hinted[0] == configs[2] and sorted(c.name for c in hinted) == sorted(c.name for c in configs)
+    # a hint past the budget (the incumbent the table serves) still leads
+    assert fam.candidates(p, Precision.BF16, Arch.SM90, budget=2, hinted=(configs[-1].name,)) == [configs[-1],
+                                                                                                   configs[0]]
     sources = fam.sources(configs[:2], Arch.SM90)
     assert [s.configs for s in sources] == [(configs[0],), (configs[1],)]
     for s, c in zip(sources, configs):

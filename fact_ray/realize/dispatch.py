@@ -345,8 +345,8 @@ def bind_gemm(library: Any, config: Any, problem: Any, symbol: str, native: bool
 def bind_fused(family: Any, library: Any, config: Any, problem: Any, native: bool,
                digest: Optional[str] = None) -> Binding:
     """`fact_ray_native.attention(q, k, v, causal, scale, kernel)` / `norm(x, weight, bias, eps, kind, kernel)` /
-    `rope(x, cos, sin, form, kernel)` where `native` and the dispatcher runs the family's template, else the family's Python custom op
-    (realize/fused.py's FusedFamily)."""
+    `rope(x, cos, sin, form, kernel)` where `native` and the dispatcher runs the family's template, else the
+    family's Python custom op (realize/fused.py's FusedFamily)."""
     import torch
 
     if native and config.template in _FUSED_FAMILY:

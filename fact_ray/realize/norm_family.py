@@ -49,7 +49,7 @@ class NormFamily(FusedFamily):
                    hinted: Sequence[str] = ()) -> list[NormConfig]:
         from fact_ray.realize.norm import norm_candidates
 
-        configs = norm_candidates(problem.cols, problem.dtype, arch, budget)
+        configs = norm_candidates(problem.cols, problem.dtype, arch, budget=64)  # all of them: a hint may be last
         named = {c.name: c for c in configs}
         lead = [named[h] for h in hinted if h in named]
         return (lead + [c for c in configs if c not in lead])[:max(budget, 0)]
