@@ -11,6 +11,7 @@
 import ctypes
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,3 +259,22 @@ def test_tune_and_the_farm_plan_and_compile_the_same_attention_candidates(tmp_pa
     assert on_ray == compiled_here == [s.name for s in local_plan.sources]
     assert [e for e in rec.events if isinstance(e, TrialFinished) and e.match_key == match.key] == []
     assert all(e.cached for e in rec.events if isinstance(e, CompileFinished) and e.match_key == match.key)
+
+
+def test_every_hooks_implementation_answers_every_hook_of_the_pipeline():
+    """`fact-ray tune` died on a GPU with "'_ProgressHooks' object has no attribute 'build_done'" when the pipeline
+    grew a hook: the tune command's and the farm's reporters answer every hook the pipeline calls."""
+    import inspect
+
+    from fact_ray import farm
+    from fact_ray.realize import pipeline, tune
+
+    hooks = {n for n, f in inspect.getmembers(pipeline.Hooks, inspect.isfunction) if not n.startswith("_")}
+    called = set(re.findall(r"hooks\.(\w+)\(", inspect.getsource(pipeline)))
+    assert called <= hooks, called - hooks
+    reporters = [c for m in (farm, tune) for _, c in inspect.getmembers(m, inspect.isclass)
+                 if c.__module__ == m.__name__ and {"compiled", "trial"} <= set(vars(c))]
+    assert len(reporters) >= 2, reporters
+    for cls in reporters:
+        missing = {h for h in hooks if not callable(getattr(cls, h, None))}
+        assert not missing, f"{cls.__qualname__} lacks {missing}"

@@ -15,6 +15,7 @@ from fact_ray.config import Settings
 from fact_ray.errors import CannotImplement, NotAvailable
 from fact_ray.realize.gemm_trial import (  # noqa: F401 - re-exported
     Choice, Progress, TuneProgress, context_alive, one_line, tune_problem)
+from fact_ray.realize.pipeline import Hooks
 from fact_ray.realize.select import TORCH
 from fact_ray.toolchain import target_arch
 from fact_ray.types import Arch, Match, TimeStats, Trial, TrialStatus, Winner, Precision
@@ -75,8 +76,9 @@ def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress]
                       compile_seconds=sum(lib.seconds for lib in libraries))
 
 
-class _ProgressHooks:
-    """The pipeline's reports as TuneProgress lines."""
+class _ProgressHooks(Hooks):
+    """The pipeline's reports as TuneProgress lines (the hooks it does not report keep Hooks' no-op: `fact-ray tune`
+    on a GPU died on `build_done` when the pipeline grew that hook and this class did not)."""
 
     def __init__(self, report: Progress, n_sources: int, n_configs: int) -> None:
         self.report, self.n_sources, self.n_configs = report, n_sources, n_configs
