@@ -1,7 +1,7 @@
 """The native dispatcher: the composed module's kernel calls with no Python on the hot path.
 
 `templates/fr_dispatch.cpp` is one small torch extension that the kernel libraries plug into: it defines the ops
-`torch.ops.fact_ray_native.{gemm, attention, norm, rope}` (CUDA impls that fill the C ABI structs, allocate from the
+`torch.ops.fact_ray_native.{gemm, attention, norm, rope, swiglu}` (CUDA impls that fill the C ABI structs, allocate from the
 caching allocator and launch on the current stream; Meta impls for FakeTensor, torch.compile, torch.export and
 AOTInductor) and `register_kernel`, which dlopens a kernel library, checks its ABI version and files its entry
 points under a kernel id. The libraries themselves stay torch-free.
@@ -301,6 +301,18 @@ def register_fused(library_path: str, template: str, problem: Any, digest: Optio
     return _register(kid, library_path, symbol, family, problem.dtype)
 
 
+# Templates whose libraries the dispatcher runs as `fact_ray_native.swiglu` (the GEMM ABI, one symbol per config).
+SWIGLU_TEMPLATES = ("sm90_swiglu",)
+
+
+def register_swiglu(library_path: str, symbol: str, problem: Any, digest: Optional[str] = None) -> str:
+    """File one SwiGLU configuration of a library (realize/swiglu.py) with the dispatcher; its kernel id. One
+    kernel serves SwiGLUs with and without biases (the bias pointer is an argument), so the id names no bias."""
+    digest = digest or _digest(library_path)
+    kid = kernel_id(digest, symbol, problem.dtype)
+    return _register(kid, library_path, symbol, "swiglu", problem.dtype)
+
+
 def is_registered(kid: str) -> bool:
     import torch
 
@@ -359,6 +371,15 @@ def bind_fused(family: Any, library: Any, config: Any, problem: Any, native: boo
     return Binding(getattr(torch.ops.fact_ray, name).default, f"fact_ray.{name}")
 
 
+def bind_swiglu(library: Any, problem: Any, symbol: str, digest: Optional[str] = None) -> Binding:
+    """`fact_ray_native.swiglu(a, b_gate, b_up, bias_gate, bias_up, kernel)`: the native op of the swiglu family
+    (its Python custom op is the family's own, realize/swiglu_family.py)."""
+    import torch
+
+    kid = register_swiglu(library.path, symbol, problem, digest=digest)
+    return Binding(torch.ops.fact_ray_native.swiglu.default, f"{NAMESPACE}.swiglu", (kid,), kid)
+
+
 def caller(binding: Binding) -> Callable[..., Any]:
     """The bound op as a function of the operands alone."""
     op, extra = binding.op, binding.extra
@@ -385,4 +406,8 @@ def composed_fused(family: Any, problem: Any, config: Any, library: Any) -> Call
     runs here (and runs the family's template), else the family's kernel_fn (what its Python custom op wraps)."""
     if config.template in _FUSED_FAMILY and available():
         return caller(bind_fused(family, library, config, problem, True))
+    if config.template in SWIGLU_TEMPLATES and available():
+        from fact_ray.realize.kernel import symbol_of
+
+        return caller(bind_swiglu(library, problem, symbol_of(library, config)))
     return family.kernel_fn(problem, library)

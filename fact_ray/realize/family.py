@@ -68,8 +68,9 @@ def _builtin() -> list[KernelFamily]:
     from fact_ray.realize.gemm_family import GemmFamily
     from fact_ray.realize.norm_family import NormFamily
     from fact_ray.realize.rope_family import RopeFamily
+    from fact_ray.realize.swiglu_family import SwiGluFamily
 
-    return [GemmFamily(), AttentionFamily(), NormFamily(), RopeFamily()]
+    return [GemmFamily(), AttentionFamily(), NormFamily(), RopeFamily(), SwiGluFamily()]
 
 
 def families() -> tuple[KernelFamily, ...]:

@@ -12,6 +12,8 @@
 //   fact_ray_native::attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str kernel) -> Tensor
 //   fact_ray_native::norm(Tensor x, Tensor? weight, Tensor? bias, float eps, str kind, str kernel) -> Tensor
 //   fact_ray_native::rope(Tensor x, Tensor cos, Tensor sin, str form, str kernel) -> Tensor
+//   fact_ray_native::swiglu(Tensor a, Tensor b_gate, Tensor b_up, Tensor? bias_gate, Tensor? bias_up, str kernel)
+//       -> Tensor
 //
 // CUDA impls (only where FR_DISPATCH_CUDA is defined: a CUDA build of torch) look the kernel up, check the
 // operands (dtype, shape, strides, 16-byte pointer alignment: CUTLASS's can_implement does not look at pointers),
@@ -29,6 +31,9 @@
 //   norm: LayerNorm / RMSNorm over the last dim; out is contiguous with x's shape.
 //   rope: y = x * cos + rot(x) * sin over x's last dim (form "half": rotate_half; "interleaved": pairs), x of 1 to
 //     4 dims with the last contiguous, cos and sin broadcast to x's shape; y has x's layout (empty_like).
+//   swiglu: silu(a @ b_gate^T + bias_gate) * (a @ b_up^T + bias_up), a [..., K] dense rows, the weights [F, K]
+//     (nn.Linear's), out [..., F]. The kernel (realize/swiglu.py) is one GEMM over the row-interleaved weight
+//     [Wg[0]; Wu[0]; ...]; the interleaved copy is made here once per weight tensor and version (PackCache).
 
 #include <dlfcn.h>
 
@@ -46,6 +51,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/stack.h>
 #include <c10/core/SymBool.h>
 #include <torch/library.h>
 
@@ -118,7 +124,7 @@ constexpr int kCodeF32 = 0, kCodeBF16 = 1, kCodeF16 = 2;
 constexpr int kEinval = -1, kEnotsup = -2;
 constexpr uintptr_t kAlign = 16;
 
-enum class Family { Gemm, Attention, Fmha, Norm, Rope };
+enum class Family { Gemm, Attention, Fmha, Norm, Rope, SwiGlu };
 
 struct Kernel {
   std::string id, path, symbol;
@@ -169,12 +175,13 @@ const char* family_name(Family f) {
     case Family::Fmha: return "fmha";
     case Family::Norm: return "norm";
     case Family::Rope: return "rope";
+    case Family::SwiGlu: return "swiglu";
   }
   return "?";
 }
 
 const Kernel& find(c10::string_view id, const char* op, bool attention_op = false, bool gemm_op = false,
-                   bool rope_op = false) {
+                   bool rope_op = false, bool swiglu_op = false) {
   const Kernel* k = nullptr;
   {
     std::shared_lock<std::shared_mutex> lock(g_mutex);
@@ -185,7 +192,8 @@ const Kernel& find(c10::string_view id, const char* op, bool attention_op = fals
                     "process (register the artifact's libraries first: fact_ray.realize.dispatch.register_*)");
   bool fits = attention_op ? (k->family == Family::Attention || k->family == Family::Fmha)
                            : gemm_op ? k->family == Family::Gemm
-                           : rope_op ? k->family == Family::Rope : k->family == Family::Norm;
+                           : rope_op ? k->family == Family::Rope
+                           : swiglu_op ? k->family == Family::SwiGlu : k->family == Family::Norm;
   TORCH_CHECK_VALUE(fits, "fact_ray_native.", op, ": kernel '", k->id, "' is a ", family_name(k->family),
                     " kernel");
   return *k;
@@ -229,8 +237,9 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
   else if (family == "fmha") k->family = Family::Fmha;
   else if (family == "norm") k->family = Family::Norm;
   else if (family == "rope") k->family = Family::Rope;
+  else if (family == "swiglu") k->family = Family::SwiGlu;
   else TORCH_CHECK_VALUE(false, "fact_ray_native.register_kernel: unknown family '", family,
-                         "' (gemm, attention, fmha, norm, rope)");
+                         "' (gemm, attention, fmha, norm, rope, swiglu)");
   k->dtype = parse_dtype(str(dtype_sv));
   k->col_a = col_a;
   k->col_b = col_b;
@@ -261,13 +270,16 @@ void register_kernel(c10::string_view kernel, c10::string_view path_sv, c10::str
   }
   try {
     auto version = symbol<int (*)(void)>(handle, "fr_abi_version", k->path)();
-    int want = k->family == Family::Gemm ? kGemmAbi : k->family == Family::Attention ? kAttnAbi
+    // SwiGLU libraries speak the GEMM ABI (fr_abi.h) with N = 2F.
+    int want = (k->family == Family::Gemm || k->family == Family::SwiGlu) ? kGemmAbi
+             : k->family == Family::Attention ? kAttnAbi
              : k->family == Family::Fmha ? kFmhaAbi : k->family == Family::Norm ? kNormAbi : kRopeAbi;
     TORCH_CHECK_VALUE(version == want, "fact_ray_native.register_kernel: ", k->path, " speaks ",
                       family_name(k->family), " ABI version ", num(version), ", this dispatcher speaks ", num(want),
                       ": rebuild it from the current templates");
     switch (k->family) {
       case Family::Gemm:
+      case Family::SwiGlu:
         k->gemm_workspace = symbol<size_t (*)(const fr_gemm_args*)>(handle, k->symbol + "_workspace", k->path);
         k->gemm_can_implement = symbol<int (*)(const fr_gemm_args*)>(handle, k->symbol + "_can_implement", k->path);
         k->gemm_run = symbol<int (*)(const fr_gemm_args*)>(handle, k->symbol + "_run", k->path);
@@ -383,6 +395,36 @@ at::Tensor rope_meta(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return at::empty_like(x);  // x's layout, as the CUDA impl writes it
 }
 
+// [..., F] for a [..., K] and [F, K] weights, checking what shapes alone decide.
+template <typename Sizes, typename Int = typename Sizes::value_type>
+std::vector<Int> swiglu_out_shape(Sizes a, Sizes gate, Sizes up) {
+  TORCH_CHECK_VALUE(a.size() >= 1 && gate.size() == 2 && up.size() == 2, "fact_ray_native.swiglu: a [..., K] and "
+                    "weights [F, K] expected, got ", num(a.size()), "-D a, ", num(gate.size()), "-D and ",
+                    num(up.size()), "-D weights");
+  TORCH_SYM_CHECK(c10::SymInt(gate[0]).sym_eq(c10::SymInt(up[0])), "fact_ray_native.swiglu: gate and up weights "
+                  "have different F");
+  TORCH_SYM_CHECK(c10::SymInt(gate[1]).sym_eq(c10::SymInt(up[1])), "fact_ray_native.swiglu: gate and up weights "
+                  "have different K");
+  TORCH_SYM_CHECK(c10::SymInt(a[a.size() - 1]).sym_eq(c10::SymInt(gate[1])), "fact_ray_native.swiglu: a's K and "
+                  "the weights' K differ");
+  std::vector<Int> out(a.begin(), a.end() - 1);
+  out.push_back(gate[0]);
+  return out;
+}
+
+at::Tensor swiglu_meta(const at::Tensor& a, const at::Tensor& b_gate, const at::Tensor& b_up,
+                       const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up,
+                       c10::string_view kernel) {
+  const Kernel& k = find(kernel, "swiglu", false, false, false, true);
+  check_kernel_dtype(k, a, "swiglu", "a");
+  check_kernel_dtype(k, b_gate, "swiglu", "b_gate");
+  check_kernel_dtype(k, b_up, "swiglu", "b_up");
+  // One kernel serves both: the bias pointer is an argument (null: none).
+  TORCH_CHECK_VALUE(bias_gate.has_value() == bias_up.has_value(), "fact_ray_native.swiglu: takes both biases or "
+                    "neither");
+  return at::empty_symint(swiglu_out_shape(a.sym_sizes(), b_gate.sym_sizes(), b_up.sym_sizes()), a.options());
+}
+
 // --------------------------------------------------------------------------------------------- CPU: refuse
 
 at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -398,6 +440,11 @@ at::Tensor norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>&, const
 }
 at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view) {
   TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.rope runs on cuda tensors, got ", dev(x.device()));
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& a, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, c10::string_view) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fact_ray_native.swiglu runs on cuda tensors, got ", dev(a.device()));
 }
 
 // --------------------------------------------------------------------------------------------- CUDA
@@ -659,6 +706,135 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return y;
 }
 
+// The interleaved weight (and bias) of a SwiGLU, made once per (gate, up, biases) and kept while those very
+// tensors live unmodified: an entry holds weak references to their TensorImpls (a freed weight frees its copy at the
+// next lookup, and a new tensor at a reused address is not mistaken for it) and their version counters (an
+// in-place update makes it again). One more copy of the gate and up weights in GPU memory is the price of never
+// writing the [M, 2F] intermediate. Tensors without a version counter (inference tensors) and calls under CUDA
+// graph capture (the copy is then part of the graph) are packed on every call, never cached.
+class PackCache {
+ public:
+  struct Packed {
+    at::Tensor weight, bias;  // bias undefined when the SwiGLU has none
+  };
+
+  Packed get(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& bias_gate,
+             const std::optional<at::Tensor>& bias_up, cudaStream_t stream) {
+    const at::Tensor* src[4] = {&gate, &up, bias_gate ? &*bias_gate : nullptr, bias_up ? &*bias_up : nullptr};
+    bool cacheable = true;
+    for (const at::Tensor* t : src) cacheable &= t == nullptr || !t->is_inference();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cacheable &= cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone;
+    if (!cacheable) return pack(src);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->expired()) {
+        it = entries_.erase(it);
+        continue;
+      }
+      if (it->holds(src)) return it->packed;
+      ++it;
+    }
+    Entry e;
+    for (int i = 0; i < 4; ++i) {
+      if (src[i] == nullptr) continue;
+      e.refs[i].emplace(src[i]->getIntrusivePtr());
+      e.versions[i] = src[i]->_version();
+    }
+    e.packed = pack(src);
+    entries_.push_back(e);
+    return e.packed;
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    std::optional<Weak> refs[4];  // empty where the operand is absent
+    int64_t versions[4] = {0, 0, 0, 0};
+    Packed packed;
+
+    bool expired() const {
+      for (const auto& r : refs) {
+        if (r && r->expired()) return true;
+      }
+      return false;
+    }
+    bool holds(const at::Tensor* const src[4]) const {
+      for (int i = 0; i < 4; ++i) {
+        if (refs[i].has_value() != (src[i] != nullptr)) return false;
+        if (!refs[i]) continue;
+        if (refs[i]->_unsafe_get_target() != src[i]->unsafeGetTensorImpl()) return false;
+        if (versions[i] != src[i]->_version()) return false;
+      }
+      return true;
+    }
+  };
+
+  static Packed pack(const at::Tensor* const src[4]) {
+    const int64_t F = src[0]->size(0);
+    Packed p;
+    p.weight = at::stack({*src[0], *src[1]}, 1).reshape({2 * F, src[0]->size(1)});
+    if (src[2] != nullptr) p.bias = at::stack({*src[2], *src[3]}, 1).reshape({2 * F});
+    return p;
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+PackCache g_packs;
+
+at::Tensor swiglu_cuda(const at::Tensor& a, const at::Tensor& b_gate, const at::Tensor& b_up,
+                       const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up,
+                       c10::string_view kernel) {
+  const Kernel& k = find(kernel, "swiglu", false, false, false, true);
+  check_operand(k, a, a, "swiglu", "a", true, true);
+  check_operand(k, b_gate, a, "swiglu", "b_gate", true, true);
+  check_operand(k, b_up, a, "swiglu", "b_up", true, true);
+  std::vector<int64_t> out_shape = swiglu_out_shape(a.sizes(), b_gate.sizes(), b_up.sizes());
+  TORCH_CHECK_VALUE(bias_gate.has_value() == bias_up.has_value(), "fact_ray_native.swiglu: takes both biases or "
+                    "neither");
+  const int64_t F = b_gate.size(0), K = b_gate.size(1);
+  const std::optional<at::Tensor>* biases[] = {&bias_gate, &bias_up};
+  const char* bias_names[] = {"bias_gate", "bias_up"};
+  for (int i = 0; i < 2; ++i) {
+    if (!biases[i]->has_value()) continue;
+    check_operand(k, **biases[i], a, "swiglu", bias_names[i], true, true);
+    TORCH_CHECK_VALUE((*biases[i])->dim() == 1 && (*biases[i])->size(0) == F, "fact_ray_native.swiglu: ",
+                      bias_names[i], " has shape ", dims((*biases[i])->sizes()), ", expected [", num(F), "]");
+  }
+  c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty(out_shape, a.options());
+  if (out.numel() == 0) return out;
+  const int64_t M = out.numel() / F;
+  fr_gemm_args args{};
+  at::DataPtr workspace;  // set below, after the stream is known
+  args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  PackCache::Packed packed =
+      g_packs.get(b_gate, b_up, bias_gate, bias_up, static_cast<cudaStream_t>(args.stream));
+  args.A = a.data_ptr();
+  args.B = packed.weight.data_ptr();
+  args.C = nullptr;
+  args.D = out.data_ptr();
+  args.bias = packed.bias.defined() ? packed.bias.data_ptr() : nullptr;
+  args.M = M; args.N = 2 * F; args.K = K; args.L = 1;
+  args.lda = K; args.ldb = K; args.ldc = 0; args.ldd = F;
+  args.batch_stride_a = M * K; args.batch_stride_b = 0; args.batch_stride_c = 0; args.batch_stride_d = M * F;
+  args.alpha = 1.0f; args.beta = 0.0f;
+  args.split_k = 1;
+  args.sm_count = sm_count(a.device().index());
+  workspace = with_workspace_and_stream(args, k.gemm_workspace(&args), a.device().index());
+  const int status = k.gemm_run(&args);
+  if (status != 0) {
+    const int can = k.gemm_can_implement(&args);
+    TORCH_CHECK_VALUE(can == 0, "fact_ray_native.swiglu: kernel '", k.id, "' cannot implement M=", num(M), " F=",
+                      num(F), " K=", num(K), " (can_implement status ", num(can), ")");
+    TORCH_CHECK(false, "fact_ray_native.swiglu: kernel '", k.id, "' failed to launch with status ", num(status),
+                " (M=", num(M), " F=", num(F), " K=", num(K), ")");
+  }
+  return out;
+}
+
 #endif  // FR_DISPATCH_CUDA
 
 }  // namespace fr_dispatch
@@ -680,6 +856,7 @@ TORCH_LIBRARY(fact_ray_native, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str kernel) -> Tensor");
   m.def("norm(Tensor x, Tensor? weight, Tensor? bias, float eps, str kind, str kernel) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, str form, str kernel) -> Tensor");
+  m.def("swiglu(Tensor a, Tensor b_gate, Tensor b_up, Tensor? bias_gate, Tensor? bias_up, str kernel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fact_ray_native, Meta, m) {
@@ -687,6 +864,7 @@ TORCH_LIBRARY_IMPL(fact_ray_native, Meta, m) {
   m.impl("attention", &fr_dispatch::attention_meta);
   m.impl("norm", &fr_dispatch::norm_meta);
   m.impl("rope", &fr_dispatch::rope_meta);
+  m.impl("swiglu", &fr_dispatch::swiglu_meta);
 }
 
 TORCH_LIBRARY_IMPL(fact_ray_native, CPU, m) {
@@ -694,6 +872,7 @@ TORCH_LIBRARY_IMPL(fact_ray_native, CPU, m) {
   m.impl("attention", &fr_dispatch::attention_cpu);
   m.impl("norm", &fr_dispatch::norm_cpu);
   m.impl("rope", &fr_dispatch::rope_cpu);
+  m.impl("swiglu", &fr_dispatch::swiglu_cpu);
 }
 
 #ifdef FR_DISPATCH_CUDA
@@ -702,5 +881,6 @@ TORCH_LIBRARY_IMPL(fact_ray_native, CUDA, m) {
   m.impl("attention", &fr_dispatch::attention_cuda);
   m.impl("norm", &fr_dispatch::norm_cuda);
   m.impl("rope", &fr_dispatch::rope_cuda);
+  m.impl("swiglu", &fr_dispatch::swiglu_cuda);
 }
 #endif
