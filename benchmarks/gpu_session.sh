@@ -7,6 +7,8 @@
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
 # normbw:<dtype>[:<timeout>] (issue 16: benchmarks/norm_bw.py, norm and RoPE kernels' bandwidth against a copy, eager
 # and torch.compile at Llama-3-8B's and MiniGPT's sizes),
+# swiglu:<dtype>[:<budget>] (issue 16: SwiGLU's first half alone against two cuBLAS GEMMs + silu * up,
+# benchmarks/swiglu.py; libraries from benchmarks/build/swiglu-<dtype> when carried),
 # suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
 # of stems and paths given, resumable on a warm machine, FR_* sizes from the env),
 # e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
@@ -68,6 +70,9 @@ for step in "$@"; do
            | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
     attn) timeout 300 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
+    swiglu) timeout 400 python3 benchmarks/swiglu.py --dtype "${a:-bfloat16}" --budget "${b:-4}" \
+              --prebuilt "benchmarks/build/swiglu-${a:-bfloat16}" --out "$OUT/swiglu-${a:-bfloat16}.json" 2>&1 \
+              | tee "$OUT/swiglu-${a:-bfloat16}.log" | tail -12 ;;  # issue 16: SwiGLU's first half alone
     suite) IFS=: read -r t models <<<"${c:-}"  # issue 15: every model of benchmarks/models/ (or the comma list given)
            # the suite's folder lives in the tree so that the same step in a later call on a warm machine goes on
            # with the models not done yet (benchmarks/suite.py keeps a ledger); a copy goes back every call
