@@ -81,13 +81,14 @@ def work(m: Match, policy: Precision) -> tuple[int, int, bool]:
         if p.get("residual"):
             nbytes += e * M * N * L
         return flops, nbytes, True
-    if m.family in ("attention", "attention_gqa"):
+    if m.family == "attention":
         B, H, S, D = p["B"], p["H"], p["S"], p["D"]
+        kv = p.get("kv_heads", H)  # grouped-query attention reads K and V once per key/value head
         # QK^T and PV; a causal kernel skips the blocks above the diagonal, about half the work.
         flops = 4 * B * H * S * S * D
         if p.get("causal"):
             flops //= 2
-        return flops, e * 4 * B * H * S * D, True
+        return flops, e * 2 * (H + kv) * B * S * D, True
     if m.family in ("layernorm", "rmsnorm"):
         rows, cols = p["rows"], p["cols"]
         params = (2 if m.family == "layernorm" else 1) * cols if p.get("affine") else 0

@@ -3,7 +3,8 @@
 GEMM family (gemm, gemm_bias, gemm_bias_act, gemm_bias_residual, bmm): M, N, K, L (batch count; a Linear on
 [B, T, C] is M = B*T, L = 1), layout_a, layout_b ("col" when B is stored [N, K] like an nn.Linear weight, "row"
 when stored [K, N]), activation, has_bias, residual, broadcast_b, operands (role -> node: a, b, bias, residual).
-Attention: B, H, S, D, causal, scale, spelling, operands q, k, v. Norms: rows, cols, eps, affine, operands x,
+Attention: B, H, S, D, kv_heads (H_kv: fewer than H for grouped-query attention, K and V
+read un-repeated), causal, scale, spelling, operands q, k, v. Norms: rows, cols, eps, affine, operands x,
 weight, bias. SwiGLU: M, N, K, L, layout_a, layout_b, has_bias, activation, operands a, b_gate, b_up (+ biases).
 
 A reader returns None to reject a match its family cannot express (a vector product, a partly broadcast batch,
@@ -74,6 +75,11 @@ def keeps_rows(view: GraphView, node: Node) -> bool:
 def plain_add(view: GraphView, node: Node) -> bool:
     """An add without a scaling alpha (x + y, not x + 2*y)."""
     return node.kwarg("alpha", 1) == 1 and len(node.args) == 2
+
+
+def ignores_input(view: GraphView, node: Node) -> bool:
+    """baddbmm(input, A, B) with beta = 0: the input (a zeros or empty scores buffer) is never read."""
+    return node.kwarg("beta", 1) == 0 and len(node.args) == 3
 
 
 def unit_addmm(view: GraphView, node: Node) -> bool:
@@ -230,18 +236,66 @@ def _heads(m: TensorMeta) -> tuple[int, int, int, int] | None:
     return None
 
 
+def _kv_heads(b: Bound, role: str, B: int, H: int, S: int, D: int) -> int | None:
+    """The key/value heads of `role` ("k" or "v") as bound (before any repeat the match covers), or None when it is
+    not [B, H_kv, S, D] with H_kv dividing H, or is repeated in another order than repeat_interleave's."""
+    m, out = b.meta(role), b.meta(role + "_repeat")
+    if m is None or len(m.shape) != 4:
+        return None
+    kb, g, ks, kd = m.shape
+    if (kb, ks, kd) != (B, S, D) or g < 1 or H % g:
+        return None
+    if out is None:
+        return g
+    if tuple(out.shape) != (B, H, S, D) or out.dtype != m.dtype:
+        return None
+    r = H // g
+    if b.has(role + "_repeats"):  # repeat_interleave(x, r, dim=1): query head h reads h // r
+        node = b.node(role + "_repeat")
+        dim = node.args[2] if len(node.args) > 2 else node.kwarg("dim")
+        return g if b.get(role + "_repeats") == r and isinstance(dim, int) and dim % 4 == 1 else None
+    # x[:, :, None].expand(B, g, r, S, D).reshape(B, H, S, D): the same order; unsqueezing at dim 1 would tile
+    unsq, exp = b.meta(role + "_unsqueeze"), b.meta(role + "_expand")
+    if unsq is None or exp is None or tuple(unsq.shape) != (B, g, 1, S, D) or tuple(exp.shape) != (B, g, r, S, D):
+        return None
+    return g
+
+
+def _flat_ok(b: Bound, B: int, H: int, S: int, D: int) -> bool:
+    """Either nothing is folded, or the bmm/baddbmm spelling folds batch and heads consistently: q, k, v flattened
+    to [B * H, S, D], scores viewed as [B, H, S, S] for the mask and back, the output unfolded to [B, H, S, D]."""
+    keys = ("q_flat", "k_flat", "v_flat", "scores_view", "probs_view", "out_view")
+    if not any(b.has(k) for k in keys):
+        return True
+    want = {"q_flat": (B * H, S, D), "k_flat": (B * H, S, D), "v_flat": (B * H, S, D), "scores_view": (B, H, S, S),
+            "probs_view": (B * H, S, S), "out_view": (B, H, S, D)}
+    for k in keys:
+        m = b.meta(k)
+        if m is None or tuple(m.shape) != want[k]:
+            return False
+    return True
+
+
 def read_attention(b: Bound) -> dict[str, Any] | None:
     if b.has("sdpa"):
         return _read_sdpa(b)
     q, k, v, scores = b.meta("q"), b.meta("k"), b.meta("v"), b.meta("qk")
-    if q is None or k is None or v is None or scores is None:
+    if q is None or k is None or v is None or scores is None or not (q.dtype == k.dtype == v.dtype):
         return None
-    dims = _heads(q)
-    if dims is None or q.shape != k.shape or v.shape != k.shape or not (q.dtype == k.dtype == v.dtype):
-        return None
-    B, H, S, D = dims
+    if len(q.shape) == 4:
+        B, H, S, D = q.shape
+        kv_heads = _kv_heads(b, "k", B, H, S, D)
+        if kv_heads is None or _kv_heads(b, "v", B, H, S, D) != kv_heads or not _flat_ok(b, B, H, S, D):
+            return None
+    else:
+        dims = _heads(q)  # [B * H, S, D] as it is: one head per batch entry
+        if dims is None or q.shape != k.shape or v.shape != k.shape or b.has("k_repeat") or b.has("v_repeat") \
+                or not _flat_ok(b, -1, -1, -1, -1):
+            return None
+        B, H, S, D = dims
+        kv_heads = H
     dim = b.get("softmax_dim")
-    if dim not in (-1, len(scores.shape) - 1):
+    if dim not in (-1, len(b.meta("softmax").shape) - 1):
         return None
     causal = b.has("mask")
     if causal and b.get("mask_n") != S:
@@ -251,8 +305,15 @@ def read_attention(b: Bound) -> dict[str, Any] | None:
         scale = float(b.get("scale_mul"))
     elif b.has("scale_div"):
         scale = 1.0 / float(b.get("scale_div"))
-    return {"B": B, "H": H, "S": S, "D": D, "causal": causal, "scale": scale, "spelling": "explicit",
-            "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
+    qk = b.node("qk")
+    if qk is not None and packet(qk.target) == "aten.baddbmm":
+        alpha = qk.kwarg("alpha", 1)
+        if not is_nonzero_number(alpha):
+            return None
+        scale *= float(alpha)
+    return {"B": B, "H": H, "S": S, "D": D, "kv_heads": kv_heads, "causal": causal, "scale": scale,
+            "spelling": "explicit", "dtype": q.dtype,
+            "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -269,12 +330,23 @@ def _read_sdpa(b: Bound) -> dict[str, Any] | None:
     assert node is not None
     arg = _sdpa_args(node)
     q, k, v = b.meta("q"), b.meta("k"), b.meta("v")
-    if q is None or k is None or v is None or q.shape != k.shape or k.shape != v.shape:
-        return None  # cross-attention, grouped heads or a different value width: not this family
+    if q is None or k is None or v is None or k.shape != v.shape:
+        return None  # cross-attention or a different value width: not this family
     dims = _heads(q)
     if dims is None or not (q.dtype == k.dtype == v.dtype) or arg["dropout_p"] not in (0, 0.0):
         return None
     B, H, S, D = dims
+    if len(q.shape) == 4:
+        kv_heads = _kv_heads(b, "k", B, H, S, D)
+        if kv_heads is None or _kv_heads(b, "v", B, H, S, D) != kv_heads:
+            return None
+        repeated = b.has("k_repeat") or b.has("v_repeat")
+        if kv_heads != H and not repeated and arg["enable_gqa"] is not True:
+            return None  # fewer key/value heads without enable_gqa: SDPA itself refuses it
+    elif q.shape != k.shape:
+        return None
+    else:
+        kv_heads = H
     causal = bool(arg["is_causal"])
     mask = arg["attn_mask"]
     if isinstance(mask, Ref) and evaluate.all_visible(b.view, mask.name):
@@ -286,21 +358,11 @@ def _read_sdpa(b: Bound) -> dict[str, Any] | None:
         causal = True
     scale = arg["scale"]
     scale = float(scale) if is_number(scale) else 1.0 / math.sqrt(D)
-    return {"B": B, "H": H, "S": S, "D": D, "causal": causal, "scale": scale, "spelling": "sdpa",
-            "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
-
-
-def read_attention_gqa(b: Bound) -> dict[str, Any] | None:
-    """SDPA whose key/value heads are fewer than its query heads (enable_gqa): listed, not realized."""
-    node = b.node("sdpa")
-    q, k, v = b.meta("q"), b.meta("k"), b.meta("v")
-    if node is None or q is None or k is None or v is None or len(q.shape) != 4 or len(k.shape) != 4:
-        return None
-    if q.shape[1] == k.shape[1]:
-        return None  # as many heads: the attention rule's case
-    B, H, S, D = q.shape
-    return {"B": B, "H": H, "S": S, "D": D, "kv_heads": k.shape[1], "causal": bool(_sdpa_args(node)["is_causal"]),
-            "spelling": "sdpa_gqa", "dtype": q.dtype, "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
+    # "sdpa_gqa": SDPA reads the grouped K and V itself (enable_gqa); "sdpa" after a repeat the match covers
+    spelling = "sdpa_gqa" if kv_heads != H and not (b.has("k_repeat") or b.has("v_repeat")) else "sdpa"
+    return {"B": B, "H": H, "S": S, "D": D, "kv_heads": kv_heads, "causal": causal, "scale": scale,
+            "spelling": spelling, "dtype": q.dtype,
+            "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
 
 
 def read_baddbmm(b: Bound) -> dict[str, Any] | None:

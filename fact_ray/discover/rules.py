@@ -97,22 +97,48 @@ def _masked(inner: Pattern) -> Pattern:
     )
 
 
-_QK = op(*MATMULS, args=(Var("q"), op(*TRANSPOSES, args=(Var("k"),), name="k_view", check=P.swaps_last_two)),
-         name="qk")
+def _repeated_heads(role: str) -> Pattern:
+    """K or V with its heads repeated to the query heads (grouped-query attention), or as it is. The repeats a
+    model spells (`repeat_interleave(k, g, dim=1)`; HF's `repeat_kv`: `k[:, :, None].expand(B, G, g, S, D)
+    .reshape(B, G * g, S, D)`) become part of the match, `role` binds the tensor before them, and the reader
+    checks that the order is repeat_interleave's (query head h reads key/value head h // g): the replacement
+    reads the un-repeated tensor and never materialises the repeat."""
+    p = role + "_"
+    unsqueezed = op("aten.unsqueeze", args=(Var(role), Const(p + "unsqueeze_dim")), name=p + "unsqueeze")
+    expanded = op("aten.expand", args=(unsqueezed, Const(p + "expand_shape")), name=p + "expand")
+    return alt(
+        op("aten.repeat_interleave", args=(Var(role), Const(p + "repeats", P.is_number)), name=p + "repeat"),
+        op(*VIEWS, args=(expanded, Const(p + "repeat_shape")), name=p + "repeat"),
+        Var(role),
+    )
+
+
+def _flat(inner: Pattern, name: str) -> Pattern:
+    """`inner` as it is, or reshaped (batch and heads folded into one dim for bmm/baddbmm, or unfolded again)."""
+    return alt(op(*VIEWS, args=(inner, Const(name + "_shape")), name=name), inner)
+
+
+# q @ k^T: matmul/bmm, or baddbmm over a zero (or uninitialised) bias with beta = 0 and the scale as alpha.
+_QK_OPERANDS = (_flat(Var("q"), "q_flat"),
+                op(*TRANSPOSES, args=(_flat(_repeated_heads("k"), "k_flat"),), name="k_view", check=P.swaps_last_two))
+_QK = _flat(alt(
+    op(*MATMULS, args=_QK_OPERANDS, name="qk"),
+    op("aten.baddbmm", args=(op("aten.zeros", "aten.empty", name="qk_bias"), *_QK_OPERANDS), name="qk",
+       check=P.ignores_input),
+), "scores_view")
 _SCORES = alt(_masked(_scaled(_QK)), _scaled(_masked(_QK)), _masked(_QK), _scaled(_QK), _QK)
-ATTENTION_EXPLICIT = op(*MATMULS, args=(op(*SOFTMAXES, args=(_SCORES, Const("softmax_dim")), name="softmax"),
-                                        Var("v")), name="pv")
-ATTENTION_SDPA = op("aten.scaled_dot_product_attention", args=(Var("q"), Var("k"), Var("v")), name="sdpa")
+_PV = op(*MATMULS, args=(_flat(op(*SOFTMAXES, args=(_SCORES, Const("softmax_dim")), name="softmax"), "probs_view"),
+                         _flat(_repeated_heads("v"), "v_flat")), name="pv")
+ATTENTION_EXPLICIT = alt(_PV, op(*VIEWS, args=(_PV, Const("out_shape")), name="out_view"))
+# SDPA, with K and V repeated to the query heads first or given with fewer heads and enable_gqa=True.
+ATTENTION_SDPA = op("aten.scaled_dot_product_attention", args=(Var("q"), _repeated_heads("k"), _repeated_heads("v")),
+                    name="sdpa")
 
 # Spellings discovery recognises but no kernel family realizes yet: listed (family in NOT_REALIZED), costed, and
 # kept as PyTorch ops by the run, so a model's time is never silently unaccounted for. Each covers one node only,
 # so it never takes nodes from a rule that can be realized.
-ATTENTION_SDPA_GQA = op("aten.scaled_dot_product_attention", args=(Var("q"), Var("k"), Var("v")), name="sdpa")
 BADDBMM = op("aten.baddbmm", args=(Var("input"), Var("a"), b_operand("b")), name="gemm")
 NOT_REALIZED = {
-    "attention_gqa": "grouped-query attention (fewer key/value heads than query heads, SDPA's enable_gqa): "
-                     "no kernel family yet; a model that repeats K and V first (repeat_kv, repeat_interleave, "
-                     "expand) is matched as attention",
     "baddbmm": "baddbmm (beta * input + alpha * A @ B): no kernel family yet",
 }
 
@@ -209,7 +235,6 @@ RULES: tuple[Rule, ...] = tuple(
         ("layernorm", "layernorm", LAYERNORM, P.read_layernorm, ("x", "weight", "bias")),
         ("rmsnorm", "rmsnorm", RMSNORM, P.read_rmsnorm, ("x", "weight")),
         ("rope", "rope", ROPE, P.read_rope, ("x", "cos", "sin")),
-        ("attention_gqa", "attention_gqa", ATTENTION_SDPA_GQA, P.read_attention_gqa, ("q", "k", "v")),
         ("baddbmm", "baddbmm", BADDBMM, P.read_baddbmm, ("input", "a", "b")),
     ))
 )

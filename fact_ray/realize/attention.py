@@ -158,6 +158,7 @@ class AttentionKernel:
     """
 
     RUN_NAME = "fr_attn_run"  # named in errors; a subclass with the same argument struct names its own
+    GROUPED = False  # whether k and v may hold fewer heads than q (the FMHA's H_kv); example 41 takes as many
 
     def __init__(self, library: Library) -> None:
         self.library = library
@@ -182,8 +183,10 @@ class AttentionKernel:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise CannotImplement("q, k, v must be 4-D [B, S, H, D]")
         B, S_q, H, D = (int(s) for s in q.shape)
-        S_k = int(k.shape[1])
-        if tuple(k.shape) != (B, S_k, H, D) or tuple(v.shape) != (B, S_k, H, D):
+        S_k, H_kv = int(k.shape[1]), int(k.shape[2])
+        grouped_ok = self.GROUPED and 0 < H_kv <= H and H % H_kv == 0
+        if tuple(k.shape) != (B, S_k, H_kv, D) or tuple(v.shape) != (B, S_k, H_kv, D) or \
+                (H_kv != H and not grouped_ok):
             raise CannotImplement(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
         for n, t in (("q", q), ("k", k), ("v", v)):
             if t.stride(3) != 1:
@@ -201,6 +204,8 @@ class AttentionKernel:
         a.v_stride_b, a.v_stride_s, a.v_stride_h = v.stride(0), v.stride(1), v.stride(2)
         a.o_stride_b, a.o_stride_s, a.o_stride_h = o.stride(0), o.stride(1), o.stride(2)
         a.B, a.H, a.S_q, a.S_k, a.D = B, H, S_q, S_k, D
+        if self.GROUPED:
+            a.H_kv = H_kv
         a.scale = float(scale) if scale is not None else D ** -0.5
         a.causal = 1 if causal else 0
         a.dtype = _DTYPES[name][0]
@@ -223,10 +228,13 @@ class AttentionKernel:
 
 
 def reference(q, k, v, causal: bool = True, scale: Optional[float] = None):
-    """float64 explicit softmax attention over [B, S, H, D] inputs, causal from the top left."""
+    """float64 explicit softmax attention over [B, S, H, D] inputs, causal from the top left. k and v may hold
+    fewer heads (H_kv dividing H): query head h reads key/value head h // (H / H_kv), as repeat_interleave."""
     import torch
 
     q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    group = q64.shape[1] // k64.shape[1]
+    k64, v64 = (t.repeat_interleave(group, dim=1) for t in (k64, v64))
     s = (q64 @ k64.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if causal:
         S_q, S_k = s.shape[-2], s.shape[-1]

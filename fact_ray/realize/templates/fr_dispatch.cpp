@@ -28,6 +28,8 @@
 //     weight), "row" is [K, N]; a B with batch dims must match A's; a 2-D B under a batched col A broadcasts.
 //   attention: q, k, v as the graph holds them, [B, H, S, D] (any strides, head dim contiguous); the kernels
 //     read them as [B, S, H, D] through strides; the output is a [B, S, H, D] buffer seen as [B, H, S, D].
+//     For an FMHA kernel k and v may hold H_kv heads with H % H_kv == 0 (grouped-query attention: query head h
+//     reads key/value head h / (H / H_kv)); the head count travels in fr_fmha_args.H_kv.
 //   norm: LayerNorm / RMSNorm over the last dim; out is contiguous with x's shape.
 //   rope: y = x * cos + rot(x) * sin over x's last dim (form "half": rotate_half; "interleaved": pairs), x of 1 to
 //     4 dims with the last contiguous, cos and sin broadcast to x's shape; y has x's layout (empty_like).
@@ -83,7 +85,14 @@ typedef struct {
   int32_t dtype;
   void* workspace; size_t workspace_size;
   void* stream;
-} fr_attn_args;  // fr_fmha_args has the very same layout
+} fr_attn_args;
+
+// fmha_sm90.cu.in's fr_fmha_args (ABI 2): fr_attn_args's fields, then the key/value head count. The same bytes as
+// its flat C struct (fr_attn_args ends 8-byte aligned), so &base is what the FMHA library reads.
+typedef struct {
+  fr_attn_args base;
+  int64_t H_kv;
+} fr_fmha_args;
 
 typedef struct {
   const void* x; void* y; const void* weight; const void* bias;
@@ -116,7 +125,7 @@ namespace fr_dispatch {
 // FR_NORM_ABI_VERSION, FR_ROPE_ABI_VERSION); a library of another version is refused at registration.
 constexpr int kGemmAbi = FR_ABI_VERSION;
 constexpr int kAttnAbi = 1;
-constexpr int kFmhaAbi = 1;
+constexpr int kFmhaAbi = 2;
 constexpr int kNormAbi = 2;
 constexpr int kRopeAbi = 1;
 // Dtype codes of the attention and norm ABIs (FR_ATTN_F32/BF16/F16, FR_NORM_* alike) and their refusals.
@@ -576,13 +585,18 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
     TORCH_CHECK_VALUE(named[i]->stride(3) == 1, "fact_ray_native.attention: ", names[i], "'s head dim must be "
                       "contiguous (stride ", dims(named[i]->strides()), ")");
   }
-  const int64_t B = q.size(0), H = q.size(1), S_q = q.size(2), D = q.size(3), S_k = k.size(2);
-  TORCH_CHECK_VALUE(k.sizes() == at::IntArrayRef({B, H, S_k, D}) && v.sizes() == k.sizes(),
+  const int64_t B = q.size(0), H = q.size(1), S_q = q.size(2), D = q.size(3), S_k = k.size(2), H_kv = k.size(1);
+  // Only the FMHA reads grouped key/value heads (example 41's kernel indexes k and v by the query head).
+  const bool grouped_ok = kk.family == Family::Fmha && H_kv > 0 && H % H_kv == 0;
+  TORCH_CHECK_VALUE(k.sizes() == at::IntArrayRef({B, H_kv, S_k, D}) && v.sizes() == k.sizes() &&
+                        (H_kv == H || grouped_ok),
                     "fact_ray_native.attention: k ", dims(k.sizes()), " and v ", dims(v.sizes()), " do not match q ",
                     dims(q.sizes()));
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor o = at::empty_strided({B, H, S_q, D}, {S_q * H * D, D, H * D, 1}, q.options());
-  fr_attn_args a{};
+  fr_fmha_args fa{};
+  fa.H_kv = H_kv;  // read by FMHA libraries only; example 41's stop at fr_attn_args
+  fr_attn_args& a = fa.base;
   a.q = q.data_ptr(); a.k = k.data_ptr(); a.v = v.data_ptr(); a.o = o.data_ptr();
   a.q_stride_b = q.stride(0); a.q_stride_h = q.stride(1); a.q_stride_s = q.stride(2);
   a.k_stride_b = k.stride(0); a.k_stride_h = k.stride(1); a.k_stride_s = k.stride(2);
@@ -595,7 +609,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::DataPtr workspace = with_workspace_and_stream(a, kk.attn_workspace(&a), q.device().index());
   const int status = kk.attn_run(&a);
   TORCH_CHECK_VALUE(status != kEinval && status != kEnotsup, "fact_ray_native.attention: kernel '", kk.id,
-                    "' refused B=", num(B), " H=", num(H), " S_q=", num(S_q), " S_k=", num(S_k), " D=", num(D),
+                    "' refused B=", num(B), " H=", num(H), " H_kv=", num(H_kv), " S_q=", num(S_q), " S_k=", num(S_k),
+                    " D=", num(D),
                     " strides q=", dims(q.strides()),
                     status == kEinval ? " (invalid)" : " (unsupported)");
   TORCH_CHECK(status == 0, "fact_ray_native.attention: kernel '", kk.id, "' failed with CUDA error ", num(status));
