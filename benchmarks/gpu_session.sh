@@ -3,7 +3,8 @@
 # under $OUT. Steps: gputests[:<timeout>], pytest:<file>[,<file>...][:<timeout>[:<-k expression>]], gemm:<policies>:<budget>,
 # scaling:<units>:<base>, farm:<policy>:<budget> (MiniGPT twice from an empty table), run:<model>:<policy>:<budget>
 # (into the same table), bench:<model>:<policy>[:<bench options, '+' for spaces>], profile:<model>:<policy> (one more
-# `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone
+# `fact-ray run` under cProfile: where a run served from the table spends its time), attn:<dtype> (attention alone,
+# MiniGPT's shape and Llama-3-8B's grouped-query attention, every FMHA tile
 # against every SDPA backend: benchmarks/attention.py, libraries from benchmarks/build/attn-<dtype> when carried),
 # normbw:<dtype>[:<timeout>] (issue 16: benchmarks/norm_bw.py, norm and RoPE kernels' bandwidth against a copy, eager
 # and torch.compile at Llama-3-8B's and MiniGPT's sizes),
@@ -68,7 +69,7 @@ for step in "$@"; do
            | tee "$OUT/run-$m-$b.log" | tail -20
          timeout 420 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" --reps 30 --calls 20 2>&1 \
            | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
-    attn) timeout 300 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
+    attn) timeout 560 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
     swiglu) timeout 400 python3 benchmarks/swiglu.py --dtype "${a:-bfloat16}" --budget "${b:-4}" \
               --prebuilt "benchmarks/build/swiglu-${a:-bfloat16}" --out "$OUT/swiglu-${a:-bfloat16}.json" 2>&1 \

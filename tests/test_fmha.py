@@ -1,7 +1,8 @@
 """Example 88's Hopper FMHA (realize/fmha.py): rendering, its place beside example 41 in the fused family, one real
-sm_90a compile of the bf16 TU (shared by every test here: it takes minutes on a small host), its C ABI's refusals
-(answered from the arguments before any CUDA call, so they run without a GPU), and on a GPU its numbers against
-float64 torch."""
+sm_90a compile of the bf16 TU in the 96-wide head-dim tile with grouped key/value heads in its ABI (shared by every
+CPU test here: it takes minutes on a small host), its C ABI's refusals (answered from the arguments before any CUDA
+call, so they run without a GPU), and on a GPU its numbers against float64 torch (grouped-query attention's in
+tests/test_gqa_gpu.py, which builds through `fmha_library` below and shares its build cache)."""
 
 import ctypes
 import shutil
@@ -63,6 +64,13 @@ def test_fits_mirrors_example_88s_can_implement(dtype, D, S, causal, ok):
     assert F.fits(dtype, D, S, causal) is ok
 
 
+def test_fits_takes_key_value_heads_that_divide_the_query_heads():
+    assert F.fits("bfloat16", 128, 2048, True, heads=32, kv_heads=8)
+    assert F.fits("bfloat16", 128, 2048, True, heads=32, kv_heads=1)  # multi-query
+    assert not F.fits("bfloat16", 128, 2048, True, heads=32, kv_heads=12)
+    assert not F.fits("bfloat16", 128, 2048, True, heads=8, kv_heads=16)
+
+
 def _sources(problem, arch, policy=Precision.BF16):
     from fact_ray.realize.attention_family import AttentionFamily
 
@@ -76,6 +84,8 @@ def test_fused_offers_the_fmha_beside_example_41_on_sm90_only():
     p = AttentionProblem(B=2, H=8, S=512, D=96, dtype="bfloat16", causal=True, scale=96 ** -0.5,
                                spelling="sdpa")
     assert {s.configs[0].template for s in _sources(p, Arch.SM90)} == {"attention_sm80", "fmha_sm90"}
+    fmha_blocks = [s.configs[0].block for s in _sources(p, Arch.SM90) if s.configs[0].template == "fmha_sm90"]
+    assert fmha_blocks[0] == (128, 128, 96) and {b[2] for b in fmha_blocks} == {96}  # tiles sized to D = 96
     assert [s.configs[0].template for s in _sources(p, Arch.SM80)] == ["attention_sm80"]
     fp32 = AttentionProblem(B=2, H=8, S=512, D=96, dtype="float32", causal=True, scale=96 ** -0.5,
                             spelling="sdpa")
@@ -93,25 +103,37 @@ def test_missing_example_88_is_one_clear_error(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------- the compile
 
 
-@pytest.fixture(scope="module")
-def fmha_libs(tmp_path_factory):
-    """{dtype: Library}. Without a GPU only bf16 is compiled (the one sm_90a compile of the CPU tests); with one,
-    fp16 too, for its numbers."""
+CPU_BLOCK = (128, 128, 96)  # the one compile of the CPU tests: MiniGPT's head dim, grouped heads in the ABI
+
+
+def fmha_library(tmp_path_factory, dtype: str, block: tuple[int, int, int]):
+    """The FMHA library of (dtype, tile), built once per test session into a build cache shared by the test files
+    (content-addressed: a second ask is a cache hit). Skips without nvcc or example 88."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
     try:
         F.include_dirs()
     except NotAvailable as e:
         pytest.skip(str(e))
-    cache = str(tmp_path_factory.mktemp("fmha_cache"))
-    dtypes = ("bfloat16", "float16") if torch.cuda.is_available() else ("bfloat16",)
-    return {d: F.build_fmha(d, cache) for d in dtypes}
+    cache = tmp_path_factory.getbasetemp() / "fmha_build_cache"
+    cache.mkdir(exist_ok=True)
+    return F.build_fmha(dtype, str(cache), block=block)
+
+
+@pytest.fixture(scope="module")
+def fmha_libs(tmp_path_factory):
+    """Library by (dtype, head dim): the one tile of search_spaces/attention.py that leads for that head dim.
+    Without a GPU only bf16 D = 96 is asked for (the one sm_90a compile of the CPU tests)."""
+    from fact_ray.search_spaces.attention import fmha_tiles
+
+    return lambda dtype, head_dim: fmha_library(tmp_path_factory, dtype, fmha_tiles(head_dim)[0].block)
 
 
 @pytest.fixture(scope="module")
 def bf16_lib(fmha_libs):
-    lib = fmha_libs["bfloat16"]
+    lib = fmha_libs("bfloat16", 96)
     assert lib.ok, lib.log[-3000:]
+    assert lib.source.configs[0].block == CPU_BLOCK
     return lib
 
 
@@ -133,7 +155,7 @@ def _args(**kw):
     B, S, H, D = 2, 512, 8, 96
     strides = {f"{n}_stride_{m}": x for n in "qkvo" for m, x in (("b", S * H * D), ("s", H * D), ("h", D))}
     fields = dict(q=16, k=16, v=16, o=16, B=B, H=H, S_q=S, S_k=S, D=D, scale=D ** -0.5, causal=1, dtype=1,
-                  workspace=None, workspace_size=0, **strides)
+                  workspace=None, workspace_size=0, H_kv=H, **strides)
     return ctypes.byref(F.FrFmhaArgs(**{**fields, **kw}))
 
 
@@ -143,14 +165,18 @@ def test_fmha_run_refuses_what_it_cannot_run_before_touching_cuda(bf16_lib):
     # The logsumexp buffer, B * H * S_q floats, is the workspace; a refused call needs none.
     assert h.fr_fmha_workspace(_args()) == 2 * 8 * 512 * 4
     assert h.fr_fmha_workspace(_args(D=100)) == 0
+    # grouped-query (4 query heads per key/value head) and multi-query calls are good calls: the logsumexp is per
+    # query head
+    assert h.fr_fmha_workspace(_args(H_kv=2)) == h.fr_fmha_workspace(_args(H_kv=1)) == 2 * 8 * 512 * 4
     invalid = [dict(q=None), dict(o=None), dict(B=0), dict(S_k=0), dict(scale=float("nan")), dict(k_stride_s=-768),
-               dict()]  # the last: a good call without its workspace
+               dict(H_kv=0), dict(H_kv=3),  # no key/value heads; 8 query heads do not share 3 evenly
+               dict(), dict(H_kv=2)]  # the last two: good calls without their workspace
     for kw in invalid:
         assert h.fr_fmha_run(_args(**kw)) == F.EINVAL, kw
     assert h.fr_fmha_run(None) == F.EINVAL
     unsupported = [
         dict(D=100),  # not a multiple of 8: example 88's can_implement
-        dict(D=160),  # past the 128 head-dim tile
+        dict(D=128), dict(D=160),  # past this TU's 96-wide head-dim tile
         dict(S_q=77, S_k=77),  # S_q % 8
         dict(dtype=2), dict(dtype=0),  # fp16 is another TU; fp32 no TU at all
         dict(q=24),  # misaligned pointer (TMA wants 16 bytes)
@@ -177,7 +203,7 @@ def test_fmha_run_refuses_what_it_cannot_run_before_touching_cuda(bf16_lib):
 @pytest.mark.parametrize("B, S", [(1, 512), (2, 136)])  # 136: not a multiple of the 128-query/key tiles
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])  # bhsd: the model's tensors, passed as transposed views
 def test_causal_fmha_matches_float64(fmha_libs, dtype, head_dim, B, S, layout):
-    lib = fmha_libs[dtype]
+    lib = fmha_libs(dtype, head_dim)
     assert lib.ok, lib.log[-3000:]
     kernel = F.FmhaKernel(lib)
     H, scale = 3, (None if layout == "bshd" else 0.3)  # None: the default 1/sqrt(D)
@@ -198,7 +224,7 @@ def test_causal_fmha_matches_float64(fmha_libs, dtype, head_dim, B, S, layout):
 @pytest.mark.nvcc
 @pytest.mark.sm90
 def test_fmha_non_causal_and_fused_qkv_slices(fmha_libs):
-    kernel = F.FmhaKernel(fmha_libs["bfloat16"])
+    kernel = F.FmhaKernel(fmha_libs("bfloat16", 96))
     B, S, H, D = 2, 200, 4, 96
     qkv = torch.randn(B, S, 3, H, D, device="cuda").bfloat16()
     q, k, v = (qkv[:, :, i] for i in range(3))  # seq stride 3 * H * D: slices of one projection
@@ -218,7 +244,7 @@ def test_fused_trial_runs_the_fmha_against_sdpa(fmha_libs):
 
     problem = AttentionProblem(B=2, H=8, S=512, D=96, dtype="bfloat16", causal=True, scale=96 ** -0.5,
                                spelling="sdpa")
-    lib = fmha_libs["bfloat16"]
+    lib = fmha_libs("bfloat16", 96)
     torch_trial, trial = AttentionFamily().trial(problem, lib.source.configs[0], lib, Precision.BF16, "cuda", reps=10)
     assert torch_trial.status == "ok"
     assert trial.status in ("ok", "slower") and trial.rel_err < Precision.BF16.tolerance, trial
