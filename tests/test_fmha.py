@@ -2,7 +2,7 @@
 sm_90a compile of the bf16 TU in the 96-wide head-dim tile with grouped key/value heads in its ABI (shared by every
 CPU test here: it takes minutes on a small host), its C ABI's refusals (answered from the arguments before any CUDA
 call, so they run without a GPU), and on a GPU its numbers against float64 torch (grouped-query attention's in
-tests/test_gqa_gpu.py, which builds through `fmha_library` below and shares its build cache)."""
+tests/test_gqa_gpu.py, which builds through `fmha_libraries` below and shares its build cache)."""
 
 import ctypes
 import shutil
@@ -106,9 +106,12 @@ def test_missing_example_88_is_one_clear_error(tmp_path, monkeypatch):
 CPU_BLOCK = (128, 128, 96)  # the one compile of the CPU tests: MiniGPT's head dim, grouped heads in the ABI
 
 
-def fmha_library(tmp_path_factory, dtype: str, block: tuple[int, int, int]):
-    """The FMHA library of (dtype, tile), built once per test session into a build cache shared by the test files
-    (content-addressed: a second ask is a cache hit). Skips without nvcc or example 88."""
+def fmha_libraries(tmp_path_factory, wanted) -> dict:
+    """{(dtype, block): Library} for every (dtype, tile) in `wanted`, built in parallel (an sm_90a FMHA compile is
+    a minute; nvcc processes, so threads suffice) into one build cache for the test session, shared by the test
+    files (content-addressed: a second ask is a cache hit). Skips without nvcc or example 88."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
     try:
@@ -117,16 +120,23 @@ def fmha_library(tmp_path_factory, dtype: str, block: tuple[int, int, int]):
         pytest.skip(str(e))
     cache = tmp_path_factory.getbasetemp() / "fmha_build_cache"
     cache.mkdir(exist_ok=True)
-    return F.build_fmha(dtype, str(cache), block=block)
+    wanted = sorted(set(wanted))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        libs = list(pool.map(lambda w: F.build_fmha(w[0], str(cache), block=w[1]), wanted))
+    return dict(zip(wanted, libs))
 
 
 @pytest.fixture(scope="module")
 def fmha_libs(tmp_path_factory):
-    """Library by (dtype, head dim): the one tile of search_spaces/attention.py that leads for that head dim.
-    Without a GPU only bf16 D = 96 is asked for (the one sm_90a compile of the CPU tests)."""
+    """Library by (dtype, head dim): the tile of search_spaces/attention.py that leads for that head dim. Without a
+    GPU only bf16 D = 96 is built (the one sm_90a compile of the CPU tests); with one, both dtypes and D 64/96/128."""
     from fact_ray.search_spaces.attention import fmha_tiles
 
-    return lambda dtype, head_dim: fmha_library(tmp_path_factory, dtype, fmha_tiles(head_dim)[0].block)
+    wanted = {("bfloat16", 96): CPU_BLOCK}
+    if torch.cuda.is_available():
+        wanted = {(d, hd): fmha_tiles(hd)[0].block for d in ("bfloat16", "float16") for hd in (64, 96, 128)}
+    libs = fmha_libraries(tmp_path_factory, [(d, block) for (d, _), block in wanted.items()])
+    return lambda dtype, head_dim: libs[(dtype, wanted[(dtype, head_dim)])]
 
 
 @pytest.fixture(scope="module")

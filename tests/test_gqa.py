@@ -227,3 +227,39 @@ def test_the_baseline_is_the_models_op_repeat_included(spelling):
     tiled = reference(q.transpose(1, 2), k.repeat(1, 2, 1, 1).transpose(1, 2), v.repeat(1, 2, 1, 1).transpose(1, 2),
                       causal=True, scale=0.3)
     assert not torch.allclose(out, tiled.transpose(1, 2), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------- composition
+
+
+@pytest.mark.nvcc
+def test_the_composed_baddbmm_model_calls_the_fmha_with_the_repeat_gone(monkeypatch, tmp_path_factory):
+    """kb_gqa_baddbmm at head dim 96 composed onto the FMHA TU of tests/test_fmha.py (the same build, shared through
+    the session's cache: still one sm_90a compile): one native attention call with K and V un-repeated; the repeat,
+    baddbmm, mask and softmax are gone, and the module traces under fake tensors (running it is a GPU's work:
+    tests/test_gqa_gpu.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fact_ray.capture import load_model, under_policy
+    from fact_ray.compose import KernelChoice, compose
+    from tests.test_fmha import CPU_BLOCK, fmha_libraries
+    from tests.test_suite_discovery import SUITE
+
+    for k, v in dict(FR_BATCH="2", FR_SEQ="64", FR_EMBD="384", FR_HEADS="4", FR_KV_HEADS="2").items():
+        monkeypatch.setenv(k, v)
+    ((_, lib),) = fmha_libraries(tmp_path_factory, [("bfloat16", CPU_BLOCK)]).items()
+    assert lib.ok, lib.log[-3000:]
+    loaded = under_policy(load_model(str(SUITE / "kb_gqa_baddbmm.py")), "bf16")
+    captured = capture(loaded)
+    matches = discover(captured.graph, "sm90", "bf16")
+    (attn,) = [m for m in matches if m.family == "attention"]
+    module = compose(captured, matches, {attn.key: KernelChoice(lib.source.configs[0], lib.path, "fr_fmha_run", 2.0)},
+                     Precision.BF16)
+    calls = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
+    assert sum(c.startswith("fact_ray") for c in calls) == 1
+    for gone in ("aten.repeat_interleave.self_int", "aten.baddbmm.default", "aten.softmax.int", "aten.bmm.default",
+                 "aten.masked_fill.Scalar", "aten.zeros.default"):
+        assert gone not in calls, f"{gone} should be replaced (or dead and removed)"
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        y = module(torch.empty(2, 64, 384, dtype=torch.bfloat16))
+    assert tuple(y.shape) == (2, 64, 384) and y.dtype == torch.bfloat16
