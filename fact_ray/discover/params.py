@@ -3,8 +3,8 @@
 GEMM family (gemm, gemm_bias, gemm_bias_act, gemm_bias_residual, bmm): M, N, K, L (batch count; a Linear on
 [B, T, C] is M = B*T, L = 1), layout_a, layout_b ("col" when B is stored [N, K] like an nn.Linear weight, "row"
 when stored [K, N]), activation, has_bias, residual, broadcast_b, operands (role -> node: a, b, bias, residual).
-Attention: B, H, S, D, kv_heads (H_kv: fewer than H for grouped-query attention, K and V
-read un-repeated), causal, scale, spelling, operands q, k, v. Norms: rows, cols, eps, affine, operands x,
+Attention: B, H, S, D, kv_heads (only for grouped-query attention: H_kv < H, K and V read
+un-repeated), causal, scale, spelling, operands q, k, v. Norms: rows, cols, eps, affine, operands x,
 weight, bias. SwiGLU: M, N, K, L, layout_a, layout_b, has_bias, activation, operands a, b_gate, b_up (+ biases).
 
 A reader returns None to reject a match its family cannot express (a vector product, a partly broadcast batch,
@@ -261,6 +261,12 @@ def _kv_heads(b: Bound, role: str, B: int, H: int, S: int, D: int) -> int | None
     return g
 
 
+def _grouped(H: int, kv_heads: int) -> dict[str, int]:
+    """kv_heads as a parameter only where K and V have fewer heads than Q: a multi-head match keeps the key (and
+    the pattern-table rows) it had before grouped-query attention was realized."""
+    return {"kv_heads": kv_heads} if kv_heads != H else {}
+
+
 def _flat_ok(b: Bound, B: int, H: int, S: int, D: int) -> bool:
     """Either nothing is folded, or the bmm/baddbmm spelling folds batch and heads consistently: q, k, v flattened
     to [B * H, S, D], scores viewed as [B, H, S, S] for the mask and back, the output unfolded to [B, H, S, D]."""
@@ -311,7 +317,7 @@ def read_attention(b: Bound) -> dict[str, Any] | None:
         if not is_nonzero_number(alpha):
             return None
         scale *= float(alpha)
-    return {"B": B, "H": H, "S": S, "D": D, "kv_heads": kv_heads, "causal": causal, "scale": scale,
+    return {"B": B, "H": H, "S": S, "D": D, **_grouped(H, kv_heads), "causal": causal, "scale": scale,
             "spelling": "explicit", "dtype": q.dtype,
             "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
 
@@ -360,7 +366,7 @@ def _read_sdpa(b: Bound) -> dict[str, Any] | None:
     scale = float(scale) if is_number(scale) else 1.0 / math.sqrt(D)
     # "sdpa_gqa": SDPA reads the grouped K and V itself (enable_gqa); "sdpa" after a repeat the match covers
     spelling = "sdpa_gqa" if kv_heads != H and not (b.has("k_repeat") or b.has("v_repeat")) else "sdpa"
-    return {"B": B, "H": H, "S": S, "D": D, "kv_heads": kv_heads, "causal": causal, "scale": scale,
+    return {"B": B, "H": H, "S": S, "D": D, **_grouped(H, kv_heads), "causal": causal, "scale": scale,
             "spelling": spelling, "dtype": q.dtype,
             "operands": {"q": b.get("q"), "k": b.get("k"), "v": b.get("v")}}
 
