@@ -177,6 +177,20 @@ def test_hf_llama_attention_reads_the_key_value_heads_unrepeated(small, monkeypa
     assert any("expand" in n for n in m.nodes)  # repeat_kv's expand + reshape are in the match
 
 
+def test_the_llama3_8b_layer_attention_is_grouped_query_attention(monkeypatch):
+    """The Llama-3-8B layer of the suite (32 query heads over 8 in its true sizes) through SDPA's enable_gqa, at
+    the CPU sizes its docstring gives."""
+    from fact_ray.capture import load_model, under_policy
+    from tests.test_suite_discovery import SUITE
+
+    for k, v in dict(FR_BATCH="1", FR_SEQ="32", FR_EMBD="256", FR_HEADS="4", FR_KV_HEADS="2", FR_HEAD_DIM="64",
+                     FR_FFN="512").items():
+        monkeypatch.setenv(k, v)
+    captured = capture(under_policy(load_model(str(SUITE / "llama3_8b_layer.py")), "bf16"))
+    (m,) = [m for m in discover(captured.graph, "sm90", "bf16") if m.family == "attention"]
+    assert (m.param("H"), m.param("kv_heads"), m.param("D"), m.param("spelling")) == (4, 2, 64, "sdpa_gqa")
+
+
 # --------------------------------------------------------------------------------------------- the family
 
 
