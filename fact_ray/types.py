@@ -277,6 +277,14 @@ class KernelConfig:
     layout_b: str = "col"
     epilogue: str = "none"
     activation: str = "none"
+    # 3.x persistent and stream-K tile schedulers: which way the grid walks the output tiles, and how many tiles
+    # along the other mode one swizzle group holds (L2 reuse of A rows or B columns). Compile-time constants of
+    # the instance; the kernel they launch is the same, so emit compiles it once per TU for all of them.
+    raster: str = ""  # "" (the scheduler's heuristic) | "along_m" | "along_n"
+    max_swizzle: int = 0  # 0: CUTLASS's default (1)
+    # 3.x stream-K scheduler: how the MAC loop is shared out. "" lets its heuristic choose (split-K when
+    # split_k > 1); "stream_k" forces stream-K units, "data_parallel" forces one CTA per output tile.
+    decomposition: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The GEMM-family search space: problem x arch x policy -> ordered KernelConfigs.
 
-Dimensions: CTA tile, warp layout and stages (2.x), cluster and kernel/epilogue schedule (3.x), tile scheduler
-(persistent, stream-K), 2.x threadblock swizzle (identity 8 or 4, stream-K), K split, math op. Everything but the
-K split changes the emitted C++; the split is a run-time argument, so configs differing only by it share one
-compiled instance (emit dedups them). 3.x tiles whose accumulators would spill are pruned (rules.registers_fit).
+Dimensions: CTA tile, warp layout and stages (2.x), cluster (up to 4 CTAs along a mode, 2x2) and kernel/epilogue
+schedule (3.x: ping-pong, cooperative, non-persistent; TMA or no-smem epilogue), tile scheduler (persistent,
+stream-K) with its decomposition (heuristic, forced stream-K, split-K) and its raster order and swizzle (3.x),
+2.x threadblock swizzle (identity 8, 4, 2, 1, stream-K), K split, math op. Everything but the K split changes the
+emitted C++; the split is a run-time argument, so configs differing only by it share one compiled instance (emit
+dedups them), and 3.x launch choices (raster, swizzle, decomposition) share one compiled kernel per TU. 3.x tiles whose accumulators would spill are pruned (rules.registers_fit).
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ def _variants(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Prec
         out = [_config(op, problem, arch, policy, swizzle="Identity8", split_k=1)]
         # A narrower raster for 3xTF32 (Hopper's fp32-class path) where the grid is several waves: which CTAs
         # share L2-resident A rows and B columns changes with it.
-        if op.math_op == "multiply_add_fast_f32" and rank.output_tiles(problem, op.tile) * problem.L >= \
-                rank.SM_COUNT[arch]:
-            out.append(_config(op, problem, arch, policy, swizzle="Identity4", split_k=1))
+        if op.opclass == "tensorop" and rank.output_tiles(problem, op.tile) * problem.L >= rank.SM_COUNT[arch]:
+            out += [_config(op, problem, arch, policy, swizzle=f"Identity{w}", split_k=1)
+                    for w in rules.SM80_SWIZZLES if w != 8]
         out += [_config(op, problem, arch, policy, swizzle="Identity8", split_k=s)
                 for s in rank.split_choices(problem, op.tile, arch)]
         # 2.x stream-K (ThreadblockSwizzleStreamK selects GemmUniversalStreamk): tensor ops, unbatched, and not
@@ -83,25 +85,41 @@ def _variants(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Prec
     if op.tile_scheduler == "stream_k":  # 3.x K splits go through the stream-K scheduler's SplitK mode
         out += [_config(op, problem, arch, policy, swizzle="", split_k=s)
                 for s in rank.split_choices(problem, op.tile, arch)]
+        # Forced stream-K units where the data-parallel grid leaves SMs idle: the scheduler's heuristic keeps
+        # data-parallel when the last wave is fuller than its threshold, which is not always the faster choice.
+        if rules.stream_k_helps(op, problem, arch):
+            out.append(_config(op, problem, arch, policy, swizzle="", split_k=1, decomposition="stream_k"))
+    if rules.rasters(op, problem, arch):
+        # Raster order and swizzle of a persistent grid of several waves: which CTAs run together, so which A
+        # rows and B columns stay in L2. The kernel is the same; emit compiles it once per TU for all of them.
+        out += [_config(op, problem, arch, policy, swizzle="", split_k=1, raster=r, max_swizzle=w)
+                for r, w in rules.RASTER_CHOICES]
     return out
 
 
 def _config(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precision, *, swizzle: str,
-            split_k: int) -> KernelConfig:
+            split_k: int, raster: str = "", max_swizzle: int = 0, decomposition: str = "") -> KernelConfig:
     suffix = f"_{problem.epilogue}"
     if problem.activation != "none":
         suffix += f"_{problem.activation}"
     if swizzle == "StreamK":
         suffix += "_streamk"
-    elif swizzle == "Identity4":
-        suffix += "_swizzle4"
+    elif swizzle.startswith("Identity") and swizzle != "Identity8":
+        suffix += f"_swizzle{swizzle.removeprefix('Identity')}"
     if split_k > 1:
         suffix += f"_splitk{split_k}"
+    if raster:
+        suffix += f"_r{raster.removeprefix('along_')}"
+    if max_swizzle:
+        suffix += f"_sw{max_swizzle}"
+    if decomposition:
+        suffix += f"_{decomposition.replace('_', '')}"
     return KernelConfig(
         template=op.template, name=op.name + suffix, arch=arch, precision=policy, element=op.element,
         opclass=op.opclass, math_op=op.math_op, instruction=op.instruction, tile=op.tile, warps=op.warps,
         cluster=op.cluster, stages=op.stages, kernel_schedule=op.kernel_schedule,
         epilogue_schedule=op.epilogue_schedule, tile_scheduler=op.tile_scheduler, swizzle=swizzle,
         split_k=split_k, alignment=op.alignment, layout_a=problem.layout_a, layout_b=problem.layout_b,
-        epilogue=problem.epilogue, activation=problem.activation,
+        epilogue=problem.epilogue, activation=problem.activation, raster=raster, max_swizzle=max_swizzle,
+        decomposition=decomposition,
     )

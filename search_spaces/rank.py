@@ -14,12 +14,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
+from typing import Sequence
 
 from fact_ray.types import Arch, GemmProblem, KernelConfig
 
 from fact_ray.search_spaces import rules
 
-SM_COUNT = {Arch.SM80: 108, Arch.SM90: 132}  # A100 and H100/H200
+SM_COUNT = rules.SM_COUNT  # A100 and H100/H200
 SPLITS = (2, 4, 8, 16, 32, 64)
 MIN_K_TILES_PER_SPLIT = 4  # below this a split's pipeline never fills
 FAMILY_DECAY = 0.9  # each further pick from a family (template, kernel schedule, split) counts this much less,
@@ -189,29 +190,45 @@ def shape(cfg: KernelConfig) -> tuple:
     return tile_key(cfg) + (cfg.tile, cfg.warps, cfg.stages, cfg.tile_scheduler, cfg.swizzle)
 
 
-def order(configs: list[KernelConfig], problem: GemmProblem, arch: Arch) -> list[KernelConfig]:
+# The greedy pick runs for this many configs; the rest follow by their decayed scores at that point. Budgets
+# stop far earlier (256 at most), and past a few hundred picks every family has decayed so far that the greedy
+# only reshuffles the tail while its lazy heap re-scores a whole family per pick (16 s for 2,700 configs).
+ORDER_HEAD = 512
+
+
+def order(configs: list[KernelConfig], problem: GemmProblem, arch: Arch,
+          scores: Sequence[float] | None = None) -> list[KernelConfig]:
     """Greedy: each step takes the config with the best score after decays for the picks its family, its output
     tile and its compiled kernel already have. Deterministic (ties by name). Adjusted scores only fall as picks
-    accumulate, so a lazily re-scored heap gives the same order as rescanning everything each step."""
-    scores = {id(c): score(c, problem, arch) for c in configs}
-    keys = {id(c): (family(c), tile_key(c), shape(c)) for c in configs}
+    accumulate, so a lazily re-scored heap gives the same order as rescanning everything each step.
+
+    `scores` (higher is better, one per config) replaces the analytic `score`: a learned or external model ranks,
+    the decays still spread the picks.
+    """
+    if scores is None:
+        base = [score(c, problem, arch) for c in configs]
+    else:
+        if len(scores) != len(configs):
+            raise ValueError(f"{len(scores)} scores for {len(configs)} configs")
+        base = [float(s) for s in scores]
+    keys = [(family(c), tile_key(c), shape(c)) for c in configs]
     picks: dict[tuple, int] = defaultdict(int)
 
-    def adjusted(c: KernelConfig) -> float:
-        fam, tile, shp = keys[id(c)]
-        return scores[id(c)] * FAMILY_DECAY ** picks[fam] * TILE_DECAY ** picks[tile] * SHAPE_DECAY ** picks[shp]
+    def adjusted(i: int) -> float:
+        fam, tile, shp = keys[i]
+        return base[i] * FAMILY_DECAY ** picks[fam] * TILE_DECAY ** picks[tile] * SHAPE_DECAY ** picks[shp]
 
-    heap = [(-adjusted(c), c.name, i) for i, c in enumerate(configs)]
+    heap = [(-adjusted(i), c.name, i) for i, c in enumerate(configs)]
     heapq.heapify(heap)
-    out: list[KernelConfig] = []
-    while heap:
+    out: list[int] = []
+    while heap and len(out) < ORDER_HEAD:
         neg, name, i = heapq.heappop(heap)
-        c = configs[i]
-        now = adjusted(c)
+        now = adjusted(i)
         if now < -neg:
             heapq.heappush(heap, (-now, name, i))
             continue
-        out.append(c)
-        for key in keys[id(c)]:
+        out.append(i)
+        for key in keys[i]:
             picks[key] += 1
-    return out
+    rest = sorted((-adjusted(i), name, i) for _, name, i in heap)
+    return [configs[i] for i in out] + [configs[i] for _, _, i in rest]

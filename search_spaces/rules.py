@@ -11,6 +11,8 @@ from fact_ray.types import Arch, GemmProblem, Precision
 
 from fact_ray.search_spaces.catalog import BaseOp
 
+SM_COUNT = {Arch.SM80: 108, Arch.SM90: 132}  # A100 and H100/H200
+
 # Operand element per policy (A, B and D hold it; accumulation is always fp32).
 POLICY_ELEMENT = {
     Precision.FP32: "float",
@@ -144,9 +146,72 @@ def scheduler_fits(op: BaseOp, problem: GemmProblem) -> bool:
     return True
 
 
+# The smallest CTA extent the pruning by shape keeps whatever the problem (3.x WGMMA tiles start at 64 rows).
+MIN_USEFUL_TILE = 64
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_fits_shape(op: BaseOp, problem: GemmProblem) -> bool:
+    """No tile larger than the problem needs: a CTA extent above the problem's own (rounded up to a power of two,
+    at least MIN_USEFUL_TILE) only computes padding, and a smaller tile of the space covers the same output. Nor
+    a cluster longer than the grid along a mode: the launch rounds the grid up to whole clusters, and the extra
+    CTAs hold SMs without work."""
+    tm, tn, _ = op.tile
+    if tm > max(MIN_USEFUL_TILE, _pow2_ceil(problem.M)) or tn > max(MIN_USEFUL_TILE, _pow2_ceil(problem.N)):
+        return False
+    cm, cn, _ = op.cluster
+    return (cm == 1 or cm <= -(-problem.M // tm)) and (cn == 1 or cn <= -(-problem.N // tn))
+
+
 def usable(op: BaseOp, problem: GemmProblem, arch: Arch, policy: Precision) -> bool:
     return (policy_allows(op, arch, policy) and layouts_match(op, problem) and alignment_fits(op, problem)
-            and epilogue_fits(op, problem) and scheduler_fits(op, problem) and registers_fit(op))
+            and epilogue_fits(op, problem) and scheduler_fits(op, problem) and registers_fit(op)
+            and tile_fits_shape(op, problem))
+
+
+# 2.x threadblock swizzles (GemmIdentityThreadblockSwizzle<N>) tried for a grid of at least one wave.
+SM80_SWIZZLES = (8, 4, 2, 1)
+# 3.x persistent/stream-K launch choices beside the scheduler's own (heuristic raster, swizzle 1): the profiler's
+# raster x swizzle sweep, thinned to the pairs that change which tiles run together.
+RASTER_CHOICES = (("along_m", 0), ("along_n", 0), ("", 2), ("", 8), ("along_m", 4), ("along_n", 4))
+# Below this many waves of output tiles the raster order hardly changes which operands are re-read.
+RASTER_MIN_WAVES = 2
+
+
+def persistent(op: BaseOp) -> bool:
+    """A 3.x kernel whose grid is persistent (cooperative and ping-pong kernels, or the stream-K scheduler):
+    only those take a raster order and swizzle."""
+    return op.template == "sm90_gemm" and (op.tile_scheduler == "stream_k" or
+                                          kernel_schedule(op) in PERSISTENT_SCHEDULES)
+
+
+PERSISTENT_SCHEDULES = {"TmaWarpSpecializedCooperative", "TmaWarpSpecializedPingpong",
+                        "CpAsyncWarpSpecializedCooperative", "CpAsyncWarpSpecializedPingpong"}
+
+
+def rasters(op: BaseOp, problem: GemmProblem, arch: Arch) -> bool:
+    """Whether raster/swizzle variants of `op` are worth a place in the space: a persistent 3.x kernel whose
+    explicit schedule names it (Auto twins are dropped by widest_alignment_only) over several waves of tiles."""
+    if not persistent(op) or op.kernel_schedule in ("", "ScheduleAuto"):
+        return False
+    tiles = -(-problem.M // op.tile[0]) * -(-problem.N // op.tile[1]) * problem.L
+    return tiles >= RASTER_MIN_WAVES * SM_COUNT[arch]
+
+
+def stream_k_helps(op: BaseOp, problem: GemmProblem, arch: Arch) -> bool:
+    """A stream-K op on a grid whose last wave leaves a quarter of the SMs idle or more (or less than one wave),
+    with K long enough to share: where forcing stream-K units can beat the scheduler's heuristic."""
+    if op.tile_scheduler != "stream_k" or problem.L != 1:
+        return False
+    sms = SM_COUNT[arch]
+    tiles = -(-problem.M // op.tile[0]) * -(-problem.N // op.tile[1])
+    waves = tiles / sms
+    fill = waves / -(-tiles // sms)
+    return fill < 0.75 and problem.K >= 8 * op.tile[2]
+
 
 
 def widest_alignment_only(ops: list[BaseOp]) -> list[BaseOp]:

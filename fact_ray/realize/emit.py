@@ -48,12 +48,18 @@ class GemmTemplate:
 _SHARED_FIELDS = ("template", "element", "opclass", "math_op", "tile", "stages", "alignment", "layout_a",
                   "layout_b", "epilogue", "activation")
 _SM90_FIELDS = _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler")
+# sm90_gemm launch choices: compile-time constants of an instance (so they change its symbol) that leave the
+# kernel itself alone (fr90::Launch, not fr90::Spec). They join the compile key only when set, so configs from
+# before they existed keep their symbols, and stored winners still find their kernels.
+LAUNCH_FIELDS = {"raster": "", "max_swizzle": 0, "decomposition": ""}
+RASTER = {"": 0, "along_m": 1, "along_n": 2}
+DECOMPOSITION = {"": 0, "stream_k": 1, "data_parallel": 2}
 GEMM_TEMPLATES = {t.name: t for t in (
     # 2.x kernels run on A100 and on Hopper (mma.sync; the only 3xTF32 path on sm90); cheap, ~1 s an instance.
     GemmTemplate("sm80_gemm", "sm80_instance.cu.in", 16, AMPERE_AND_HOPPER,
                  _SHARED_FIELDS + ("instruction", "warps", "swizzle")),
     # 3.x: WGMMA/TMA code for sm_90a, 5-11 s an instance after the first.
-    GemmTemplate("sm90_gemm", "sm90_instance.cu.in", 8, HOPPER_ONLY, _SM90_FIELDS),
+    GemmTemplate("sm90_gemm", "sm90_instance.cu.in", 8, HOPPER_ONLY, _SM90_FIELDS + tuple(LAUNCH_FIELDS)),
     # tf32x3 TUs also carry the split kernels and compile slower per distinct kernel (~35 s for the first, ~5-10 s
     # each after; instances that differ only in operand layouts or promotion share one kernel and cost ~nothing).
     # kernel_schedule carries the promotion ("TF32x3PromotedG4Stagger"); layouts change the split calls.
@@ -113,7 +119,14 @@ def abi_header() -> str:
 def compile_key(cfg: KernelConfig) -> tuple:
     if cfg.template not in COMPILE_FIELDS:
         raise ValueError(f"unknown kernel template {cfg.template!r} (have {', '.join(TEMPLATES)})")
-    return tuple((f, to_jsonable(getattr(cfg, f))) for f in COMPILE_FIELDS[cfg.template])
+    return tuple((f, to_jsonable(getattr(cfg, f))) for f in COMPILE_FIELDS[cfg.template]
+                 if f not in LAUNCH_FIELDS or getattr(cfg, f) != LAUNCH_FIELDS[f])
+
+
+def kernel_key(cfg: KernelConfig) -> tuple:
+    """The compiled kernel of a config: its compile key without the launch choices (equal for configs that
+    differ only in raster, swizzle or decomposition, which one TU then compiles once)."""
+    return tuple((f, v) for f, v in compile_key(cfg) if f not in LAUNCH_FIELDS)
 
 
 def symbol(cfg: KernelConfig) -> str:
@@ -140,6 +153,10 @@ def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
         raise ValueError(f"{cfg.name}: unknown epilogue {cfg.epilogue!r}")
     if cfg.activation not in ACTIVATION_TAG:
         raise ValueError(f"{cfg.name}: unknown activation {cfg.activation!r}")
+    if cfg.template != "sm90_gemm":
+        set_launch = {f: getattr(cfg, f) for f, v in LAUNCH_FIELDS.items() if getattr(cfg, f) != v}
+        if set_launch:
+            raise ValueError(f"{cfg.name}: {cfg.template} takes no launch choices, the config sets {set_launch}")
     if cfg.template == "sm90_tf32x3":
         return _tf32x3_values(cfg, sym)
     common = {
@@ -171,7 +188,28 @@ def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
         "epilogue_schedule": lib.EpilogueScheduleTag[lib.EpilogueScheduleType[cfg.epilogue_schedule or "ScheduleAuto"]],
         "tile_scheduler": lib.TileSchedulerTag[scheduler],
         "cluster_m": cfg.cluster[0], "cluster_n": cfg.cluster[1], "cluster_k": cfg.cluster[2],
+        **_launch_values(cfg),
     }
+
+
+def _launch_values(cfg: KernelConfig) -> dict[str, object]:
+    """fr90::Launch's arguments; a choice the config's scheduler cannot take is refused here, before nvcc."""
+    if cfg.raster not in RASTER or cfg.decomposition not in DECOMPOSITION or cfg.max_swizzle not in (0, 1, 2, 4, 8):
+        raise ValueError(f"{cfg.name}: unknown launch choice raster={cfg.raster!r} "
+                         f"max_swizzle={cfg.max_swizzle!r} decomposition={cfg.decomposition!r}")
+    if (cfg.raster or cfg.max_swizzle) and cfg.tile_scheduler not in ("persistent", "stream_k") and \
+            not _persistent_kernel(cfg):
+        raise ValueError(f"{cfg.name}: raster and swizzle need a persistent or stream-K tile scheduler")
+    if cfg.decomposition and cfg.tile_scheduler != "stream_k":
+        raise ValueError(f"{cfg.name}: decomposition {cfg.decomposition} needs the stream-K tile scheduler")
+    return {"raster": RASTER[cfg.raster], "max_swizzle": cfg.max_swizzle,
+            "decomposition": DECOMPOSITION[cfg.decomposition]}
+
+
+def _persistent_kernel(cfg: KernelConfig) -> bool:
+    # The default scheduler of the cooperative and ping-pong kernels is the persistent one; ScheduleAuto with a
+    # TMA-able config resolves to one of them (rules.resolve_kernel_schedule).
+    return "Cooperative" in cfg.kernel_schedule or "Pingpong" in cfg.kernel_schedule
 
 
 def _tf32x3_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
@@ -257,14 +295,15 @@ def emit(configs: Iterable[KernelConfig], arch: Arch) -> list[Source]:
     sources = []
     for key, group in groups.items():
         template = key[0]
-        syms = list(dict.fromkeys(symbol(c) for c in group))
-        n_tus = math.ceil(len(syms) / MAX_PER_TU[template])
+        # Chunks count distinct kernels (launch variants of one kernel cost nothing more and stay together).
+        kernels = list(dict.fromkeys(kernel_key(c) for c in group))
+        n_tus = math.ceil(len(kernels) / MAX_PER_TU[template])
         start = 0
         for t in range(n_tus):  # balanced: 9 instances -> 5 + 4, not 8 + 1
-            size = len(syms) // n_tus + (1 if t < len(syms) % n_tus else 0)
-            members = set(syms[start:start + size])
+            size = len(kernels) // n_tus + (1 if t < len(kernels) % n_tus else 0)
+            members = set(kernels[start:start + size])
             start += size
-            chunk = [cfg for cfg in group if symbol(cfg) in members]
+            chunk = [cfg for cfg in group if kernel_key(cfg) in members]
             code = translation_unit(template, chunk)
             name = f"{template}_{hashlib.sha256(code.encode()).hexdigest()[:16]}"
             sources.append(Source(name=name, arch=arch, code=code, configs=tuple(chunk),
