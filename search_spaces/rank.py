@@ -54,7 +54,15 @@ NOSMEM_EPILOGUE_PRIOR = 0.97
 STREAM_K_PRIOR = 0.95  # 3.x only: 2.x stream-K 3xTF32 ran 1.00-1.03x of its data-parallel twin on the H200
 SIMT_PRIOR = 0.65  # H200: fp32 SIMT ran 0.98x of cuBLAS where 3xTF32 ran 1.34-1.42x
 MMA_SYNC_ON_HOPPER_PRIOR = 0.6  # 16-bit and tf32 mma.sync on sm90: kept for coverage, WGMMA first
-SWIZZLE_PRIOR = {"Identity8": 1.0, "Identity4": 0.995, "StreamK": 1.0, "": 1.0}
+SWIZZLE_PRIOR = {"Identity8": 1.0, "Identity4": 0.995, "Identity2": 0.99, "Identity1": 0.985, "StreamK": 1.0, "": 1.0}
+# 3.x launch choices beside the scheduler's defaults (raster order, swizzle, forced stream-K): unmeasured here, so
+# they follow their default twin; measurements (the learned ranker) move them up where they win.
+LAUNCH_PRIOR = 0.99
+# Clusters of four CTAs: not yet measured on our H200 (the 2-CTA ones were), so they follow the 2-CTA clusters.
+# A GPC holds 16-18 SMs, so at most 32 clusters of 4 (128 SMs of 132) run at once on an H100/H200
+# (cudaOccupancyMaxActiveClusters); `score` counts the SMs a cluster size can occupy.
+CLUSTER4_PRIOR = 0.95
+CLUSTER_SMS = {(Arch.SM90, 4): 128, (Arch.SM90, 8): 128}
 
 
 def output_tiles(problem: GemmProblem, tile: tuple[int, int, int]) -> int:
@@ -127,13 +135,17 @@ def _prior(cfg: KernelConfig, arch: Arch) -> float:
         p *= MMA_SYNC_ON_HOPPER_PRIOR
     if cfg.opclass == "simt":
         p *= SIMT_PRIOR
+    if cfg.raster or cfg.max_swizzle or cfg.decomposition:
+        p *= LAUNCH_PRIOR
+    if cfg.cluster[0] * cfg.cluster[1] >= 4:
+        p *= CLUSTER4_PRIOR
     return p * SWIZZLE_PRIOR.get(cfg.swizzle, 1.0)
 
 
 def score(cfg: KernelConfig, problem: GemmProblem, arch: Arch) -> float:
     tm, tn, tk = cfg.tile
     cm, cn, _ = cfg.cluster
-    sms = SM_COUNT[arch]
+    sms = CLUSTER_SMS.get((arch, cm * cn), SM_COUNT[arch])
     tiles_m, tiles_n = math.ceil(problem.M / tm), math.ceil(problem.N / tn)
     k_tiles = math.ceil(problem.K / tk)
     fit = (problem.M * problem.N) / (tiles_m * tm * tiles_n * tn)
@@ -148,7 +160,7 @@ def score(cfg: KernelConfig, problem: GemmProblem, arch: Arch) -> float:
     prior = _prior(cfg, arch)
     stream_k = cfg.tile_scheduler == "stream_k" or cfg.swizzle == "StreamK"
     if stream_k and cfg.split_k == 1:
-        if util < 0.85 and k_tiles >= 2 * MIN_K_TILES_PER_SPLIT:
+        if (util < 0.85 or cfg.decomposition == "stream_k") and k_tiles >= 2 * MIN_K_TILES_PER_SPLIT:
             # Stream-K shares the MAC loop out over every SM; it pays a fixup per shared tile.
             util = 0.85
             if units < sms:
@@ -181,13 +193,14 @@ def family(cfg: KernelConfig) -> tuple:
 
 
 def tile_key(cfg: KernelConfig) -> tuple:
-    """One output tile and cluster: configs equal here differ in warps, stages, tile K, schedulers or swizzles."""
-    return family(cfg) + (cfg.opclass, cfg.math_op, cfg.tile[:2], cfg.cluster)
+    """One output tile: configs equal here differ in cluster, warps, stages, tile K, schedulers or swizzles (so a
+    small budget spans tile shapes before it spans the six cluster shapes of one tile)."""
+    return family(cfg) + (cfg.opclass, cfg.math_op, cfg.tile[:2])
 
 
 def shape(cfg: KernelConfig) -> tuple:
     """One compiled kernel, up to its epilogue schedule: configs equal here differ only in that or the split."""
-    return tile_key(cfg) + (cfg.tile, cfg.warps, cfg.stages, cfg.tile_scheduler, cfg.swizzle)
+    return tile_key(cfg) + (cfg.cluster, cfg.tile, cfg.warps, cfg.stages, cfg.tile_scheduler, cfg.swizzle)
 
 
 # The greedy pick runs for this many configs; the rest follow by their decayed scores at that point. Budgets

@@ -186,9 +186,12 @@ def test_big_bf16_gemm_starts_with_cutlass_favourites(layout_b):
     p = GemmProblem(M=4096, N=4096, K=4096, dtype="bfloat16", layout_b=layout_b)
     top = space(p, Arch.SM90, Precision.BF16, budget=6)
     coop = "TmaWarpSpecializedCooperative"
-    # 128x256x64 cooperative with a 2-CTA cluster both ways first (the H200 ran 256x256 first: 0.06x of cuBLAS).
-    assert [(c.tile, rank.kernel_schedule(c)) for c in top[:2]] == [((128, 256, 64), coop)] * 2
-    assert {c.cluster for c in top[:2]} == {(1, 2, 1), (2, 1, 1)}
+    # 128x256x64 cooperative with a 2-CTA cluster both ways among the first three (the H200 ran 256x256 first:
+    # 0.06x of cuBLAS); the 4-CTA clusters (unmeasured) follow them, and a small budget spans tile shapes first.
+    assert (top[0].tile, rank.kernel_schedule(top[0]), top[0].cluster[0] * top[0].cluster[1]) == \
+        ((128, 256, 64), coop, 2)
+    assert {c.cluster for c in top[:3] if (c.tile, rank.kernel_schedule(c)) == ((128, 256, 64), coop)} == \
+        {(1, 2, 1), (2, 1, 1)}
     assert any(c.tile == (64, 256, 64) and rank.kernel_schedule(c) == "TmaWarpSpecializedPingpong" for c in top)
     assert any(c.tile in ((128, 128, 64), (256, 128, 64)) and rank.kernel_schedule(c) == coop for c in top)
     assert all(c.tile_scheduler != "stream_k" for c in top[:3]), "stream-K variants come later"

@@ -123,10 +123,10 @@ def compile_key(cfg: KernelConfig) -> tuple:
                  if f not in LAUNCH_FIELDS or getattr(cfg, f) != LAUNCH_FIELDS[f])
 
 
-def kernel_key(cfg: KernelConfig) -> tuple:
+def kernel_key(cfg: KernelConfig) -> str:
     """The compiled kernel of a config: its compile key without the launch choices (equal for configs that
-    differ only in raster, swizzle or decomposition, which one TU then compiles once)."""
-    return tuple((f, v) for f, v in compile_key(cfg) if f not in LAUNCH_FIELDS)
+    differ only in raster, swizzle or decomposition, which one TU then compiles once), as a JSON string."""
+    return json.dumps([(f, v) for f, v in compile_key(cfg) if f not in LAUNCH_FIELDS])
 
 
 def symbol(cfg: KernelConfig) -> str:
