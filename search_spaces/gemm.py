@@ -10,6 +10,8 @@ dedups them), and 3.x launch choices (raster, swizzle, decomposition) share one 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fact_ray.errors import CannotImplement
 from fact_ray.types import Arch, GemmProblem, KernelConfig, Precision
 
@@ -38,9 +40,12 @@ def check_problem(problem: GemmProblem, policy: Precision) -> None:
         raise CannotImplement(f"activation {problem.activation!r} does not go with epilogue {problem.epilogue!r}")
 
 
-def space(problem: GemmProblem, arch: Arch, policy: Precision, budget: int | None = None) -> list[KernelConfig]:
+def space(problem: GemmProblem, arch: Arch, policy: Precision, budget: int | None = None,
+          ranker: Any = None) -> list[KernelConfig]:
     """Configs that can realize `problem` on `arch` under `policy`, most promising first.
 
+    `ranker` (search_spaces.rankers: a learned cost model, NVIDIA's heuristics) scores the CUTLASS configs in
+    place of the analytic prior where it knows the problem; the tf32x3 family keeps its measured place.
     An empty list means no CUTLASS kernel here fits (e.g. an odd K in bf16): the PyTorch op stays.
     """
     arch, policy = Arch(arch), Precision(policy)
@@ -50,7 +55,8 @@ def space(problem: GemmProblem, arch: Arch, policy: Precision, budget: int | Non
     ops = catalog.ops_2x() + (catalog.ops_3x() if arch is Arch.SM90 else ())
     fitting = rules.widest_alignment_only([op for op in ops if rules.usable(op, problem, arch, policy)])
     configs = [cfg for op in fitting for cfg in _variants(op, problem, arch, policy)]
-    ordered = rank.order(configs, problem, arch)
+    scores = ranker.scores(problem, configs, arch) if ranker is not None and configs else None
+    ordered = rank.order(configs, problem, arch, scores)
     if arch is Arch.SM90 and policy is Precision.FP32:
         ordered = _with_tf32x3(problem, arch, ordered, budget)
     return ordered if budget is None else ordered[:budget]

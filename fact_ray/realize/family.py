@@ -31,7 +31,9 @@ class KernelFamily(Protocol):
 
     def candidates(self, problem: Any, policy: Precision, arch: Arch, budget: int,
                    hinted: Sequence[str] = ()) -> list[Any]:
-        """At most `budget` configs to try, in the order to try them; `hinted` names lead (vetted LLM hints)."""
+        """At most `budget` configs to try, in the order to try them; `hinted` names lead (vetted LLM hints).
+        A family whose class sets `takes_ranker = True` also takes `ranker=` (search_spaces.rankers): the model
+        that orders its space, chosen once per run; the others are never passed one."""
 
     def sources(self, configs: Sequence[Any], arch: Arch) -> list[Source]:
         """The translation units holding `configs` (every config in exactly one), with their flags and includes."""

@@ -28,13 +28,15 @@ class GemmFamily:
 
         return problem_from_match(match, policy)
 
+    takes_ranker = True  # candidates() orders by a search_spaces.rankers ranker when given one
+
     def candidates(self, problem: GemmProblem, policy: Precision, arch: Arch, budget: int,
-                   hinted: Sequence[str] = ()) -> list[KernelConfig]:
+                   hinted: Sequence[str] = (), ranker: Any = None) -> list[KernelConfig]:
         from fact_ray.search_spaces import space
 
         if not hinted:
-            return list(space(problem, arch, policy, budget))
-        full = space(problem, arch, policy)
+            return list(space(problem, arch, policy, budget, ranker))
+        full = space(problem, arch, policy, ranker=ranker)
         first = [c for name in hinted for c in full if c.name == name]
         return (first + [c for c in full if c.name not in set(hinted)])[:budget]
 

@@ -53,10 +53,11 @@ class Plan:
 
 
 def plan(match: Match, policy: Precision | str, arch: Arch | str, budget: int, hinted: Sequence[str] = (),
-         banned: frozenset[str] = frozenset()) -> Plan:
+         banned: frozenset[str] = frozenset(), ranker: Any = None) -> Plan:
     """Plan one match: at most `budget` candidates, `hinted` names first, never one of `banned` (kernels the table
-    invalidated). CannotImplement (one line, the reason the PyTorch op stays) when no family realizes it, its
-    family refuses its parameters, or no candidate fits."""
+    invalidated). `ranker` orders the space of a family that takes one (`takes_ranker`: the GEMM family; see
+    search_spaces.rankers). CannotImplement (one line, the reason the PyTorch op stays) when no family realizes
+    it, its family refuses its parameters, or no candidate fits."""
     policy, arch = Precision(policy), Arch(arch)
     fam = registry.for_match(match)
     if fam is None:
@@ -64,7 +65,8 @@ def plan(match: Match, policy: Precision | str, arch: Arch | str, budget: int, h
     problem = fam.problem(match, policy)
     hinted = tuple(n for n in dict.fromkeys(hinted) if n not in banned)
     # Ask for as many more as could be banned, so that the budget is filled with candidates that may run.
-    configs = tuple(c for c in fam.candidates(problem, policy, arch, budget + len(banned), hinted)
+    extra = {"ranker": ranker} if ranker is not None and getattr(fam, "takes_ranker", False) else {}
+    configs = tuple(c for c in fam.candidates(problem, policy, arch, budget + len(banned), hinted, **extra)
                     if c.name not in banned)[:budget]
     if not configs:
         raise CannotImplement("no configuration of the search space fits")
