@@ -51,8 +51,6 @@ class RayExecutor:
                             out.host or "a worker", out.detail)
             on_done(TrialDone(out.index, Trial(cfg.name, out.status, error=out.error), **where))
 
-        from fact_ray.realize import family
-
-        args = [(family.by_name(c.plan.family), c.plan.problem, c.config, policy, c.built.handle.meta_ref,
-                 c.built.handle.so_ref) for c in calls]
+        args = [(c.family(), c.plan.problem, c.config, policy, c.built.handle.meta_ref, c.built.handle.so_ref)
+                for c in calls]
         self.pool.run(args, outcome)

@@ -230,3 +230,133 @@ def test_halving_budget_in_seconds_and_failures():
     assert halving.successive_halving(["broken"], measure, rungs=2).best is None
     with pytest.raises(ValueError):
         halving.keep({"a": halving.Timing(1.0)}, ["a"], eta=1)
+
+
+# ------------------------------------------------------------------------------------------ the pipeline's halving
+
+
+class _Cfg:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _SyntheticFamily:
+    """A test-only family whose trials time a hidden truth (no GPU here): the full trial exactly, the screen
+    with 8% noise. It counts both, so the test sees what successive halving spared."""
+
+    name = "synthetic_halving"
+    serves = ("synthetic_halving",)
+    templates = ("synthetic",)
+
+    problem_type = GemmProblem
+
+    def __init__(self, truth: dict[str, float], seed: int = 0) -> None:
+        self.truth, self.rng = truth, random.Random(seed)
+        self.full, self.screens = [], []
+
+    # The rest of the protocol: never reached by the pipeline's trial step.
+    def _unused(self, *a, **k):
+        raise NotImplementedError
+
+    problem = candidates = sources = operands = accepts = register_op = bind = output_shape = _unused
+
+    def _trial(self, name: str, noise: float, reps: int):
+        t = self.truth[name] * math.exp(self.rng.gauss(0.0, noise))
+        base = TimeStats(1.0, 0.99, 1.01, reps)
+        status = TrialStatus.OK if t < 1.0 else TrialStatus.SLOWER
+        return (Trial("torch", TrialStatus.OK, time=base),
+                Trial(name, status, rel_err=1e-7, time=TimeStats(t, t * (1 - noise), t * (1 + noise), reps),
+                      baseline=base))
+
+    def trial(self, problem, config, library, policy, device):
+        self.full.append(config.name)
+        return self._trial(config.name, 0.002, 100)
+
+    def screen(self, problem, config, library, policy, device):
+        self.screens.append(config.name)
+        return self._trial(config.name, 0.08, 10)
+
+
+class _Executor:
+    can_trial = True
+
+    def build(self, sources, on_done):
+        from fact_ray.realize.pipeline import Built
+        from fact_ray.types import Library
+
+        out = [Built(s, Library(source=s, key=s.name, ok=True, path="/nonexistent.so")) for s in sources]
+        for b in out:
+            on_done(b)
+        return out
+
+    def trials(self, calls, policy, on_done):
+        from fact_ray.realize.pipeline import TrialDone
+
+        for i, c in enumerate(calls):
+            torch_trial, trial = c.family().trial(c.plan.problem, c.config, c.built.library, policy, None)
+            on_done(TrialDone(i, trial, torch_trial, slot=0))
+
+
+def _synthetic_plan(names):
+    from fact_ray.realize.pipeline import Plan
+    from fact_ray.types import Source
+
+    configs = tuple(_Cfg(n) for n in names)
+    src = Source(name="synthetic_tu", arch=Arch.SM90, code="", configs=configs, symbols=tuple(names))
+    match = Match(rule="synthetic", family="synthetic_halving", nodes=("x",), anchor="x", params=(),
+                  dtype="float32", shapes=((1,),))
+    return Plan(match=match, family="synthetic_halving", problem=None, configs=configs, sources=(src,))
+
+
+@pytest.fixture
+def synthetic():
+    from fact_ray.realize import family as registry
+
+    rng = random.Random(7)
+    names = [f"c{i:02d}" for i in range(32)]
+    truth = {n: rng.uniform(0.62, 1.4) for n in names}
+    truth["c21"] = 0.55  # the true best, 13% ahead of the next at most: screening noise cannot hide it
+    fam = registry.register(_SyntheticFamily(truth))
+    yield fam, names
+    registry.unregister(fam)
+
+
+def test_pipeline_halving_screens_all_then_times_the_best_quarter(synthetic):
+    from fact_ray.realize import pipeline
+
+    fam, names = synthetic
+    (run,) = pipeline.realize([_synthetic_plan(names)], _Executor(), Precision.FP32, Arch.SM90,
+                              search=pipeline.Search(halving=True, eta=4, lead=10.0))
+    assert sorted(fam.screens) == sorted(names), "every candidate screened once"
+    assert len(fam.full) == 8 and "c21" in fam.full, "the best quarter timed in full, the true best among them"
+    assert run.winner.trial.candidate_name == "c21"
+    out = [t for t in run.trials if t.error.startswith("screened out")]
+    assert len(out) == 24 and all(t.status is TrialStatus.SLOWER for t in out)
+    assert len(run.trials) == 32 and run.torch_trial is not None and not run.left_out
+
+
+def test_pipeline_halving_stops_at_a_clear_leader_and_honours_the_time_budget(synthetic):
+    from fact_ray.realize import pipeline
+
+    fam, names = synthetic
+    fam.truth["c21"] = 0.2  # now far ahead of everything else, beyond screening noise
+    (run,) = pipeline.realize([_synthetic_plan(names)], _Executor(), Precision.FP32, Arch.SM90,
+                              search=pipeline.Search(halving=True))
+    assert fam.full == ["c21"] and run.winner.trial.candidate_name == "c21"
+
+    fam.full.clear(), fam.screens.clear()
+    now = [0.0]
+    real_trial = fam.screen
+
+    def slow_screen(*a):
+        now[0] += 1.0  # a screen takes a second on this clock
+        return real_trial(*a)
+
+    fam.screen = slow_screen
+    (run,) = pipeline.realize([_synthetic_plan(names)], _Executor(), Precision.FP32, Arch.SM90,
+                              search=pipeline.Search(halving=True, budget_s=12.0, chunk=4, clock=lambda: now[0]))
+    assert len(fam.screens) == 12, "three chunks of four, then the budget is spent"
+    assert set(run.left_out) >= set(names[12:]), "the budget went to the ranker's first candidates"
+    assert fam.full == [], "the budget ran out before the full trials: none started"
+    assert len(run.left_out) == 20 + 3, "the 20 never screened and the 3 survivors of 12 never timed in full"
+    assert run.winner is not None and run.winner.trial.candidate_name == "torch"

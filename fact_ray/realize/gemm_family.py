@@ -15,6 +15,9 @@ from fact_ray.types import Arch, GemmProblem, KernelConfig, Library, Match, Prec
 
 # The Match.family values it realizes: those realize/problem.py maps to an epilogue.
 SERVES = tuple(FAMILY_EPILOGUE)
+# Timed rounds of a screening trial (the full trial picks 10-100 from a pilot run): enough to rank candidates
+# 10% apart, a fifth of a full trial's GPU time or less.
+SCREEN_REPS = 10
 
 
 class GemmFamily:
@@ -50,6 +53,15 @@ class GemmFamily:
         from fact_ray.realize.gemm_trial import tune_problem  # torch and CUDA load on the GPU worker only
 
         _, trials = tune_problem(problem, [config], [library], policy, device)
+        return trials[0], next(t for t in trials[1:] if t.candidate_name == config.name)
+
+    def screen(self, problem: GemmProblem, config: KernelConfig, library: Library, policy: Precision,
+               device: Any) -> tuple[Trial, Trial]:
+        """Successive halving's cheap trial: verified on one seed (a wrong kernel is still caught), timed in
+        SCREEN_REPS interleaved rounds beside the PyTorch op. Survivors get the full `trial`."""
+        from fact_ray.realize.gemm_trial import tune_problem
+
+        _, trials = tune_problem(problem, [config], [library], policy, device, seeds=(0,), reps=SCREEN_REPS)
         return trials[0], next(t for t in trials[1:] if t.candidate_name == config.name)
 
     def operands(self, problem: GemmProblem) -> tuple[Optional[str], ...]:

@@ -17,12 +17,14 @@ progress lines). Without a GPU (`executor.can_trial` False) the pipeline stops a
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from fact_ray.errors import CannotImplement
 from fact_ray.realize import family as registry
+from fact_ray.realize import halving as halving_rules
 from fact_ray.types import Arch, Library, Match, Precision, Source, Trial, TrialStatus, Winner
 
 
@@ -96,6 +98,40 @@ class TrialCall:
     plan: Plan
     config: Any
     built: Built
+    screen: bool = False  # a screening trial (successive halving's cheap first rung), not the full one
+
+    def family(self) -> Any:
+        """The family object the executor runs this call's trial with (its screening form for a screen)."""
+        fam = registry.by_name(self.plan.family)
+        return Screening(fam) if self.screen else fam
+
+
+class Screening:
+    """A family whose `trial` is its `screen`: one verification seed and few timed rounds. It travels to the GPU
+    workers in place of the family (executors run `family.trial`), so workers need no second entry point."""
+
+    def __init__(self, family: Any) -> None:
+        self.family = family
+        self.name = family.name
+
+    def trial(self, problem: Any, config: Any, library: Library, policy: Precision, device: Any) -> tuple:
+        return self.family.screen(problem, config, library, policy, device)
+
+
+@dataclass(frozen=True)
+class Search:
+    """How the trial step spends its budget. `halving`: successive halving with one screening rung (families
+    that can `screen`: the GEMM family) before the full trials of the best 1/eta, or of the leader alone when it
+    is clearly ahead (realize/halving.py). `budget_s` > 0: no trial starts after that many seconds of the trial
+    step; candidates not started are left out (reported, never recorded as failures). Trials are then submitted
+    in chunks of `chunk`, in the ranker's order, so that the budget goes to the likeliest winners."""
+
+    halving: bool = False
+    eta: int = halving_rules.ETA
+    lead: float = halving_rules.LEAD
+    budget_s: float = 0.0
+    chunk: int = 8
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -154,7 +190,7 @@ class LocalExecutor:
             if lost:
                 on_done(TrialDone(i, Trial(name, TrialStatus.CRASHED, error=f"not run: CUDA context lost after {lost}")))
                 continue
-            fam = registry.by_name(call.plan.family)
+            fam = call.family()
             try:
                 torch_trial, trial = fam.trial(call.plan.problem, call.config, call.built.library, policy,
                                                self.device)
@@ -178,6 +214,7 @@ class PatternRun:
     torch_trial: Optional[Trial] = None
     pending: int = 0
     winner: Optional[Winner] = None
+    left_out: tuple[str, ...] = ()  # candidates the time budget left untried
     chosen: Optional[Built] = None  # the unit holding the winner (None: the PyTorch op stays)
 
     @property
@@ -203,10 +240,13 @@ class Hooks:
 
 
 def realize(plans: Sequence[Plan], executor: Executor, policy: Precision | str, arch: Arch | str,
-            hooks: Optional[Hooks] = None, *, min_speedup: float = 1.0) -> list[PatternRun]:
-    """Build every plan's units once, run one trial per candidate that built, select each plan's winner."""
+            hooks: Optional[Hooks] = None, *, min_speedup: float = 1.0,
+            search: Optional[Search] = None) -> list[PatternRun]:
+    """Build every plan's units once, run one trial per candidate that built (or screen them first: `search`),
+    select each plan's winner."""
     policy, arch = Precision(policy), Arch(arch)
     hooks = hooks or Hooks()
+    search = search or Search()
     runs = [PatternRun(p) for p in plans]
     unique: dict[str, Source] = {}
     users: dict[str, list[PatternRun]] = {}
@@ -226,35 +266,101 @@ def realize(plans: Sequence[Plan], executor: Executor, policy: Precision | str, 
     if not executor.can_trial:
         return runs
 
-    calls: list[TrialCall] = []
-    owner: list[PatternRun] = []
+    first: list[TrialCall] = []  # screening calls, and the full calls of plans that are not screened
+    owner: dict[int, PatternRun] = {}
+    screened_plans: set[int] = set()
     for r in runs:
+        calls = []
         for cfg in r.plan.configs:
             b = built[r.plan.source_of(cfg.name).name]
             if not b.ok:
                 why = "compile task lost" if b.lost else f"its TU {b.source.name} failed to compile"
                 _record(r, Trial(cfg.name, TrialStatus.COMPILE_ERROR, error=why), hooks)
                 continue
-            r.pending += 1
             calls.append(TrialCall(r.plan, cfg, b))
-            owner.append(r)
-    for r in runs:
-        if r.pending == 0:
+        owner[id(r.plan)] = r
+        if search.halving and len(calls) > 1 and hasattr(registry.by_name(r.plan.family), "screen"):
+            screened_plans.add(id(r.plan))
+            calls = [replace(c, screen=True) for c in calls]
+        r.pending = len(calls)
+        first += calls
+        if not calls:
             _finish(r, built, policy, arch, hooks, min_speedup)
+    deadline = search.clock() + search.budget_s if search.budget_s > 0 else None
+    screened_trials: dict[int, dict[str, Trial]] = {}
 
-    def done(d: TrialDone) -> None:
-        r = owner[d.index]
-        if r.torch_trial is None and d.torch_trial is not None:
-            r.torch_trial = d.torch_trial
-            hooks.trial(r, d.torch_trial, d.slot, d.host)
-        _record(r, d.trial, hooks, d.slot, d.host)
+    def settle(r: PatternRun) -> None:
         r.pending -= 1
         if r.pending == 0:
             _finish(r, built, policy, arch, hooks, min_speedup)
 
-    if calls:
-        executor.trials(calls, policy, done)
+    def done(call: TrialCall, d: TrialDone) -> None:
+        r = owner[id(call.plan)]
+        if call.screen and d.trial.status in (TrialStatus.OK, TrialStatus.SLOWER) and d.trial.time \
+                and d.trial.baseline:
+            screened_trials.setdefault(id(r.plan), {})[d.trial.candidate_name] = d.trial
+            return  # judged with its plan's other screens, after the rung
+        if not call.screen and r.torch_trial is None and d.torch_trial is not None:
+            r.torch_trial = d.torch_trial
+            hooks.trial(r, d.torch_trial, d.slot, d.host)
+        _record(r, d.trial, hooks, d.slot, d.host)  # a full trial, or a screen that failed (wrong, crashed: final)
+        settle(r)
+
+    left_out = _run_calls(first, executor, policy, done, search.chunk, deadline, search.clock)
+    # Successive halving's cut: the best 1/eta of each screened plan (the leader alone when clearly ahead) go on
+    # to the full trial; the others are recorded with their screening trial.
+    second: list[TrialCall] = []
+    for r in runs:
+        got = screened_trials.get(id(r.plan), {})
+        if id(r.plan) not in screened_plans or not got:
+            continue
+        keep, _ = halving_rules.keep({n: _relative(t) for n, t in got.items()},
+                                     [c.name for c in r.plan.configs], search.eta, search.lead)
+        r.pending += len(keep) - len(got)  # the dropped ones are settled here, the kept ones by their full trial
+        for name, t in got.items():
+            if name not in keep:
+                _record(r, _screened_out(t, got[keep[0]]), hooks)
+        second += [TrialCall(r.plan, c, built[r.plan.source_of(c.name).name]) for c in r.plan.configs
+                   if c.name in keep]
+        if r.pending == 0:
+            _finish(r, built, policy, arch, hooks, min_speedup)
+    left_out += _run_calls(second, executor, policy, done, search.chunk, deadline, search.clock)
+    for r in runs:
+        r.left_out = tuple(c.config.name for c in left_out if c.plan is r.plan)
+    for call in left_out:
+        settle(owner[id(call.plan)])  # not started: the time budget ran out
     return runs
+
+
+def _run_calls(calls: Sequence[TrialCall], executor: Executor, policy: Precision,
+               on_done: Callable[[TrialCall, TrialDone], None], chunk: int, deadline: Optional[float],
+               clock: Callable[[], float]) -> list[TrialCall]:
+    """Run `calls` (all at once, or in chunks of `chunk` until `deadline`); the calls not started come back."""
+    if not calls:
+        return []
+    if deadline is None:
+        executor.trials(calls, policy, lambda d: on_done(calls[d.index], d))
+        return []
+    for start in range(0, len(calls), max(1, chunk)):
+        if clock() >= deadline:
+            return list(calls[start:])
+        part = calls[start:start + max(1, chunk)]
+        executor.trials(part, policy, lambda d, part=part: on_done(part[d.index], d))
+    return []
+
+
+def _relative(t: Trial) -> halving_rules.Timing:
+    """A screening trial's time over the PyTorch op timed beside it (drift between trials cancels out)."""
+    base = t.baseline.median_ms
+    return halving_rules.Timing(t.time.median_ms / base, t.time.p10_ms / base, t.time.p90_ms / base)
+
+
+def _screened_out(t: Trial, leader: Trial) -> Trial:
+    """The screening trial of a candidate halving dropped: verified on one seed, timed in few rounds, slower than
+    the survivors; recorded as `slower` (never selected) with its screening time and why."""
+    ratio = _relative(t).median / _relative(leader).median
+    return replace(t, status=TrialStatus.SLOWER,
+                   error=f"screened out: {ratio:.2f}x the leader's time in {t.time.reps} rounds (successive halving)")
 
 
 def _record(r: PatternRun, trial: Trial, hooks: Hooks, slot: int = -1, host: str = "") -> None:
