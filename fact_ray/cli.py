@@ -41,7 +41,9 @@ _TABLE = typer.Option(None, "--table", help="Pattern table URI (path, s3://, gs:
 _TRACK = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///.fact-ray/mlflow.db).")
 _FAMILIES = typer.Option(None, "--families", help="Compose only these pattern families (comma list: gemm for "
                          "every GEMM family, attention, layernorm, rmsnorm; default: all); the rest keep PyTorch.")
-_BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16).")
+_BUDGET = typer.Option(None, "--budget", help="Candidates per pattern (default 16), or seconds of trials per run "
+                      "(120s: 64 candidates per pattern tried in rank order until then), or both (256,600s). See "
+                      "docs/search.md for the budget curves.")
 _SHAPES = typer.Option(None, "--shapes", help="Shape buckets to tune/compose for: per input dims joined by x, "
                        "inputs by ',', buckets by ';' (e.g. \"1x512x1024;8x2048x1024\"). Default for run: the "
                        "model file's get_shapes(), if any. Other shapes run the PyTorch ops.")
@@ -223,11 +225,12 @@ def _terminate_as_interrupt():
 
 
 def _run(model: str, address: Optional[str], table: Optional[str], tracking_uri: Optional[str],
-         policy: Optional[str], arch: Optional[str], budget: Optional[int], retune: bool,
-         llm: Optional[str] = None, llm_model: Optional[str] = None, shapes: Optional[str] = None) -> None:
+         policy: Optional[str], arch: Optional[str], budget: Optional[str], retune: bool,
+         llm: Optional[str] = None, llm_model: Optional[str] = None, shapes: Optional[str] = None,
+         search: Optional[str] = None, ranker: Optional[str] = None) -> None:
     def body() -> None:
         s = _settings(ray_address=address, table_uri=table, tracking_uri=tracking_uri, policy=policy, arch=arch,
-                      budget=budget, llm=llm, llm_model=llm_model)
+                      budget=budget, llm=llm, llm_model=llm_model, search=search, ranker=ranker)
         from fact_ray import farm
         from fact_ray import shapes as sh
         from fact_ray.progress import ConsoleProgress
@@ -268,11 +271,16 @@ def run(
     tracking_uri: Optional[str] = _TRACK,
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
-    budget: Optional[int] = _BUDGET,
+    budget: Optional[str] = _BUDGET,
     retune: bool = typer.Option(False, "--retune", help="Ignore winners already in the table."),
     llm: Optional[str] = _LLM,
     llm_model: Optional[str] = _LLM_MODEL,
     shapes: Optional[str] = _SHAPES,
+    search: Optional[str] = typer.Option(None, "--search", help="rank (default: one full trial per candidate) or "
+                                         "halving (screen every candidate cheaply, time the best quarter in full)."),
+    ranker: Optional[str] = typer.Option(None, "--ranker", help="What orders a GEMM space: auto (default: a model "
+                                         "learned from the table's trials, then nvidia-matmul-heuristics where "
+                                         "installed, else the analytic prior), heuristic, learned, nvmmh."),
 ) -> None:
     """The main job: capture, discover, compile and tune every pattern on Ray, record winners and the run.
 
@@ -280,7 +288,7 @@ def run(
     Without a GPU, every CPU step still runs and the summary says which steps need a GPU. With --shapes (or a
     get_shapes() in the model file) every shape bucket is tuned in turn.
     """
-    _run(model, address, table, tracking_uri, policy, arch, budget, retune, llm, llm_model, shapes)
+    _run(model, address, table, tracking_uri, policy, arch, budget, retune, llm, llm_model, shapes, search, ranker)
 
 
 @app.command()
@@ -295,7 +303,7 @@ def retune(
     tracking_uri: Optional[str] = _TRACK,
     policy: Optional[str] = typer.Option(None, help=POLICY_HELP),
     arch: Optional[str] = typer.Option(None, help=ARCH_HELP),
-    budget: Optional[int] = _BUDGET,
+    budget: Optional[str] = _BUDGET,
     llm: Optional[str] = _LLM,
     llm_model: Optional[str] = _LLM_MODEL,
 ) -> None:

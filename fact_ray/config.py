@@ -28,7 +28,10 @@ class Settings:
     ray_address: str = ""  # "" -> local ray.init()
     policy: Precision = Precision.FP32
     arch: Arch | None = None  # None -> the local GPU's, else sm90
-    budget: int = 16  # candidates per pattern
+    budget: int = 16  # candidates per pattern (see parse_budget: "64", "120s", "256,600s")
+    budget_s: float = 0.0  # seconds of trials per run (0: no limit); set through `budget`'s "<T>s" form
+    search: str = "rank"  # rank (one full trial per candidate) | halving (screen all, time the best quarter)
+    ranker: str = "auto"  # auto | heuristic | learned | nvmmh (search_spaces.rankers)
     jobs: int = 0  # parallel compiles; 0 -> number of CPUs
     nvcc: str = "nvcc"
     llm: str = "off"  # off | rank | propose
@@ -74,6 +77,18 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_policy(str(value))
     if name == "arch":
         return parse_arch(str(value))
+    if name == "budget_s":
+        try:
+            t = float(value)
+        except ValueError:
+            t = math.nan
+        if not (t >= 0 and math.isfinite(t)):
+            raise ConfigError(f"setting budget_s must be 0 (none) or a positive number of seconds, got {value!r}")
+        return t
+    if name == "search" and str(value) not in SEARCHES:
+        raise ConfigError(f"setting search must be {' or '.join(SEARCHES)}, got {value!r}")
+    if name == "ranker" and str(value) not in RANKERS:
+        raise ConfigError(f"setting ranker must be one of {', '.join(RANKERS)}, got {value!r}")
     if name in ("budget", "jobs"):
         try:
             n = int(value)
@@ -95,6 +110,31 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "llm" and str(value) not in ("off", "rank", "propose"):
         raise ConfigError(f"--llm must be off, rank or propose, got {value!r}")
     return str(value)
+
+
+SEARCHES = ("rank", "halving")
+RANKERS = ("auto", "heuristic", "learned", "nvmmh")  # search_spaces.rankers.KINDS (config imports nothing of ours)
+# Candidates planned when the budget is given in seconds only: the trials stop at the time limit, in rank order.
+SECONDS_POOL = 64
+_BUDGET = re.compile(r"^\s*(?:(\d+)\s*)?(?:,\s*)?(?:(\d+(?:\.\d*)?)\s*s)?\s*$")
+
+
+def parse_budget(value: Any) -> tuple[int, float]:
+    """A budget as a user spells it: "64" (candidates per pattern), "120s" (seconds of trials per run, over
+    SECONDS_POOL candidates per pattern in rank order), or "256,600s" (both: whichever runs out first).
+    Returns (candidates, seconds; 0.0 for none)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, 0.0
+    if re.fullmatch(r"\s*-?\d+\s*", str(value)):
+        return int(value), 0.0  # candidates alone: _coerce checks the count and says so
+    m = _BUDGET.match(str(value))
+    if not m or not (m.group(1) or m.group(2)):
+        raise ConfigError(f"--budget must be candidates (64), seconds (120s) or both (256,600s), got {value!r}")
+    n = int(m.group(1)) if m.group(1) else SECONDS_POOL
+    t = float(m.group(2)) if m.group(2) else 0.0
+    if n < 1 or (m.group(2) and t <= 0):
+        raise ConfigError(f"--budget needs at least 1 candidate and a positive time, got {value!r}")
+    return n, t
 
 
 def parse_policy(value: str) -> Precision:
@@ -148,4 +188,9 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     for k, v in (flags or {}).items():
         if v is not None:
             values[k] = v
+    if "budget" in values and not isinstance(values["budget"], (dict, list, bool)):
+        # "120s" and "256,600s" set the time budget too (a later layer's budget replaces both parts).
+        n, t = parse_budget(values["budget"])
+        values["budget"] = n
+        values.setdefault("budget_s", t) if t == 0 else values.__setitem__("budget_s", t)
     return Settings(**{k: _coerce(k, v) for k, v in values.items()})

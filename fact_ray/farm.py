@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from fact_ray.toolchain import Host, Toolchain
 
 log = logging.getLogger("fact_ray.farm")
+_UNSET = object()  # a ranker not chosen yet (None is a choice: the analytic prior)
 
 # The match families of the built-in fused kernel families (reports and tests group patterns by them; what the farm
 # realizes is whatever the registry serves).
@@ -200,7 +201,7 @@ class _Pattern:
 
 
 def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinted: Sequence[str] = (),
-                  banned: frozenset[str] = frozenset()) -> None:
+                  banned: frozenset[str] = frozenset(), ranker: Any = None) -> None:
     """The pipeline's plan of one pattern (problem -> candidates -> translation units), in the driver: pure
     functions, no GPU. `hinted`: config names to try first (the incumbent, then those the LLM agent asked for,
     vetted: each is in this problem's space); they lead the candidates, the family's own order fills the rest of
@@ -208,7 +209,7 @@ def _plan_pattern(p: _Pattern, policy: Precision, arch: Arch, budget: int, hinte
     from fact_ray.realize import pipeline
 
     try:
-        p.plan = pipeline.plan(p.match, policy, arch, budget, hinted, banned)
+        p.plan = pipeline.plan(p.match, policy, arch, budget, hinted, banned, ranker)
     except CannotImplement as e:
         p.status, p.reason = NOT_REALIZABLE, f"{e}; the PyTorch op stays"
 
@@ -290,7 +291,7 @@ def run(ref: str, settings: Settings, listeners: Iterable[Listener] = (), *, ret
     if pre is not None:
         patterns = _patterns_of(pre.disc.matches)
         planned = (patterns, _plan(patterns, table, settings.policy, pre.arch, pre.toolchain,
-                                   settings.budget, pre.disc, retune, _host_env(pre), night))
+                                   settings.budget, pre.disc, retune, _host_env(pre), night, settings.ranker))
         if not planned[1]:
             return _finish_run(_Driver(ref, settings, bus, table, retune, t0, pre=pre, on_ray=False, early=early,
                                        night=night, planned=planned).go(), mlflow_listener)
@@ -374,9 +375,20 @@ class _Night:
     retune_keys: frozenset[str] | None = None
 
 
+def _ranker(table: PatternTable, kind: str, policy: Precision, arch: Arch) -> Any:
+    """The model that orders GEMM spaces in this run (search_spaces.rankers), trained on the table's timed trials
+    when it is a learned one; which, and why, goes to the log once."""
+    from fact_ray.search_spaces import learned, rankers
+
+    history = learned.samples_from_rows(table.all_rows()) if kind in ("auto", "learned") else ()
+    ranker, why = rankers.choose(kind, policy, arch, history)
+    log.info("%s", why)
+    return ranker
+
+
 def _plan(patterns: list[_Pattern], table: PatternTable, policy: Precision, arch: Arch, toolchain: Toolchain,
           budget: int, disc: Discovery, retune: bool, host_env: dict[str, str] | None = None,
-          night: _Night | None = None) -> list[_Pattern]:
+          night: _Night | None = None, ranker_kind: str = "heuristic") -> list[_Pattern]:
     """Serve what the table has (status FROM_TABLE), mark what no template realizes (NOT_REALIZABLE), plan the
     rest: the patterns that need compiles and trials.
 
@@ -391,6 +403,7 @@ def _plan(patterns: list[_Pattern], table: PatternTable, policy: Precision, arch
     host_env = host_env or {}
     night = night or _Night()
     todo: list[_Pattern] = []
+    ranker: Any = _UNSET
     for p in patterns:
         row, banned, drift = None, frozenset(), ()
         wanted = retune and (night.retune_keys is None or p.key in night.retune_keys)
@@ -407,7 +420,9 @@ def _plan(patterns: list[_Pattern], table: PatternTable, policy: Precision, arch
                     p.status, p.from_table, p.winner = FROM_TABLE, True, row.to_winner()
                     continue
         first = warm_start(row if row is not None and row.valid else None)
-        _plan_pattern(p, policy, arch, budget, (*first, *disc.hinted(p.key)), banned)
+        if ranker is _UNSET:  # trained once, and only when some pattern is planned (a served run reads no history)
+            ranker = _ranker(table, ranker_kind, policy, arch)
+        _plan_pattern(p, policy, arch, budget, (*first, *disc.hinted(p.key)), banned, ranker)
         if first and p.status != NOT_REALIZABLE and ((drift and not wanted) or (wanted and night.only_incumbent)):
             # The incumbent alone (the PyTorch op is always timed beside it): a re-verification, or a night's
             # first phase.
@@ -609,7 +624,7 @@ class _Driver:
                          facts=setup.facts)
         if todo is None:
             todo = _plan(patterns, self.table, self.policy, arch, toolchain, s.budget, disc, self.retune,
-                         _host_env(setup), self.night)
+                         _host_env(setup), self.night, s.ranker)
         for p in patterns:
             if p.status in (FROM_TABLE, NOT_REALIZABLE):
                 self.bus.emit(PatternFinished(match_key=p.key, winner=p.winner, from_table=p.from_table,
@@ -635,7 +650,9 @@ class _Driver:
         executor = RayExecutor(self.cache_dir, s.nvcc, max_in_flight=s.jobs, pool=self.pool if gpus else None,
                                shared=cache_uri_for_table(self.table.uri))
         hooks = _FarmHooks(self, {id(p.plan): p for p in todo}, ctx)
-        pipeline.realize([p.plan for p in todo], executor, self.policy, arch, hooks)
+        search = pipeline.Search(halving=s.search == "halving", budget_s=s.budget_s,
+                                 chunk=max(1, 2 * int(gpus or 0)))  # a time budget checks between chunks
+        pipeline.realize([p.plan for p in todo], executor, self.policy, arch, hooks, search=search)
         outcomes = hooks.outcomes
         if not gpus:
             built = sum(o.ok for o in outcomes)
