@@ -116,7 +116,7 @@ SEARCHES = ("rank", "halving")
 RANKERS = ("auto", "heuristic", "learned", "nvmmh")  # search_spaces.rankers.KINDS (config imports nothing of ours)
 # Candidates planned when the budget is given in seconds only: the trials stop at the time limit, in rank order.
 SECONDS_POOL = 64
-_BUDGET = re.compile(r"^\s*(?:(\d+)\s*)?(?:,\s*)?(?:(\d+(?:\.\d*)?)\s*s)?\s*$")
+_BUDGET = re.compile(r"^\s*(?:(\d+)\s*,\s*)?(\d+(?:\.\d*)?)\s*s\s*$")  # [N,]Ts (N alone: an integer)
 
 
 def parse_budget(value: Any) -> tuple[int, float]:
@@ -128,11 +128,11 @@ def parse_budget(value: Any) -> tuple[int, float]:
     if re.fullmatch(r"\s*-?\d+\s*", str(value)):
         return int(value), 0.0  # candidates alone: _coerce checks the count and says so
     m = _BUDGET.match(str(value))
-    if not m or not (m.group(1) or m.group(2)):
+    if not m:
         raise ConfigError(f"--budget must be candidates (64), seconds (120s) or both (256,600s), got {value!r}")
     n = int(m.group(1)) if m.group(1) else SECONDS_POOL
-    t = float(m.group(2)) if m.group(2) else 0.0
-    if n < 1 or (m.group(2) and t <= 0):
+    t = float(m.group(2))
+    if n < 1 or t <= 0:
         raise ConfigError(f"--budget needs at least 1 candidate and a positive time, got {value!r}")
     return n, t
 

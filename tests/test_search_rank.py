@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -360,3 +361,59 @@ def test_pipeline_halving_stops_at_a_clear_leader_and_honours_the_time_budget(sy
     assert fam.full == [], "the budget ran out before the full trials: none started"
     assert len(run.left_out) == 20 + 3, "the 20 never screened and the 3 survivors of 12 never timed in full"
     assert run.winner is not None and run.winner.trial.candidate_name == "torch"
+
+
+def test_budget_in_candidates_seconds_or_both():
+    from fact_ray import config
+    from fact_ray.errors import ConfigError
+
+    env: dict[str, str] = {}
+    s = config.load({"budget": "120s"}, env=env)
+    assert (s.budget, s.budget_s) == (config.SECONDS_POOL, 120.0)
+    s = config.load({"budget": "256,600s"}, env=env)
+    assert (s.budget, s.budget_s) == (256, 600.0)
+    s = config.load({"budget": "32"}, env={"FACT_RAY_SEARCH": "halving", "FACT_RAY_RANKER": "learned"})
+    assert (s.budget, s.budget_s, s.search, s.ranker) == (32, 0.0, "halving", "learned")
+    for bad, fragment in (("0", "at least 1, got 0"), ("ten", "candidates (64), seconds (120s)"),
+                          ("0s", "positive time")):
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            config.load({"budget": bad}, env=env)
+    with pytest.raises(ConfigError, match="search must be rank or halving"):
+        config.load({}, env={"FACT_RAY_SEARCH": "bandit"})
+    with pytest.raises(ConfigError, match="ranker must be one of"):
+        config.load({}, env={"FACT_RAY_RANKER": "oracle"})
+    assert config.RANKERS == rankers.KINDS
+
+
+def test_rank_ablation_scores_rankers_on_recorded_sweeps(tmp_path):
+    """benchmarks/rank_ablation.py on sweeps shaped like budget_curve.py's (times from the hidden 'GPU' above):
+    the leave-one-problem-out learned ranker recalls at least as often as random orders do."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from fact_ray.types import to_jsonable
+
+    spec = importlib.util.spec_from_file_location(
+        "rank_ablation", Path(__file__).resolve().parent.parent / "benchmarks" / "rank_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sweeps = {}
+    for i, mnk in enumerate(TRAIN[:4] + HELD_OUT[:1]):
+        p = _problem(mnk)
+        rows = []
+        for c in _sample(space(p, Arch.SM90, Precision.BF16), 64, i):
+            ms = truth_ms(c, p)
+            rows.append({"name": c.name, "config": to_jsonable(c), "status": "ok", "speedup": 1.0 / ms,
+                         "median_ms": ms, "rel_time": ms})
+        sweeps[f"p{i}/bf16"] = {"problem": to_jsonable(p), "arch": "sm90", "policy": "bf16", "configs": rows}
+    src = tmp_path / "budget_curve.json"
+    src.write_text(json.dumps({"sweeps": sweeps}))
+    assert mod.main(["--sweeps", str(src), "--out", str(tmp_path), "--shuffles", "20"]) == 0
+    result = json.loads((tmp_path / "rank_ablation.json").read_text())
+    r = result["rankers"]
+    assert set(r) >= {"heuristic", "learned", "random"} and r["heuristic"]["ranked"] == 5
+    assert r["learned"]["ranked"] == 5, "each problem ranked by a model that never saw it"
+    mean = {k: sum(v["ratio"].values()) / len(v["ratio"]) for k, v in r.items() if v["ratio"]}
+    assert mean["learned"] >= mean["random"], mean
+    assert all(0 < x <= 1.0 for v in r.values() for x in v["ratio"].values())

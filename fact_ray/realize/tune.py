@@ -67,7 +67,8 @@ def tune_match(match: Match, settings: Settings, *, progress: Optional[Progress]
     report(TuneProgress("compile", 0, n_src, f"{n_src} translation units"))
     executor = pipeline.LocalExecutor(settings.resolved_cache_dir, jobs=settings.jobs or 0, nvcc=settings.nvcc,
                                       device=device)
-    (run,) = pipeline.realize([plan], executor, policy, arch, _ProgressHooks(report, n_src, n_cfg))
+    search = pipeline.Search(halving=settings.search == "halving", budget_s=settings.budget_s, chunk=1)
+    (run,) = pipeline.realize([plan], executor, policy, arch, _ProgressHooks(report, n_src, n_cfg), search=search)
     libraries = [b.library for b in run.built]
     trials = tuple(run.all_trials)
     return TuneResult(match=match, problem=plan.problem, winner=run.winner, trials=trials,
