@@ -17,7 +17,10 @@
 # timing methods side by side on a Llama-style block: benchmarks/bench_methods.py), fleet:<gpu counts, '+'
 # between>[:<timeout>] (issue 13: benchmarks/fleet_scaling.py, a fleet's cold night on 1 vs N GPUs and a night with
 # nothing changed; resumable: a call cut off by the 10-minute limit is continued by the same step in the next call
-# on the same machine, the nights timed so far kept under .fact-ray/fleet-work/)
+# on the same machine, the nights timed so far kept under .fact-ray/fleet-work/), budget:<policy>:<problems, '+'
+# between, empty for all>:<max budget> (issue 17: benchmarks/budget_curve.py; sweeps accumulate in
+# .fact-ray/budget/ across calls on the same machine, the build cache too), ablation (benchmarks/rank_ablation.py
+# over those sweeps)
 #   bash benchmarks/gpu_session.sh gputests gemm:bf16,tf32:6
 #   bash benchmarks/gpu_session.sh farm:fp32:8 bench:examples/minigpt.py:fp32
 set -uo pipefail
@@ -87,6 +90,11 @@ for step in "$@"; do
                | tee "$OUT/bench-methods.log" | tail -15 ;;
     fleet) timeout "${b:-580}" python3 benchmarks/fleet_scaling.py ${a:+--gpus "${a//+/,}"} --out "$OUT/fleet-scaling.json" \
              --keep .fact-ray/fleet-work 2>&1 | tee "$OUT/fleet-scaling.log" | tail -20 ;;
+    budget) timeout 580 python3 benchmarks/budget_curve.py --policy "${a:-bf16}" ${b:+--only "${b//+/,}"} \
+              --max-budget "${c:-64}" --out .fact-ray/budget 2>&1 | tee "$OUT/budget-${a:-bf16}.log" | tail -20
+            mkdir -p "$OUT/budget" && cp .fact-ray/budget/budget_curve.* "$OUT/budget/" 2>/dev/null ;;
+    ablation) timeout 300 python3 benchmarks/rank_ablation.py --sweeps .fact-ray/budget/budget_curve.json \
+                --out "$OUT/budget" 2>&1 | tee "$OUT/rank-ablation.log" | tail -20 ;;
     *) echo "unknown step $step" ;;
   esac
   pack
