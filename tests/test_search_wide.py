@@ -106,10 +106,20 @@ def _launch_variants():
     return base, forced, rastered
 
 
+@pytest.fixture(scope="module")
+def launch_tu():
+    (source,) = emit(_launch_variants(), Arch.SM90)
+    return source
+
+
+@pytest.fixture(scope="module")
+def launch_library(launch_tu, tmp_path_factory):
+    return B.build(launch_tu, str(tmp_path_factory.mktemp("launch-build")))
+
+
 @pytest.mark.nvcc
-def test_new_dimensions_render_and_compile_one_kernel(tmp_path):
-    configs = _launch_variants()
-    (source,) = emit(configs, Arch.SM90)
+def test_new_dimensions_render_and_compile_one_kernel(launch_tu, launch_library):
+    source, lib = launch_tu, launch_library
     assert len(set(source.symbols)) == 3
     assert re.search(r"\{\{\s*\w+\s*\}\}", source.code) is None
     gemms = re.findall(r"using Gemm = typename (fr90::Device<fr90::SpecOf<Cfg, [^>]*>>)::type;", source.code)
@@ -118,13 +128,37 @@ def test_new_dimensions_render_and_compile_one_kernel(tmp_path):
     assert len(structs) == 3 and len(set(structs)) == 1, "the kernel's values are the same in all three"
     launches = re.findall(r"using Launch = (fr90::Launch<[^>]*>);", source.code)
     assert sorted(launches) == ["fr90::Launch<0, 0, 0>", "fr90::Launch<0, 0, 1>", "fr90::Launch<2, 4, 0>"]
-    lib = B.build(source, str(tmp_path))
     assert lib.ok, lib.log[-4000:]
     exported = B.exported_symbols(lib.path)
     assert {f"{s}_{part}" for s in source.symbols for part in ("workspace", "can_implement", "run")} <= exported
-    # The kernel's host-side launch stub (a hidden, local symbol of the library) exists once: one kernel type
-    # compiled for three launch choices.
-    names = subprocess.run(["nm", "-C", lib.path], capture_output=True, text=True, check=True).stdout
-    stubs = {line.split(" ", 2)[2] for line in names.splitlines()
-             if " cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<" in line and line.count(" ") >= 2}
-    assert len(stubs) == 1, f"one GEMM kernel for three launch choices, found {len(stubs)}"
+    # One kernel compiled for three launch choices: the library's host-side launch stubs (local symbols named
+    # `__device_stub__<mangled kernel>`, with their length in front) name one GEMM kernel.
+    assert len(gemm_kernels(lib.path)) == 1
+
+
+def gemm_kernels(path: str) -> set[str]:
+    """The mangled GEMM kernels a library launches, from its device stubs' static locals (`_ZZL<n>__device_stub_`
+    `_<kernel>...`: n is the length of the stub's name). An sm80 TU of five configs, two sharing an instance, shows
+    four; one sm90 config, one."""
+    listing = subprocess.run(["nm", path], capture_output=True, text=True, check=True).stdout
+    found = set()
+    for m in re.finditer(r"L(\d+)(__device_stub__\w+)", listing):
+        name = m.group(2)[: int(m.group(1))]
+        if len(name) == int(m.group(1)) and "GemmUniversal" in name:
+            found.add(name)
+    return found
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.nvcc
+def test_launch_variants_compute_the_gemm(launch_library):
+    """Each launch choice (default, forced stream-K, raster along N with swizzle 4) runs and computes the GEMM; the
+    default one also in its split-K mode."""
+    from test_emit_build import _run_gemm  # the ABI-level runner of the real-template tests
+
+    assert launch_library.ok, launch_library.log[-4000:]
+    problem = GemmProblem(M=1024, N=1024, K=16384, dtype="bfloat16")
+    base, forced, rastered = _launch_variants()
+    for cfg, split in ((base, 1), (forced, 1), (rastered, 1), (base, 4)):
+        err = _run_gemm(launch_library, cfg, problem, split_k=split)
+        assert err < 1e-2, (cfg.name, split, err)
