@@ -122,6 +122,22 @@ def test_composed_graph_holds_no_device_of_the_capture(tmp_path):
         torch.testing.assert_close(module(x), loaded.module(x), rtol=0, atol=0)
 
 
+def test_composed_module_checks_its_inputs_cheaply_and_in_one_line():
+    """torch.export's own input check (a pytree walk and symbolic constraints per call) cost more host time than
+    the graph's ops on a Llama-style block: the composed module checks count, shape and dtype itself instead."""
+    loaded, captured, matches = captured_model()
+    module = compose(captured, matches, {}, Precision.FP32)
+    assert getattr(module, "validate_inputs", False) is False
+    assert not [n for n in module.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]
+    x = loaded.inputs[0]
+    with torch.no_grad():
+        module(x)
+        for bad in (torch.randn(x.shape[0] + 1, *x.shape[1:]), x.double()):
+            with pytest.raises(ComposeError) as e:
+                module(bad)
+            assert "\n" not in str(e.value) and "composed for" in str(e.value) and "--shapes" in str(e.value)
+
+
 def test_check_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: test_compose_gpu checks for real")
