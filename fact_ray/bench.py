@@ -471,7 +471,8 @@ def _from_table(ref: str, settings: Any, loaded: Any, policy: Precision, used: d
         out = artifact_dir(settings, loaded.name, policy, families)
         only = f" (families: {', '.join(_family_groups(families))})" if families else ""
         say(f"composed: composing {loaded.name}{only} from the table {settings.resolved_table_uri} into {out}")
-        path = art.compose_from_table(ref, settings, out, families)  # checked end to end on this GPU before it is saved
+        # checked end to end on this GPU before it is saved; the guarantee says what it drops and why
+        path = art.compose_from_table(ref, settings, out, families, say=say)
         composed = art.load(path, loaded, device="cuda")  # on the very weights the other variants run
         used["path"] = str(path)
         return _composed_variant(composed)
