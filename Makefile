@@ -22,8 +22,14 @@ discover: setup
 doctor: setup
 	$(BIN)/fact-ray doctor
 
+# Two pytest-xdist workers by default: a test that compiles (nvcc is one process) or waits on Ray keeps about one
+# core busy, so on the 2-core CI machine one worker leaves the other core idle most of the time. --dist loadfile
+# keeps each file on one worker, so a module's fixtures (a compiled library, a Ray cluster) are set up once.
+# TEST_JOBS=0 runs in this one process. --durations lists where the time went.
+TEST_JOBS ?= 2
+
 test: setup
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15 tests
 
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu tests

@@ -16,29 +16,22 @@ from ray.cluster_utils import Cluster
 
 from fact_ray.actors.compile import compile_all
 from fact_ray.realize.emit import emit
+from fact_ray.realize.norm import emit_norm
 from fact_ray.search_spaces import space
 from fact_ray.types import Arch, GemmProblem, Precision
 
 pytestmark = [pytest.mark.nvcc, pytest.mark.slow]
 
-N_UNITS = 3  # 10-30 s each on a 2-core machine, two at a time
-
 
 def _sources():
-    """N_UNITS distinct one-config sm80 units, plus one that cannot compile."""
+    """A short unit and a long one first, so that the node removed when the short one is in is mid-compile (the
+    long one, an sm80 GEMM, 10-30 s on a 2-core machine), then a unit that cannot compile and another short one:
+    the work left for the surviving node. The short ones are LayerNorm units (a few seconds each)."""
     problem = GemmProblem(M=256, N=256, K=128)
-    configs = space(problem, Arch.SM80, Precision.FP32, 16)
-    units = []
-    for cfg in configs:
-        src = emit([cfg], Arch.SM80)[0]
-        if src.name not in {u.name for u in units}:
-            units.append(src)
-        if len(units) == N_UNITS:
-            break
-    assert len(units) == N_UNITS
-    good = units[0]
-    broken = replace(good, name=good.name + "_broken", code=good.code + "\n#error planted compile error\n")
-    return units[:2] + [broken] + units[2:]
+    (long,) = emit([space(problem, Arch.SM80, Precision.FP32, 16)[0]], Arch.SM80)
+    short, other = emit_norm("float32"), emit_norm("bfloat16")
+    broken = replace(short, name=short.name + "_broken", code=short.code + "\n#error planted compile error\n")
+    return [short, long, broken, other]
 
 
 @pytest.fixture
@@ -64,7 +57,7 @@ def test_compile_fan_out_survives_a_node_removed_mid_run(cluster, tmp_path):
             done_before.append(o)
             if removed:
                 return
-            # The first unit is in: the other worker node is mid-compile now. Take it away.
+            # The first unit is in: the other worker node is mid-compile now (the long unit). Take it away.
             victim = next(w for w in workers if w.node_id != o.node_id)
             removed["id"], removed["at"] = victim.node_id, time.monotonic()
             c.remove_node(victim, allow_graceful=False)
@@ -87,3 +80,5 @@ def test_compile_fan_out_survives_a_node_removed_mid_run(cluster, tmp_path):
     # The run went on after the removal, on the surviving node. (A unit the removed node finished just before
     # it went may still report that node: its result was already on its way.)
     assert any(o.node_id == survivor for o in done_before[1:])
+    # The long unit, in flight on whichever node went (or not yet started), ends built on the one that stayed.
+    assert outcomes[1].node_id == survivor

@@ -24,12 +24,11 @@ from fact_ray.compose import CHECK_ATTR, check, compose, sha256_file
 from fact_ray.discover import discover
 from fact_ray.errors import ArtifactError, ComposeError, NotAvailable
 from fact_ray.toolchain import detect
-from fact_ray.types import Arch, GemmProblem, Precision
+from fact_ray.types import Arch, Precision
 
 MODEL = str(Path(__file__).parent / "models" / "compose_mlp.py")
 OTHER_MODEL = str(Path(__file__).parent / "models" / "farm_tiny.py")
 REPO = Path(__file__).resolve().parents[1]
-FC1 = GemmProblem(M=16, N=128, K=64, epilogue="bias_act", activation="gelu")  # the model's fc1 + GELU
 
 
 def captured_model(ref: str = MODEL):
@@ -39,17 +38,9 @@ def captured_model(ref: str = MODEL):
 
 
 @pytest.fixture(scope="module")
-def winner(tmp_path_factory):
+def winner(fc1_gelu_kernel):
     """(KernelConfig, library path, symbol) of one real sm80 build: the fc1 + GELU pattern's kernel."""
-    from fact_ray.realize.build import build
-    from fact_ray.realize.emit import emit
-    from fact_ray.search_spaces import space
-
-    cfg = next(c for c in space(FC1, Arch.SM80, Precision.FP32) if c.opclass == "simt" and c.split_k == 1)
-    (source,) = emit([cfg], Arch.SM80)
-    lib = build(source, str(tmp_path_factory.mktemp("compose-build")))
-    assert lib.ok, lib.log[-2000:]
-    return cfg, lib.path, source.symbols[0]
+    return fc1_gelu_kernel
 
 
 @pytest.fixture

@@ -101,16 +101,20 @@ def test_a_model_that_raises_is_one_user_error_from_the_discovery_actor(tmp_path
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, session_build_cache):
+    """A compile-only run, and the settings of the runs after it. Budget 1 on the session's build cache: the
+    translation unit that the fleet and LLM farm runs compile too (tests/test_fleet.py, tests/test_llm_agent.py),
+    so the session compiles it once; the events still tell a compiled unit from a cached one."""
     root = tmp_path_factory.mktemp("farm")
+    s = settings(root, budget=1, cache_dir=session_build_cache)
     rec = Recorder()
-    summary = farm.run(MODEL, settings(root), [rec])
-    return root, summary, rec
+    summary = farm.run(MODEL, s, [rec])
+    return root, summary, rec, s
 
 
 @pytest.mark.nvcc
 def test_run_without_gpu_compiles_and_writes_no_winners(first_run):
-    root, summary, rec = first_run
+    root, summary, rec, _ = first_run
     assert summary.gpus == 0 and summary.gpu == ""
     gemm = [p for p in summary.patterns if p.family in farm.GEMM_FAMILIES]
     norm = [p for p in summary.patterns if p.family in farm.FUSED_FAMILIES]
@@ -140,7 +144,7 @@ def test_the_farm_keys_the_table_as_the_artifact_does_on_the_same_host(first_run
     both go through key_toolchain, so the same host gets the same key, naming nvcc's version and not its path."""
     from fact_ray.toolchain import detect, key_toolchain
 
-    _, summary, rec = first_run
+    _, summary, rec, _ = first_run
     assert summary.toolchain == key_toolchain(detect())
     versions = dict(rec.of(RunStarted)[0].versions)  # what MLflow records of the run
     assert versions["nvcc"] == summary.toolchain.cuda == detect().nvcc and "/" not in versions["nvcc"]
@@ -149,9 +153,9 @@ def test_the_farm_keys_the_table_as_the_artifact_does_on_the_same_host(first_run
 
 @pytest.mark.nvcc
 def test_second_run_reuses_the_build_cache(first_run):
-    root, first, _ = first_run
+    root, first, _, s = first_run
     rec = Recorder()
-    summary = farm.run(MODEL, settings(root), [rec])
+    summary = farm.run(MODEL, s, [rec])
     compiles = rec.of(CompileFinished)
     assert compiles and all(c.cached and c.ok for c in compiles)
     assert summary.cached == summary.compiled == first.compiled
@@ -161,7 +165,7 @@ def test_second_run_reuses_the_build_cache(first_run):
 
 @pytest.mark.nvcc
 def test_a_winner_in_the_table_is_reused_without_compiling(first_run):
-    root, first, _ = first_run
+    root, first, _, s = first_run
     target = next(p for p in first.patterns if p.family in farm.GEMM_FAMILIES)
     table = PatternTable(str(root / "table"))
     table.commit([TableRow(
@@ -170,7 +174,7 @@ def test_a_winner_in_the_table_is_reused_without_compiling(first_run):
         status="ok", created_at=datetime.now(timezone.utc), gpu_name="NVIDIA A100-SXM4-40GB", median_ms=0.02,
         baseline_median_ms=0.02, speedup=1.0, run_id="planted")])
     rec = Recorder()
-    summary = farm.run(MODEL, settings(root), [rec])
+    summary = farm.run(MODEL, s, [rec])
     served = next(p for p in summary.patterns if p.match_key == target.match_key)
     assert served.status == farm.FROM_TABLE and served.winner == "torch"
     assert not [c for c in rec.of(CompileFinished) if c.match_key == target.match_key]
@@ -179,7 +183,7 @@ def test_a_winner_in_the_table_is_reused_without_compiling(first_run):
     assert len(table.all_rows()) == 1  # nothing was written beside the planted row
     # retune ignores the table: the pattern is compiled again (from the build cache) and not served
     rec = Recorder()
-    summary = farm.run(MODEL, settings(root), [rec], retune=True)
+    summary = farm.run(MODEL, s, [rec], retune=True)
     again = next(p for p in summary.patterns if p.match_key == target.match_key)
     assert again.status == farm.NO_GPU
     assert [c for c in rec.of(CompileFinished) if c.match_key == target.match_key]

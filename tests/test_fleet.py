@@ -150,7 +150,7 @@ def ray_head(tmp_path_factory):
 
 @pytest.mark.nvcc
 @pytest.mark.slow
-def test_the_fleet_night_runs_as_a_ray_job_on_a_running_cluster(tmp_path, ray_head, webhook):
+def test_the_fleet_night_runs_as_a_ray_job_on_a_running_cluster(tmp_path, ray_head, webhook, session_build_cache):
     from mlflow.tracking import MlflowClient
 
     address, env = ray_head
@@ -165,8 +165,10 @@ name = "tiny"
 ref = "{TINY}"
 """)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The session's build cache: the night compiles the unit that tests/test_farm.py's first run compiles.
     job_env = {"FACT_RAY_HOME": str(tmp_path / "home"), "FACT_RAY_TABLE_URI": str(tmp_path / "table"),
-               "FACT_RAY_TRACKING_URI": store, "FACT_RAY_ARCH": "sm80", "COLUMNS": "200"}
+               "FACT_RAY_TRACKING_URI": store, "FACT_RAY_ARCH": "sm80", "FACT_RAY_CACHE_DIR": session_build_cache,
+               "COLUMNS": "200"}
     out = tmp_path / "night"
     for attempt in range(20):
         # The head's job agent starts a little after `ray start` returns: until it answers, a submission is

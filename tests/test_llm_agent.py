@@ -435,7 +435,8 @@ def test_cli_discover_llm_rank_prints_what_the_agent_changed(endpoint, block):
 
 
 @pytest.mark.nvcc
-def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_path, tmp_tracking_uri, monkeypatch):
+def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_path, tmp_tracking_uri, monkeypatch,
+                                                                  session_build_cache):
     """`fact-ray run --llm rank` through the Ray discovery actor: the agent is asked, its report reaches MLflow."""
     from mlflow.tracking import MlflowClient
 
@@ -446,7 +447,7 @@ def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_
     monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
     monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
     s = Settings(home=str(tmp_path / "home"), table_uri=str(tmp_path / "table"),
-                 tracking_uri=tmp_tracking_uri, cache_dir=str(tmp_path / "cache"),
+                 tracking_uri=tmp_tracking_uri, cache_dir=session_build_cache,  # the unit test_farm compiles
                  arch=ARCH, policy=POLICY, budget=1, llm="rank", llm_model="test-model")
     summary = farm.run(str(MODELS / "farm_tiny.py"), s)
     assert summary.exit_code == 0

@@ -42,19 +42,9 @@ def store(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    """One real sm80 build of compose_mlp's fc1 + GELU kernel (as tests/test_compose.py builds it)."""
-    from fact_ray.realize.build import build
-    from fact_ray.realize.emit import emit
-    from fact_ray.search_spaces import space
-    from fact_ray.types import Arch, GemmProblem, Precision
-
-    fc1 = GemmProblem(M=16, N=128, K=64, epilogue="bias_act", activation="gelu")
-    cfg = next(c for c in space(fc1, Arch.SM80, Precision.FP32) if c.opclass == "simt" and c.split_k == 1)
-    (source,) = emit([cfg], Arch.SM80)
-    lib = build(source, str(tmp_path_factory.mktemp("night-build")))
-    assert lib.ok, lib.log[-2000:]
-    return cfg, lib.path, source.symbols[0]
+def kernel(fc1_gelu_kernel):
+    """One real sm80 build of compose_mlp's fc1 + GELU kernel (the one tests/test_compose.py composes)."""
+    return fc1_gelu_kernel
 
 
 def _artifact_folder(tmp_path: Path, tag: str, kernel) -> str:

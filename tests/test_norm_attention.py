@@ -68,8 +68,8 @@ def test_emit_attention_selects_dtypes_in_a_fixed_order():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("norm_attn_cache"))
+def cache(session_build_cache):
+    return session_build_cache  # the float32 LayerNorm unit is the farm tests' too
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from fact_ray.capture import capture, load_model
 from fact_ray.compose import compose
 from fact_ray.discover import discover
 from fact_ray.errors import UserError
-from fact_ray.types import Arch, GemmProblem, Precision
+from fact_ray.types import Arch, Precision
 
 MODELS = Path(__file__).parent / "models"
 SHAPED = str(MODELS / "shaped_mlp.py")
@@ -75,19 +75,12 @@ def test_untuned_shape_runs_the_pytorch_ops_and_returns_the_right_answer(small):
 
 
 @pytest.mark.nvcc
-def test_dispatch_artifact_saves_the_rule_and_loads_a_served_module(tmp_path):
+def test_dispatch_artifact_saves_the_rule_and_loads_a_served_module(tmp_path, fc1_gelu_kernel):
     """One real sm80 library (the fc1 + GELU kernel), composed for both buckets of get_shapes(), each bucket saved
     as an ordinary artifact, then dispatch.json; fact_ray.load gives the ShapeDispatch back."""
     from fact_ray.artifact import load, load_report, save
-    from fact_ray.realize.build import build
-    from fact_ray.realize.emit import emit
-    from fact_ray.search_spaces import space
 
-    problem = GemmProblem(M=16, N=128, K=64, epilogue="bias_act", activation="gelu")
-    cfg = next(c for c in space(problem, Arch.SM80, Precision.FP32) if c.opclass == "simt" and c.split_k == 1)
-    (source,) = emit([cfg], Arch.SM80)
-    lib = build(source, str(tmp_path / "build"))
-    assert lib.ok, lib.log[-2000:]
+    cfg, lib_path, symbol = fc1_gelu_kernel
     base = load_model(SHAPED)
     saved = []
     for i, b in enumerate(base.buckets):
@@ -95,7 +88,7 @@ def test_dispatch_artifact_saves_the_rule_and_loads_a_served_module(tmp_path):
         cap = capture(at)
         matches = discover(cap.graph, Arch.SM80, Precision.FP32)
         fc1 = next(m for m in matches if m.rule == "linear_bias_act")
-        composed = compose(cap, matches, {fc1.key: (cfg, lib.path, source.symbols[0])}, Precision.FP32)
+        composed = compose(cap, matches, {fc1.key: (cfg, lib_path, symbol)}, Precision.FP32)
         save(composed, tmp_path / "art" / f"bucket-{i}", allow_unchecked=True)
         saved.append((b, f"bucket-{i}"))
     sh.save_dispatch(tmp_path / "art", saved, {"name": base.name, "hash": base.model_hash})

@@ -11,10 +11,8 @@ import ray
 
 from fact_ray.actors.compile import compile_all
 from fact_ray.realize.build import entry_dir, key_of
-from fact_ray.realize.emit import emit
-from fact_ray.search_spaces import space
+from fact_ray.realize.norm import emit_norm
 from fact_ray.shared_cache import SharedBuildCache, cache_uri_for_table
-from fact_ray.types import Arch, GemmProblem, Precision
 
 pytestmark = [pytest.mark.nvcc]
 
@@ -26,9 +24,7 @@ def test_table_uris_share_a_build_cache_and_local_paths_do_not():
 
 
 def test_a_fresh_node_gets_what_another_built_without_compiling(tmp_path):
-    cfg = next(c for c in space(GemmProblem(M=64, N=64, K=64), Arch.SM80, Precision.FP32)
-               if c.opclass == "simt" and c.split_k == 1)
-    (source,) = emit([cfg], Arch.SM80)
+    source = emit_norm("float16")  # a real template's unit that compiles in seconds: the subject is the cache
     shared = f"file://{tmp_path / 'table' / 'build-cache'}"
     ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:

@@ -127,9 +127,15 @@ def test_credentials_are_not_logged_as_parameters(tmp_path):
 
 
 def test_sigterm_ends_a_real_run_as_killed_not_running(tmp_path):
-    """`fact-ray run` on a real local Ray, sent SIGTERM once its MLflow run exists: the run is closed at once (not
-    left RUNNING for the next run's sweep). Before Ray starts, fact-ray's handler makes it KILLED; once Ray is up,
-    Ray's own driver handler (sys.exit(15)) takes over and the farm closes it FAILED. No Python traceback."""
+    """`fact-ray run` on a real local Ray, sent SIGTERM once the run is under way: the run is closed at once (not
+    left RUNNING for the next run's sweep), with no Python traceback. Once Ray is up, Ray's own driver handler
+    (sys.exit(15)) takes over from fact-ray's and the farm closes the run FAILED (fact-ray's handler, before Ray,
+    would make it KILLED).
+
+    The signal goes only after the store shows a pattern's child run with its parameters: the farm has handled
+    RunStarted whole (the parent run is created and known to the listener) and is in its pattern phase, compiling.
+    A signal sent as soon as the parent row read RUNNING could land inside the listener's create_run, before it
+    knew the run's id, and leave the run RUNNING with a traceback (the race that made this test flaky)."""
     import sqlite3
 
     db = tmp_path / "mlflow.db"
@@ -139,21 +145,33 @@ def test_sigterm_ends_a_real_run_as_killed_not_running(tmp_path):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, FACT_RAY_HOME=str(tmp_path / "home")))
 
-    def parent_status():
+    def query(sql: str) -> tuple | None:
         if not db.exists():
             return None
         try:
             with sqlite3.connect(db) as con:
-                row = con.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
-                                  "where t.key = 'fact_ray.kind' and t.value = 'run'").fetchone()
+                return con.execute(sql).fetchone()
         except sqlite3.Error:
             return None  # the schema is still being set up
+
+    def parent_status():
+        row = query("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                    "where t.key = 'fact_ray.kind' and t.value = 'run'")
         return row[0] if row else None
 
+    def a_pattern_was_logged() -> bool:
+        # A child run's parameters are written by the listener's PatternStarted handler, which the farm reaches
+        # only after RunStarted was handled whole.
+        row = query("select count(*) from tags t join params p on p.run_uuid = t.run_uuid "
+                    "where t.key = 'fact_ray.kind' and t.value = 'pattern' and p.key = 'rule'")
+        return bool(row and row[0])
+
     try:
-        while parent_status() != "RUNNING":
+        while not a_pattern_was_logged():
             assert proc.poll() is None, proc.stderr.read()[-2000:]
-            time.sleep(0.2)
+            time.sleep(0.1)
+        assert parent_status() == "RUNNING"
+        assert proc.poll() is None, "the run ended before it could be signalled"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
