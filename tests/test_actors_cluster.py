@@ -6,6 +6,8 @@ that lived on the removed node)."""
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -35,14 +37,22 @@ def _sources():
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
+    # Ray's test Cluster publishes its address in <Ray's temp folder>/ray_current_cluster, where any ray.init()
+    # without an address on this machine would join it (another pytest-xdist worker's farm run, for one). A temp
+    # folder of its own keeps it to this test; short, as the sockets inside must fit AF_UNIX's 107 bytes.
+    tmp = tempfile.mkdtemp(prefix="fr-ray-")
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20,
                                                       "include_dashboard": False})
-    workers = [c.add_node(num_cpus=1, object_store_memory=100 * 2**20) for _ in range(2)]
-    ray.init(address=c.address, logging_level="ERROR")
-    yield c, workers
-    ray.shutdown()
-    c.shutdown()
+    try:
+        workers = [c.add_node(num_cpus=1, object_store_memory=100 * 2**20) for _ in range(2)]
+        ray.init(address=c.address, logging_level="ERROR")
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_compile_fan_out_survives_a_node_removed_mid_run(cluster, tmp_path):

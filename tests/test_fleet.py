@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -120,10 +121,12 @@ def _our_ray_pids(temp_dir: str) -> list[int]:
 
 
 @pytest.fixture
-def ray_head(tmp_path_factory):
+def ray_head():
     """A one-node Ray cluster with the Jobs API, started like a real head (`ray start --head`) and stopped by the
-    ids of its own processes (`ray stop` would also stop other Ray clusters on this machine)."""
-    temp_dir = str(tmp_path_factory.mktemp("ray-head"))
+    ids of its own processes (`ray stop` would also stop other Ray clusters on this machine). Its temp folder is
+    its own (its address file too, so no other ray.init() on this machine joins it) and short: the sockets inside
+    must fit AF_UNIX's 107 bytes, which a pytest tmp path under an xdist worker's folder does not."""
+    temp_dir = tempfile.mkdtemp(prefix="fr-ray-head-")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     gcs, dash, client = _free_port(), _free_port(), _free_port()
     r = subprocess.run([*RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
@@ -146,6 +149,7 @@ def ray_head(tmp_path_factory):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.nvcc

@@ -128,7 +128,7 @@ def test_kv_heads_repeated_before_an_explicit_product_is_attention():
 
 
 @pytest.mark.nvcc
-def test_hf_llama_upcast_rmsnorm_composes_with_the_norm_kernel(tiny, tmp_path):
+def test_hf_llama_upcast_rmsnorm_composes_with_the_norm_kernel(tiny, session_build_cache):
     """HF's RMSNorm in a bf16 model (upcast, normalise, cast back, weight) is one bf16 rmsnorm match; composing it
     with the real norm kernel replaces all five per model, export's metadata checks of the intermediates
     included, and the module still traces (fake tensors: the kernel is a GPU's work)."""
@@ -139,7 +139,7 @@ def test_hf_llama_upcast_rmsnorm_composes_with_the_norm_kernel(tiny, tmp_path):
     from fact_ray.compose import KernelChoice, compose
     from fact_ray.realize.norm import build_norm
 
-    lib = build_norm("bfloat16", str(tmp_path / "build"))
+    lib = build_norm("bfloat16", session_build_cache)  # the unit tests/test_norm_attention.py builds too
     assert lib.ok, lib.log[-2000:]
     loaded = under_policy(load_model(str(SUITE / "hf_llama.py")), "bf16")
     captured = capture(loaded)

@@ -132,14 +132,19 @@ def test_sigterm_ends_a_real_run_as_killed_not_running(tmp_path):
     (sys.exit(15)) takes over from fact-ray's and the farm closes the run FAILED (fact-ray's handler, before Ray,
     would make it KILLED).
 
-    The signal goes only after the store shows a pattern's child run with its parameters: the farm has handled
-    RunStarted whole (the parent run is created and known to the listener) and is in its pattern phase, compiling.
-    A signal sent as soon as the parent row read RUNNING could land inside the listener's create_run, before it
-    knew the run's id, and leave the run RUNNING with a traceback (the race that made this test flaky)."""
+    The signal goes only after the store shows every pattern's child run with its parameters: the listener has
+    written all that RunStarted and the PatternStarted events ask, and the farm is compiling, with nothing to log
+    until a unit is built (seconds). Sent as soon as the parent row read RUNNING, it could land inside the
+    listener's next writes (the run's parameters, right after create_run): the race that made this test flaky."""
     import sqlite3
+
+    from fact_ray.capture import capture, load_model
+    from fact_ray.discover import discover
 
     db = tmp_path / "mlflow.db"
     model = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "farm_tiny.py")
+    patterns = len(discover(capture(load_model(model)).graph, Arch.SM80, Precision.FP32))  # what the run starts
+    assert patterns >= 1
     proc = subprocess.Popen([sys.executable, "-m", "fact_ray.cli", "run", model, "--arch", "sm80", "--budget", "2",
                              "--tracking-uri", f"sqlite:///{db}", "--table", str(tmp_path / "table")],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -159,15 +164,14 @@ def test_sigterm_ends_a_real_run_as_killed_not_running(tmp_path):
                     "where t.key = 'fact_ray.kind' and t.value = 'run'")
         return row[0] if row else None
 
-    def a_pattern_was_logged() -> bool:
-        # A child run's parameters are written by the listener's PatternStarted handler, which the farm reaches
-        # only after RunStarted was handled whole.
+    def patterns_logged() -> int:
+        # A child run's parameters are the last write of the listener's PatternStarted handler.
         row = query("select count(*) from tags t join params p on p.run_uuid = t.run_uuid "
                     "where t.key = 'fact_ray.kind' and t.value = 'pattern' and p.key = 'rule'")
-        return bool(row and row[0])
+        return row[0] if row else 0
 
     try:
-        while not a_pattern_was_logged():
+        while patterns_logged() < patterns:
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             time.sleep(0.1)
         assert parent_status() == "RUNNING"
