@@ -146,7 +146,7 @@ def test_a_hand_written_repeat_interleave_model_is_grouped_query_attention():
 
 def test_the_suites_baddbmm_model_is_grouped_query_attention(small, monkeypatch):
     from fact_ray.capture import load_model, under_policy
-    from tests.test_suite_discovery import SUITE
+    from test_suite_discovery import SUITE
 
     monkeypatch.setenv("FR_HEADS", "4")
     monkeypatch.setenv("FR_KV_HEADS", "2")
@@ -168,7 +168,7 @@ def test_the_suites_baddbmm_model_is_grouped_query_attention(small, monkeypatch)
 def test_hf_llama_attention_reads_the_key_value_heads_unrepeated(small, monkeypatch):
     pytest.importorskip("transformers")
     from fact_ray.capture import load_model, under_policy
-    from tests.test_suite_discovery import SUITE
+    from test_suite_discovery import SUITE
 
     monkeypatch.setenv("FR_LAYERS", "1")
     captured = capture(under_policy(load_model(str(SUITE / "hf_llama.py")), "bf16"))
@@ -181,7 +181,7 @@ def test_the_llama3_8b_layer_attention_is_grouped_query_attention(monkeypatch):
     """The Llama-3-8B layer of the suite (32 query heads over 8 in its true sizes) through SDPA's enable_gqa, at
     the CPU sizes its docstring gives."""
     from fact_ray.capture import load_model, under_policy
-    from tests.test_suite_discovery import SUITE
+    from test_suite_discovery import SUITE
 
     for k, v in dict(FR_BATCH="1", FR_SEQ="32", FR_EMBD="256", FR_HEADS="4", FR_KV_HEADS="2", FR_HEAD_DIM="64",
                      FR_FFN="512").items():
@@ -256,8 +256,8 @@ def test_the_composed_baddbmm_model_calls_the_fmha_with_the_repeat_gone(monkeypa
 
     from fact_ray.capture import load_model, under_policy
     from fact_ray.compose import KernelChoice, compose
-    from tests.test_fmha import CPU_BLOCK, fmha_libraries
-    from tests.test_suite_discovery import SUITE
+    from test_fmha import CPU_BLOCK, fmha_libraries
+    from test_suite_discovery import SUITE
 
     for k, v in dict(FR_BATCH="2", FR_SEQ="64", FR_EMBD="384", FR_HEADS="4", FR_KV_HEADS="2").items():
         monkeypatch.setenv(k, v)

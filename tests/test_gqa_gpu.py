@@ -18,7 +18,7 @@ from fact_ray.realize import attention as A
 from fact_ray.realize import fmha as F
 from fact_ray.search_spaces.attention import fmha_tiles
 from fact_ray.types import Precision
-from tests.test_fmha import fmha_libraries, rel_err
+from test_fmha import fmha_libraries, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.nvcc, pytest.mark.sm90]
 
