@@ -17,8 +17,10 @@ from typing import Optional
 from fact_ray.errors import CannotImplement, CompileError, LaunchError, UnsupportedDtype
 from fact_ray.realize.abi import load_checked
 from fact_ray.realize.emit import render, template_text
+# one element table for both element-wise families: rope.cu.in's FR_ROPE_* codes are the norm kernels' (0, 1, 2)
+from fact_ray.realize.norm import _DTYPES, DTYPE_OF_ELEMENT
 from fact_ray.realize.targets import AMPERE_AND_HOPPER
-from fact_ray.types import Arch, Library, Precision, RopeConfig, Source
+from fact_ray.types import Arch, Library, RopeConfig, Source
 
 TEMPLATE = "rope"  # RopeConfig.template; plain CUDA, built for sm_80 and sm_90a
 ROPE_ABI_VERSION = 1
@@ -26,13 +28,6 @@ FORMS = {"half": 0, "interleaved": 1}
 EINVAL = -1
 # (threads a block, units a thread), best guess first: an elementwise pass wants many small blocks in flight.
 LAUNCH_SHAPES = ((256, 1), (128, 1), (512, 1), (256, 2), (128, 4))
-
-_DTYPES = {
-    "float32": ("float", 0, "float", Precision.FP32),
-    "bfloat16": ("__nv_bfloat16", 1, "bfloat16_t", Precision.BF16),
-    "float16": ("__half", 2, "half_t", Precision.FP16),
-}
-DTYPE_OF_ELEMENT = {element: d for d, (_, _, element, _) in _DTYPES.items()}
 
 
 class FrRopeTensor(ctypes.Structure):
