@@ -95,6 +95,8 @@ for step in "$@"; do
             mkdir -p "$OUT/budget" && cp .fact-ray/budget/budget_curve.* "$OUT/budget/" 2>/dev/null ;;
     ablation) timeout 300 python3 benchmarks/rank_ablation.py --sweeps .fact-ray/budget/budget_curve.json \
                 --out "$OUT/budget" 2>&1 | tee "$OUT/rank-ablation.log" | tail -20 ;;
+    # py:<script>[:<timeout>]: any script of the tree, its stdout logged (a diagnosis that is not a benchmark yet)
+    py) timeout "${b:-400}" python3 "$a" --out "$OUT/$(basename "$a" .py).json" 2>&1 | tee "$OUT/$(basename "$a" .py).log" | tail -60 ;;
     *) echo "unknown step $step" ;;
   esac
   pack

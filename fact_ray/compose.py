@@ -234,9 +234,13 @@ def _follow_input_device(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     first = (tensors or inputs or [None])[0]
     device_node = None
     for node in list(graph.nodes):
-        if node.op != "call_function" or not any(isinstance(v, torch.device) for v in node.kwargs.values()):
+        # a device literal is a keyword (arange(..., device=cpu)) or positional (HF Llama's
+        # `inv_freq.to(x.device, torch.float32)` exports as aten.to.device(inv_freq, cpu, float32))
+        if node.op != "call_function" or not any(isinstance(v, torch.device)
+                                                 for v in (*node.args, *node.kwargs.values())):
             continue
         if is_assertion(canonical_target(node.target)):
+            node.args = tuple(None if isinstance(v, torch.device) else v for v in node.args)
             node.kwargs = {k: v for k, v in node.kwargs.items() if not isinstance(v, torch.device)}
             continue
         if first is None:
@@ -244,6 +248,7 @@ def _follow_input_device(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if device_node is None:
             with graph.inserting_after(inputs[-1]):  # after every placeholder: they open the graph
                 device_node = graph.call_function(getattr, (first, "device"))
+        node.args = tuple(device_node if isinstance(v, torch.device) else v for v in node.args)
         node.kwargs = {k: (device_node if isinstance(v, torch.device) else v) for k, v in node.kwargs.items()}
     gm.recompile()
     return gm

@@ -96,7 +96,9 @@ def test_composed_graph_holds_no_device_of_the_capture(tmp_path):
                 self.lin = torch.nn.Linear(8, 8)
             def forward(self, x):
                 pos = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
-                return self.lin(x) * self.cos[: x.shape[1]].to(x.dtype) + pos[:, None]
+                # positional: HF Llama's `inv_freq.to(x.device, torch.float32)`, aten.to.device(t, cpu, float32)
+                scale = self.cos[0].to(x.device, torch.float32).to(x.dtype)
+                return self.lin(x) * self.cos[: x.shape[1]].to(x.dtype) * scale + pos[:, None]
         def get_inputs():
             return [torch.randn(2, 16, 8)]
         def get_init_inputs():
@@ -104,10 +106,19 @@ def test_composed_graph_holds_no_device_of_the_capture(tmp_path):
     """))
     loaded = load_model(str(src))
     captured = capture(loaded)
-    assert any(isinstance(v, torch.device) for n in captured.exported.graph.nodes for v in n.kwargs.values())
+    def devices(n, where):
+        return [v for v in where(n) if isinstance(v, torch.device)]
+
+    def kw(n):
+        return n.kwargs.values()
+
+    def pos(n):
+        return n.args
+
+    assert any(devices(n, kw) for n in captured.exported.graph.nodes)
+    assert any(devices(n, pos) for n in captured.exported.graph.nodes)
     module = compose(captured, discover(captured.graph, Arch.SM80, Precision.FP32), {}, Precision.FP32)
-    literal = [n.name for n in module.graph.nodes if any(isinstance(v, torch.device) for v in n.kwargs.values())]
-    assert literal == []
+    assert [n.name for n in module.graph.nodes if devices(n, kw) or devices(n, pos)] == []
     x = loaded.inputs[0]
     with torch.no_grad():
         torch.testing.assert_close(module(x), loaded.module(x), rtol=0, atol=0)

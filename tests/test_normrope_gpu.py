@@ -240,12 +240,11 @@ def test_composed_hf_llama_with_our_rmsnorm_and_rope_matches_eager(norm_libs, ro
     arch = _arch()
     matches = discover(captured.graph, arch, "bf16")
     norm_lib, rope_lib = norm_libs["bfloat16", 1024][0], rope_libs["bfloat16"][0]
-    winners = {}
-    for m in matches:
-        if m.family in ("rmsnorm", "rope"):
-            lib = norm_lib if m.family == "rmsnorm" else rope_lib
-            winners[m.key] = KernelChoice(lib.source.configs[0], lib.path, lib.source.symbols[0], 1.2)
-    assert len(winners) == 9
+    replaced = [m for m in matches if m.family in ("rmsnorm", "rope")]
+    assert len(replaced) == 9
+    # one winner per key: matches of the same shapes share it (the five RMSNorms one, q's and k's RoPE one each)
+    winners = {m.key: KernelChoice(lib.source.configs[0], lib.path, lib.source.symbols[0], 1.2)
+               for m in replaced for lib in [norm_lib if m.family == "rmsnorm" else rope_lib]}
     composed = compose(captured, matches, winners, "bf16", arch=arch)
     assert len(composed.fact_ray.replacements) == 9 and not composed.fact_ray.fallbacks
     with torch.no_grad():
