@@ -6,6 +6,7 @@ that differ (torch.profiler), and, under torch.compile, the number of graphs and
 The same for one composition with the table's winners when --with-table is given.
 
     python benchmarks/composed_gap.py --policy bf16 --out /tmp/gap.json [benchmarks/models/llama_block.py ...]
+    FR_BATCH=1 FR_SEQ=8 FR_EMBD=64 FR_HEADS=4 FR_FFN=128 FR_LAYERS=2 python benchmarks/composed_gap.py --cpu
 """
 
 from __future__ import annotations
@@ -115,13 +116,51 @@ def one(ref: str, policy: str, reps: int) -> dict:
     return out
 
 
+def host_only(ref: str, rounds: int = 7, n: int = 30) -> dict:
+    """--cpu: host time per call only (tiny tensors on the CPU, best of `rounds`): eager, the composed graph as
+    export wrote it (aten overloads) and as compose now builds it (eager's Python bindings, fact_ray/fastcall.py)."""
+    import torch
+
+    from fact_ray.capture import capture, load_model
+    from fact_ray.compose import compose, runnable_module
+    from fact_ray.types import Precision
+
+    torch.set_num_threads(1)  # host cost per op, not OpenMP's wake-ups on a shared machine
+    loaded = load_model(ref)
+    captured = capture(loaded)
+    overloads = runnable_module(captured)
+    bindings = compose(captured, [], {}, Precision.FP32)
+    module, inputs = loaded.module.eval(), loaded.inputs
+    fns = {"eager": lambda: module(*inputs), "composed0_overloads": lambda: overloads(*inputs),
+           "composed0_bindings": lambda: bindings(*inputs)}
+    best = {k: float("inf") for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, f in fns.items():  # alternated, so drift touches all alike
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f()
+                best[k] = min(best[k], (time.perf_counter() - t0) * 1e3 / n)
+    calls = sum(1 for nd in bindings.graph.nodes if nd.op == "call_function")
+    return {"model": Path(ref).stem, "device": "cpu", "graph_calls": calls,
+            **{k: round(v, 4) for k, v in best.items()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", default=list(DEFAULT))
     ap.add_argument("--policy", default="bf16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu", action="store_true", help="host time only, on the CPU (tiny sizes: set FR_* first)")
     args = ap.parse_args()
+    if args.cpu:
+        rows = [host_only(ref) for ref in args.models]
+        for r in rows:
+            print(json.dumps(r))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+        return 0
     results = []
     for ref in args.models:
         try:

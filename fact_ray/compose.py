@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fact_ray.errors import CannotImplement, ComposeError, NotAvailable, UserError
+from fact_ray.fastcall import use_python_bindings
 from fact_ray.realize import dispatch
 from fact_ray.realize import family as families
 from fact_ray.realize.verify import precision_mode
@@ -445,6 +446,7 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
             library_sha256=digest, speedup=float(choice.speedup), kernel=binding.kernel))
 
     gm.graph.eliminate_dead_code()  # what only fed a replaced subgraph (a causal mask's slice and compare)
+    use_python_bindings(gm)  # eager's own host cost per op (fact_ray/fastcall.py)
     gm.graph.lint()
     gm.recompile()
     fell_back = {k for k, _ in fallbacks}

@@ -23,6 +23,7 @@ from fact_ray.capture import capture, load_model
 from fact_ray.compose import CHECK_ATTR, check, compose, sha256_file
 from fact_ray.discover import discover
 from fact_ray.errors import ArtifactError, ComposeError, NotAvailable
+from fact_ray.fastcall import aten_name
 from fact_ray.toolchain import detect
 from fact_ray.types import Arch, Precision
 
@@ -57,7 +58,7 @@ def artifact(composed, tmp_path):
 
 
 def targets(graph_module) -> list[str]:
-    return [str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"]
+    return [aten_name(n) for n in graph_module.graph.nodes if n.op == "call_function"]
 
 
 # --------------------------------------------------------------------------------------------- without nvcc

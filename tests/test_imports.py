@@ -27,7 +27,7 @@ LAYERS = [
     ("fact_ray.discover",),
     ("fact_ray.realize",),
     ("fact_ray.compose", "fact_ray.artifact", "fact_ray.inference", "fact_ray.guarantee", "fact_ray.deploy",
-     "fact_ray.shapes", "fact_ray.layouts", "fact_ray.reference", "fact_ray.artifact_trust"),
+     "fact_ray.shapes", "fact_ray.layouts", "fact_ray.reference", "fact_ray.artifact_trust", "fact_ray.fastcall"),
     ("fact_ray.actors", "fact_ray.tracking", "fact_ray.progress", "fact_ray.nightly", "fact_ray.night_tracking",
      "fact_ray.report_html", "fact_ray.shared_cache"),
     ("fact_ray.farm",),
