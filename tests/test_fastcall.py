@@ -77,7 +77,14 @@ def test_composed_llama_block_runs_eagers_bindings_with_the_same_output(monkeypa
     assert any(aten_name(n) == "aten.linear.default" for n in swapped)
     x = loaded.inputs[0]
     with torch.no_grad():
-        torch.testing.assert_close(composed(x), loaded.module(x), rtol=0, atol=0)
+        want = loaded.module(x)
+        torch.testing.assert_close(composed(x), want, rtol=0, atol=0)
+        # what the bench stacks and what deploy packages: one graph under dynamo, and torch.export takes it
+        torch._dynamo.reset()
+        compiled = torch.compile(composed, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+        exported = torch.export.export(composed, (x,))
+        torch.testing.assert_close(exported.module()(x), want, rtol=0, atol=0)
 
 
 def host_ms(fn, n=30, rounds=7):
