@@ -1,9 +1,12 @@
 """Where an AOTInductor package of a composed module goes wrong (issue 18's open test): the composed MLP of
 tests/models/compose_mlp.py with its fc1+GELU on a real CUTLASS kernel, compared stage by stage against the
-composed module in eager: torch.export's program, AOTInductor's package, and a package of the native op alone.
-For a wrong stage it says which simple alteration of the composed computation the output matches (no GELU,
-no bias, no residual, transposed weight, zero input), and copies the package's generated C++ lines that call
-our op. Writes JSON with --out; GPU only.
+composed module in eager: torch.export's program, then AOTInductor packages of (a) the composed module, (b) the
+native op alone with its weights as parameters, (c) the native op alone with everything as inputs, (d) the same
+module with the native op swapped for aten (no custom op at all). Each package is compiled and run in a child
+process of its own, so a segfault (session 6 saw one) costs its line, not the report; the child registers the
+kernel from the library path, runs the package and saves its output. For a wrong output it says which simple
+alteration of the computation it matches, and it copies the lines of each package's generated C++ and extern-node
+JSON that call our op. Writes JSON with --out; GPU only.
 
     python benchmarks/aoti_diag.py --out /tmp/aoti-diag.json
 """
@@ -12,13 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
+import textwrap
 import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = str(REPO / "tests" / "models" / "compose_mlp.py")
+
+# The child: register the kernel (the native dispatcher, then the library), package the saved program, load, run.
+CHILD = textwrap.dedent("""
+    import pickle, sys, torch
+    from fact_ray.realize import dispatch
+    dispatch.load()
+    dispatch.register_gemm(sys.argv[3], sys.argv[4], pickle.load(open(sys.argv[5], "rb")))
+    program = torch.export.load(sys.argv[1])
+    inputs = torch.load(sys.argv[2])
+    with torch.no_grad():
+        path = torch._inductor.aoti_compile_and_package(program, package_path=sys.argv[1].replace("-program.pt2", "-aoti.pt2"))
+    print("packaged", path, flush=True)
+    runner = torch._inductor.aoti_load_package(str(path))
+    print("loaded", flush=True)
+    with torch.no_grad():
+        out = runner(*inputs)
+    torch.cuda.synchronize()
+    torch.save(out, sys.argv[1].replace("-program.pt2", ".out"))
+    print("ran", flush=True)
+""")
 
 
 def _err(got, want) -> float:
@@ -30,19 +55,20 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    import pickle
+
     import torch
     import torch.nn.functional as F
 
     from fact_ray.capture import capture, load_model
     from fact_ray.compose import KernelChoice, compose
-    from fact_ray.deploy import export, package
+    from fact_ray.deploy import export
     from fact_ray.discover import discover
     from fact_ray.realize.build import build
     from fact_ray.realize.emit import emit
-    from fact_ray.types import GemmProblem
     from fact_ray.search_spaces import space
     from fact_ray.toolchain import detect
-    from fact_ray.types import Precision
+    from fact_ray.types import GemmProblem, Precision
 
     arch = detect(nvcc=None).arch
     problem = GemmProblem(M=16, N=128, K=64, epilogue="bias_act", activation="gelu")
@@ -62,83 +88,90 @@ def main() -> int:
     fc1 = next(m for m in matches if m.rule == "linear_bias_act")
     composed = compose(captured, matches, {fc1.key: winner}, Precision.FP32).to("cuda")
     ref = loaded.module.to("cuda")
-    print("composed graph:")
-    print(composed.graph if hasattr(composed, "graph") else composed)
+    print(composed.code)
+    rep = next(r for r in composed.fact_ray.replacements)
+    (work / "problem.pkl").write_bytes(pickle.dumps(rep.problem))
+    kid = rep.kernel
+    op = torch.ops.fact_ray_native.gemm.default
     torch.manual_seed(0)
     x = torch.randn(2, 8, 64, device="cuda")
-    report: dict = {"arch": str(arch), "torch": torch.__version__}
+    report: dict = {"arch": str(arch), "torch": torch.__version__, "kernel": kid}
+    w1, b1, w2, b2 = (t.detach() for t in (ref.fc1.weight, ref.fc1.bias, ref.fc2.weight, ref.fc2.bias))
+
+    class Alone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = torch.nn.Parameter(w1.clone()), torch.nn.Parameter(b1.clone())
+
+        def forward(self, a):
+            return op(a, self.w, self.b, None, kid)
+
+    class AllInputs(torch.nn.Module):
+        def forward(self, a, w, b):
+            return op(a, w, b, None, kid)
+
+    class Aten(torch.nn.Module):  # the same MLP without our op: is AOTInductor itself right here?
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = ref.fc1, ref.fc2
+
+        def forward(self, a):
+            return a + self.fc2(F.gelu(self.fc1(a)))
+
     with torch.no_grad():
         want = composed(x)
         report["composed_vs_eager"] = _err(want, ref(x))
-        w1, b1, w2, b2 = ref.fc1.weight, ref.fc1.bias, ref.fc2.weight, ref.fc2.bias
+        program = export(composed, (x,))
+        print(program.graph_module.code)
+        report["export_program"] = _err(program.module()(x), want)
+        alone_want = op(x, w1, b1, None, kid)
         alternatives = {
+            "right": want,
             "no_gelu": x + F.linear(F.linear(x, w1, b1), w2, b2),
             "no_bias1": x + F.linear(F.gelu(F.linear(x, w1)), w2, b2),
             "no_residual": F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
             "zero_fc1": x + F.linear(torch.zeros(2, 8, 128, device="cuda"), w2, b2),
-            "gelu_tanh": x + F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2),
             "x_only": x,
+            "fc1_alone": alone_want,
+            "fc1_no_gelu": F.linear(x, w1, b1),
+            "fc1_no_bias": F.gelu(F.linear(x, w1)),
         }
-
-        program = export(composed, (x,))
-        print(program.graph_module.code)
-        report["export_program"] = _err(program.module()(x), want)
-
-        pkg = package(composed, (x,), work / "model.pt2")
-        aoti = torch._inductor.aoti_load_package(str(pkg))
-        got = aoti(x)
-        report["aoti"] = _err(got, want)
-        report["aoti_second_call"] = _err(aoti(x), want)
-        report["aoti_matches"] = {k: _err(got, v) for k, v in alternatives.items()}
-
-        # The native op alone in a package: does AOTInductor pass our op its operands as we do?
-        op = torch.ops.fact_ray_native.gemm.default
-        kid = next(n.args[-1] for n in composed.graph.nodes
-                   if n.op == "call_function" and "fact_ray_native" in str(n.target))
-
-        class Alone(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.w = torch.nn.Parameter(w1.detach().clone())
-                self.b = torch.nn.Parameter(b1.detach().clone())
-
-            def forward(self, a):
-                return op(a, self.w, self.b, None, kid)
-
-        alone = Alone().cuda()
-        alone_want = alone(x)
-        report["alone_vs_eager_fc1"] = _err(alone_want, F.gelu(F.linear(x, w1, b1)))
-        alone_pkg = package(alone, (x,), work / "alone.pt2")
-        alone_got = torch._inductor.aoti_load_package(str(alone_pkg))(x)
-        report["alone_aoti"] = _err(alone_got, alone_want)
-        report["alone_aoti_matches"] = {
-            "no_gelu": _err(alone_got, F.linear(x, w1, b1)),
-            "no_bias": _err(alone_got, F.gelu(F.linear(x, w1))),
-            "zeros": float(alone_got.abs().max()),
-            "w_transposed_view": _err(alone_got, F.gelu(x @ w1.reshape(64, 128) + b1)),
-        }
-
-        # Inputs as weights (nothing lifted to constants): does the constant store change anything?
-        class AllInputs(torch.nn.Module):
-            def forward(self, a, w, b):
-                return op(a, w, b, None, kid)
-
-        inputs_pkg = package(AllInputs().cuda(), (x, w1.detach(), b1.detach()), work / "inputs.pt2")
-        inputs_got = torch._inductor.aoti_load_package(str(inputs_pkg))(x, w1.detach(), b1.detach())
-        report["inputs_aoti"] = _err(inputs_got, alone_want)
-
-    lines = []
-    for p in (pkg, alone_pkg):
-        with zipfile.ZipFile(p) as z:
-            for name in z.namelist():
-                if name.endswith((".cpp", ".json")) and "fact_ray" in (text := z.read(name).decode("utf-8", "replace")):
-                    lines.append(f"--- {p.name}:{name}")
-                    lines += [ln for ln in text.splitlines() if "fact_ray" in ln or "proxy" in ln.lower()][:40]
+        cases = {"composed": (composed, (x,), want), "alone": (Alone().cuda(), (x,), alone_want),
+                 "all_inputs": (AllInputs(), (x, w1, b1), alone_want), "aten_only": (Aten(), (x,), ref(x))}
+    lines: list[str] = []
+    for name, (module, inputs, expected) in cases.items():
+        mpath, ipath = work / f"{name}-program.pt2", work / f"{name}.inputs"
+        torch.export.save(export(module, inputs), mpath)
+        torch.save(inputs, ipath)
+        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, str(mpath), str(ipath), lib.path,
+                               source.symbols[0], str(work / "problem.pkl")],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        row: dict = {"rc": done.returncode, "stages": [ln for ln in done.stdout.splitlines()
+                                                       if ln.split(" ")[0] in ("packaged", "loaded", "ran")]}
+        if done.returncode != 0:
+            row["stderr"] = done.stderr[-2500:]
+        out = work / f"{name}.out"
+        if out.is_file():
+            got = torch.load(out).cuda()
+            row["err"] = _err(got, expected)
+            row["matches"] = {k: _err(got, v) for k, v in alternatives.items() if v.shape == got.shape}
+        pkg = work / f"{name}-aoti.pt2"
+        if pkg.is_file():
+            with zipfile.ZipFile(pkg) as z:
+                for member in z.namelist():
+                    if member.endswith((".cpp", ".json")):
+                        text = z.read(member).decode("utf-8", "replace")
+                        hits = [ln for ln in text.splitlines() if "fact_ray" in ln or "proxy_executor" in ln]
+                        if hits:
+                            lines += [f"--- {name}: {member}"] + hits[:30]
+        report[name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "stderr"}), flush=True)
+        if "stderr" in row:
+            print(row["stderr"][-1500:])
     report["package_lines"] = lines
-    print("\n".join(lines[:120]))
-    print(json.dumps({k: v for k, v in report.items() if k != "package_lines"}, indent=1))
+    print("\n".join(lines[:150]))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     return 0
 
 
