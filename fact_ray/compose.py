@@ -215,6 +215,12 @@ def _cheap_input_guard(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
     gm.validate_inputs = False  # torch.export's pre-hook returns at once
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn" and not n.users]:
         gm.graph.erase_node(node)
+    # export's `_assert_tensor_metadata` nodes check, on every call, the dtype of what a `.to(dtype)` received: a
+    # tensor the graph itself computed, or a buffer, as captured. Eager code runs no such check, the input guard
+    # checks what comes from outside, and our kernels check their own operands: they only cost host time.
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and not n.users
+                 and n.target is torch.ops.aten._assert_tensor_metadata.default]:
+        gm.graph.erase_node(node)
     gm.register_forward_pre_hook(_InputGuard(inputs))
 
 
