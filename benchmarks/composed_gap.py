@@ -70,7 +70,7 @@ def one(ref: str, policy: str, reps: int) -> dict:
     import torch
 
     from fact_ray.capture import capture, load_model, under_policy
-    from fact_ray.compose import compose
+    from fact_ray.compose import compose, runnable_module
     from fact_ray.discover import discover
     from fact_ray.realize.bench import time_serving
     from fact_ray.toolchain import detect
@@ -81,12 +81,14 @@ def one(ref: str, policy: str, reps: int) -> dict:
     captured = capture(loaded)
     matches = discover(captured.graph, detect(nvcc=None).arch, pol)
     composed = compose(captured, matches, {}, pol).to("cuda")
+    overloads = runnable_module(captured).to("cuda")  # as export wrote it: aten overloads (before fastcall.py)
     module = loaded.module.to("cuda").eval()
     inputs = [x.to("cuda") if isinstance(x, torch.Tensor) else x for x in loaded.inputs]
     out: dict = {"model": Path(ref).stem, "policy": policy, "matches": len(matches),
                  "input_shapes": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]}
     with torch.no_grad():
-        fns = {"eager": lambda: module(*inputs), "composed0": lambda: composed(*inputs)}
+        fns = {"eager": lambda: module(*inputs), "composed0": lambda: composed(*inputs),
+               "composed0_overloads": lambda: overloads(*inputs)}
         lat, thr = time_serving(fns, rounds=reps, calls=20, warmup=10)
         for n in fns:
             out[n] = {"latency_ms": lat[n].median_ms, "b2b_ms": thr[n].median_ms, "host_ms": host_ms(fns[n])}
@@ -168,12 +170,12 @@ def main() -> int:
         except Exception as e:
             r = {"model": Path(ref).stem, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         results.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k not in ("eager", "composed0")}, indent=None)[:3000])
+        print(json.dumps({k: v for k, v in r.items() if k not in ("eager", "composed0", "composed0_overloads")})[:3000])
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"{'model':22} {'variant':18} {'lat ms':>8} {'b2b ms':>8} {'host ms':>8} {'kernels':>8}")
     for r in results:
-        for n in ("eager", "composed0", "compile_eager", "compile_composed0"):
+        for n in ("eager", "composed0", "composed0_overloads", "compile_eager", "compile_composed0"):
             if n in r:
                 v = r[n]
                 print(f"{r['model']:22} {n:18} {v['latency_ms']:8.4f} {v['b2b_ms']:8.4f} {v['host_ms']:8.4f} "
