@@ -88,6 +88,7 @@ def test_missing_model_file_fails_before_ray_starts(tmp_path):
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_a_model_that_raises_is_one_user_error_from_the_discovery_actor(tmp_path):
     rec = Recorder()
     with pytest.raises(ModelRaised, match="planted failure"):
@@ -113,6 +114,7 @@ def first_run(tmp_path_factory, session_build_cache):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_run_without_gpu_compiles_and_writes_no_winners(first_run):
     root, summary, rec, _ = first_run
     assert summary.gpus == 0 and summary.gpu == ""
@@ -152,6 +154,7 @@ def test_the_farm_keys_the_table_as_the_artifact_does_on_the_same_host(first_run
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_second_run_reuses_the_build_cache(first_run):
     root, first, _, s = first_run
     rec = Recorder()
@@ -164,6 +167,7 @@ def test_second_run_reuses_the_build_cache(first_run):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_a_winner_in_the_table_is_reused_without_compiling(first_run):
     root, first, _, s = first_run
     target = next(p for p in first.patterns if p.family in farm.GEMM_FAMILIES)
@@ -256,6 +260,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_trial_pool_records_timeout_crash_and_failure_and_replaces_the_worker(local_ray):
     calls = [("a",), ("hang",), ("b",), ("exit",), ("c",), ("raise",), ("d",), ("wrong",), ("e",)]
     seen = []
