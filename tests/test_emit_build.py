@@ -405,6 +405,7 @@ def test_two_processes_missing_the_same_key_compile_it_once(tmp_path):
 
 
 @pytest.mark.nvcc
+@pytest.mark.timeout(120)  # a hang guard (a lock outliving its holder would block the build forever)
 def test_a_build_lock_held_by_a_dead_process_blocks_nobody(tmp_path, counting_nvcc):
     """The lock is the kernel's flock: a builder killed while holding it (SIGKILL, a lost Ray worker) releases it
     by dying, and the next build goes ahead."""
