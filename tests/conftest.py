@@ -44,6 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, (present, reason) in _NEEDS.items():
             if item.get_closest_marker(marker) is not None and not present():
                 item.add_marker(pytest.mark.skip(reason=reason))
+    # The files holding a `slow` test (a real sm90a compile, a Ray cluster: tens of seconds each) run first, the
+    # quick files after them. make test's xdist workers take whole files in this order (--no-loadscope-reorder),
+    # so the quick files fill in at the end and both workers finish together; a long file dealt last would leave
+    # one worker idle for its whole length. The sort is stable: files and tests keep their order otherwise.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")

@@ -165,6 +165,7 @@ def test_not_an_artifact_is_refused(tmp_path):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_composed_graph_calls_the_kernel_instead_of_the_subgraph(composed):
     loaded, module, fc1 = composed
     calls = targets(module)

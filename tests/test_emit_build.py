@@ -333,6 +333,100 @@ def test_build_many_compiles_identical_sources_once(tmp_path, counting_nvcc):
     assert libs[0].key == libs[2].key != libs[1].key
 
 
+# One build in a child process: (source, cache, nvcc) pickled in argv[1]; what it got written to argv[2] as JSON.
+_BUILD_IN_CHILD = """
+import json, pickle, sys
+from fact_ray.realize import build as B
+source, cache, nvcc = pickle.loads(open(sys.argv[1], "rb").read())
+lib = B.build(source, cache, nvcc=nvcc)
+open(sys.argv[2], "w").write(json.dumps({"ok": lib.ok, "cached": lib.cached, "path": lib.path}))
+"""
+
+
+def _flock_waiters() -> set[int]:
+    """Pids blocked in flock on this host (the `->` lines of /proc/locks)."""
+    return {int(line.split()[5]) for line in Path("/proc/locks").read_text().splitlines() if " -> FLOCK " in line}
+
+
+def _wait_for(what, timeout_s: float = 120.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (got := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return got
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
+def test_two_processes_missing_the_same_key_compile_it_once(tmp_path):
+    """Two builders (xdist workers, the farm's compile tasks on one node) miss the same key together: the second
+    waits for the first's compile and takes its entry. The first's nvcc is held at a gate until the second is
+    seen blocked on the lock, so the overlap is certain; without the lock the second compiles too."""
+    import pickle
+    import subprocess
+    import sys
+
+    log, gate = tmp_path / "nvcc-calls.log", tmp_path / "gate"
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *--version*) exec "{shutil.which("nvcc")}" "$@";; esac\n'
+                       f'echo "$*" >> "{log}"\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+                       f'exec "{shutil.which("nvcc")}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    args = tmp_path / "args.pkl"
+    args.write_bytes(pickle.dumps((tiny_source("7.0f"), str(tmp_path / "cache"), str(wrapper))))
+
+    def calls() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    def start(n: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _BUILD_IN_CHILD, str(args), str(tmp_path / f"out{n}.json")])
+
+    first = start(1)
+    try:
+        _wait_for(lambda: calls() == 1)  # the first is compiling (held at the gate)
+        second = start(2)
+        try:
+            _wait_for(lambda: second.pid in _flock_waiters() or calls() > 1)
+            gate.touch()
+            assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
+        finally:
+            second.kill()
+    finally:
+        gate.touch()
+        first.kill()
+    assert calls() == 1, "the second builder compiled the same key again"
+    one, two = (json.loads((tmp_path / f"out{n}.json").read_text()) for n in (1, 2))
+    assert one["ok"] and two["ok"] and one["path"] == two["path"]
+    assert (one["cached"], two["cached"]) == (False, True)
+    assert ctypes.CDLL(two["path"]).fr_abi_version() == 1
+
+
+@pytest.mark.nvcc
+@pytest.mark.timeout(120)  # a hang guard (a lock outliving its holder would block the build forever)
+def test_a_build_lock_held_by_a_dead_process_blocks_nobody(tmp_path, counting_nvcc):
+    """The lock is the kernel's flock: a builder killed while holding it (SIGKILL, a lost Ray worker) releases it
+    by dying, and the next build goes ahead."""
+    import subprocess
+    import sys
+
+    nvcc, calls = counting_nvcc
+    src, cache = tiny_source("8.0f"), tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fact_ray.realize import build as B\n"
+                               "with B.single_flight(sys.argv[1], sys.argv[2]):\n    print(flush=True)\n"
+                               "    time.sleep(600)\n", str(cache), B.key_of(src, nvcc)], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # it holds the lock now
+        holder.kill()
+        holder.wait()
+    finally:
+        holder.kill()
+    lib = B.build(src, str(cache), nvcc=nvcc)
+    assert lib.ok and not lib.cached and calls() == 1
+
+
 # ------------------------------------------------------------------------------------------------ real templates
 
 
@@ -382,6 +476,7 @@ def _check_abi(lib):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_sm80_template_compiles_and_exports_the_abi(sm80_library):
     _check_abi(sm80_library)
     assert len(set(sm80_library.source.symbols)) == len(sm80_library.source.symbols) - 1, \
@@ -390,6 +485,7 @@ def test_sm80_template_compiles_and_exports_the_abi(sm80_library):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_sm90_template_compiles_and_exports_the_abi(sm90_library):
     _check_abi(sm90_library)
 

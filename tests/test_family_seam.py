@@ -217,6 +217,7 @@ def test_stored_attention_and_norm_configs_of_the_gemm_shape_still_load():
         config_from_json(json.dumps({**legacy_attn, "warp_count": 4}))
 
 
+@pytest.mark.slow
 def test_tune_and_the_farm_plan_and_compile_the_same_attention_candidates(tmp_path):
     """The same attention pattern and budget through `fact-ray tune`'s in-process pipeline and the farm's Ray
     pipeline: the same plan, the same units compiled; on a CPU neither can run a trial, and both record none."""

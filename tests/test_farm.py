@@ -88,6 +88,7 @@ def test_missing_model_file_fails_before_ray_starts(tmp_path):
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_a_model_that_raises_is_one_user_error_from_the_discovery_actor(tmp_path):
     rec = Recorder()
     with pytest.raises(ModelRaised, match="planted failure"):
@@ -113,6 +114,7 @@ def first_run(tmp_path_factory, session_build_cache):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_run_without_gpu_compiles_and_writes_no_winners(first_run):
     root, summary, rec, _ = first_run
     assert summary.gpus == 0 and summary.gpu == ""
@@ -152,7 +154,10 @@ def test_the_farm_keys_the_table_as_the_artifact_does_on_the_same_host(first_run
 
 
 @pytest.mark.nvcc
-def test_second_run_reuses_the_build_cache(first_run):
+@pytest.mark.slow
+def test_second_run_reuses_the_build_cache(first_run, local_ray):
+    # On the module's Ray, which farm.run reuses (the first run covers starting and stopping one): seconds saved
+    # per run, and the same compile and table path.
     root, first, _, s = first_run
     rec = Recorder()
     summary = farm.run(MODEL, s, [rec])
@@ -164,7 +169,8 @@ def test_second_run_reuses_the_build_cache(first_run):
 
 
 @pytest.mark.nvcc
-def test_a_winner_in_the_table_is_reused_without_compiling(first_run):
+@pytest.mark.slow
+def test_a_winner_in_the_table_is_reused_without_compiling(first_run, local_ray):
     root, first, _, s = first_run
     target = next(p for p in first.patterns if p.family in farm.GEMM_FAMILIES)
     table = PatternTable(str(root / "table"))
@@ -248,6 +254,8 @@ def _trial(ctx, what: str):
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """A local Ray kept up for the rest of the module: the trial pools' and the later farm runs' (an initialised
+    Ray is reused by farm.run and left running)."""
     assert not ray.is_initialized()
     # Workers cannot import this test module: ship the injected trial function by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -256,6 +264,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_trial_pool_records_timeout_crash_and_failure_and_replaces_the_worker(local_ray):
     calls = [("a",), ("hang",), ("b",), ("exit",), ("c",), ("raise",), ("d",), ("wrong",), ("e",)]
     seen = []

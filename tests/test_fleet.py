@@ -125,11 +125,15 @@ def ray_head():
     """A one-node Ray cluster with the Jobs API, started like a real head (`ray start --head`) and stopped by the
     ids of its own processes (`ray stop` would also stop other Ray clusters on this machine). Its temp folder is
     its own (its address file too, so no other ray.init() on this machine joins it) and short: the sockets inside
-    must fit AF_UNIX's 107 bytes, which a pytest tmp path under an xdist worker's folder does not."""
+    must fit AF_UNIX's 107 bytes, which a pytest tmp path under an xdist worker's folder does not. Its dashboard
+    agent's HTTP port, which serves job submissions, is a free one too: at Ray's default (52365) the agent of any
+    other Ray up on this machine at that moment (another xdist worker's) holds it, and then every submission is
+    refused with "No available agent"."""
     temp_dir = tempfile.mkdtemp(prefix="fr-ray-head-")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     r = subprocess.run([*RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                        f"--dashboard-agent-listen-port={agent}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
                         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                        env=env, capture_output=True, text=True, timeout=300)

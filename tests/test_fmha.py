@@ -106,10 +106,11 @@ def test_missing_example_88_is_one_clear_error(tmp_path, monkeypatch):
 CPU_BLOCK = (128, 128, 96)  # the one compile of the CPU tests: MiniGPT's head dim, grouped heads in the ABI
 
 
-def fmha_libraries(tmp_path_factory, wanted) -> dict:
+def fmha_libraries(cache: str, wanted) -> dict:
     """{(dtype, block): Library} for every (dtype, tile) in `wanted`, built in parallel (an sm_90a FMHA compile is
-    a minute; nvcc processes, so threads suffice) into one build cache for the test session, shared by the test
-    files (content-addressed: a second ask is a cache hit). Skips without nvcc or example 88."""
+    a minute; nvcc processes, so threads suffice) into `cache`, the session's build cache (conftest), which the
+    test files and the xdist workers share: a second ask is a cache hit, or waits for the compile under way.
+    Skips without nvcc or example 88."""
     from concurrent.futures import ThreadPoolExecutor
 
     if shutil.which("nvcc") is None:
@@ -118,16 +119,14 @@ def fmha_libraries(tmp_path_factory, wanted) -> dict:
         F.include_dirs()
     except NotAvailable as e:
         pytest.skip(str(e))
-    cache = tmp_path_factory.getbasetemp() / "fmha_build_cache"
-    cache.mkdir(exist_ok=True)
     wanted = sorted(set(wanted))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        libs = list(pool.map(lambda w: F.build_fmha(w[0], str(cache), block=w[1]), wanted))
+        libs = list(pool.map(lambda w: F.build_fmha(w[0], cache, block=w[1]), wanted))
     return dict(zip(wanted, libs))
 
 
 @pytest.fixture(scope="module")
-def fmha_libs(tmp_path_factory):
+def fmha_libs(session_build_cache):
     """Library by (dtype, head dim): the tile of search_spaces/attention.py that leads for that head dim. Without a
     GPU only bf16 D = 96 is built (the one sm_90a compile of the CPU tests); with one, both dtypes and D 64/96/128."""
     from fact_ray.search_spaces.attention import fmha_tiles
@@ -135,7 +134,7 @@ def fmha_libs(tmp_path_factory):
     wanted = {("bfloat16", 96): CPU_BLOCK}
     if torch.cuda.is_available():
         wanted = {(d, hd): fmha_tiles(hd)[0].block for d in ("bfloat16", "float16") for hd in (64, 96, 128)}
-    libs = fmha_libraries(tmp_path_factory, [(d, block) for (d, _), block in wanted.items()])
+    libs = fmha_libraries(session_build_cache, [(d, block) for (d, _), block in wanted.items()])
     return lambda dtype, head_dim: libs[(dtype, wanted[(dtype, head_dim)])]
 
 
@@ -148,6 +147,7 @@ def bf16_lib(fmha_libs):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_fmha_compiles_for_sm90a_with_its_abi(bf16_lib):
     assert {"fr_abi_version", "fr_fmha_supports", "fr_fmha_workspace", "fr_fmha_run"} <= exported_symbols(
         bf16_lib.path)

@@ -248,7 +248,7 @@ def test_the_baseline_is_the_models_op_repeat_included(spelling):
 
 
 @pytest.mark.nvcc
-def test_the_composed_baddbmm_model_calls_the_fmha_with_the_repeat_gone(monkeypatch, tmp_path_factory):
+def test_the_composed_baddbmm_model_calls_the_fmha_with_the_repeat_gone(monkeypatch, session_build_cache):
     """kb_gqa_baddbmm at head dim 96 composed onto the FMHA TU of tests/test_fmha.py (the same build, shared through
     the session's cache: still one sm_90a compile): one native attention call with K and V un-repeated; the repeat,
     baddbmm, mask and softmax are gone, and the module traces under fake tensors (running it is a GPU's work:
@@ -262,7 +262,7 @@ def test_the_composed_baddbmm_model_calls_the_fmha_with_the_repeat_gone(monkeypa
 
     for k, v in dict(FR_BATCH="2", FR_SEQ="64", FR_EMBD="384", FR_HEADS="4", FR_KV_HEADS="2").items():
         monkeypatch.setenv(k, v)
-    ((_, lib),) = fmha_libraries(tmp_path_factory, [("bfloat16", CPU_BLOCK)]).items()
+    ((_, lib),) = fmha_libraries(session_build_cache, [("bfloat16", CPU_BLOCK)]).items()
     assert lib.ok, lib.log[-3000:]
     loaded = under_policy(load_model(str(SUITE / "kb_gqa_baddbmm.py")), "bf16")
     captured = capture(loaded)

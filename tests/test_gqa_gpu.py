@@ -6,7 +6,7 @@ benchmarks/models/kb_gqa_baddbmm.py matching eager.
 
     python3 -m pytest -m gpu tests/test_gqa_gpu.py
 
-The libraries are built in parallel into the session's FMHA build cache (tests/test_fmha.py's `fmha_libraries`).
+The libraries are built in parallel into the session build cache (tests/test_fmha.py's `fmha_libraries`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ EXTRA_TILES = ((128, 64, 96), (192, 64, 64))
 
 
 @pytest.fixture(scope="module")
-def libs(tmp_path_factory):
+def libs(session_build_cache):
     wanted = [(d, fmha_tiles(hd)[0].block) for d in ("bfloat16", "float16") for hd in (64, 96, 128)]
     wanted += [("bfloat16", t) for t in EXTRA_TILES]
-    built = fmha_libraries(tmp_path_factory, wanted)
+    built = fmha_libraries(session_build_cache, wanted)
     for key, lib in built.items():
         assert lib.ok, (key, lib.log[-3000:])
     return built

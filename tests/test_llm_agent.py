@@ -365,6 +365,7 @@ def test_hints_are_vetted_against_the_search_space(endpoint, block, tmp_path):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_useful_rule_proposal_compiles_and_is_accepted(endpoint, einsum, tmp_path):
     graph, matches = einsum
     assert matches == []  # the rules do not know einsum: an unmatched GEMM
@@ -437,6 +438,7 @@ def test_cli_discover_llm_rank_prints_what_the_agent_changed(endpoint, block):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_farm_run_with_llm_rank_consults_the_endpoint_and_logs_it(endpoint, tmp_path, tmp_tracking_uri, monkeypatch,
                                                                   session_build_cache):
     """`fact-ray run --llm rank` through the Ray discovery actor: the agent is asked, its report reaches MLflow."""

@@ -127,6 +127,7 @@ def test_norm_run_refuses_bad_arguments_before_touching_cuda(norm_libs):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_attention_compiles_with_its_abi_and_refuses_what_it_cannot_run(attn_lib):
     assert attn_lib.ok, attn_lib.log[-3000:]
     assert {"fr_abi_version", "fr_attn_supports", "fr_attn_workspace", "fr_attn_run"} <= exported_symbols(
@@ -163,6 +164,7 @@ def attn_lib_64(cache):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_the_64x64_block_compiles_and_refuses_head_dims_over_64(attn_lib_64):
     assert attn_lib_64.ok, attn_lib_64.log[-3000:]
     h = A.load_attention(attn_lib_64)
@@ -231,6 +233,7 @@ def test_tf32_policy_offers_both_fp32_maths_and_fp32_policy_only_3xtf32():
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_the_one_pass_tf32_attention_compiles(attn_lib_tf32):
     assert attn_lib_tf32.ok, attn_lib_tf32.log[-3000:]
     h = A.load_attention(attn_lib_tf32)
@@ -414,6 +417,7 @@ def fused_winners(norm_libs, attn_lib, cache):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_compose_replaces_attention_and_norms_and_still_traces(fused_winners):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -118,6 +118,7 @@ def launch_library(launch_tu, tmp_path_factory):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_new_dimensions_render_and_compile_one_kernel(launch_tu, launch_library):
     source, lib = launch_tu, launch_library
     assert len(set(source.symbols)) == 3

@@ -210,6 +210,7 @@ def test_compose_rewrites_the_llama_mlp_into_one_swiglu_call(llama3_small, swigl
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_one_swiglu_unit_compiles_for_sm90a(llama3_small, tmp_path):
     from fact_ray.realize.build import exported_symbols
 

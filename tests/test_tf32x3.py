@@ -222,6 +222,7 @@ def _args(M, N, K, L=1, **kw):
 
 
 @pytest.mark.nvcc
+@pytest.mark.slow
 def test_fused_config_compiles_and_exports_the_abi(gelu_library):
     cfg, lib = gelu_library
     assert lib.ok, lib.log[-4000:]

@@ -18,10 +18,20 @@ nvcc runs in its own process group, killed whole on a timeout or an interrupt, s
 keeps eating memory. A build killed with its driver (SIGKILL, a lost Ray worker) leaves a `.tmp-*` folder
 holding an `owner` file (host, pid); `sweep_stale` (run by `build_many`) removes the folders whose owner on this
 host is dead, after killing any compiler process still working inside them.
+
+A miss compiles once per cache, not once per builder: the compile runs under an exclusive flock on
+`<cache>/.locks/<key>` (single flight), and a builder that waited there finds the entry the other installed and
+returns it as a hit. The kernel drops a flock when its holder dies, so a killed builder never blocks the next; the
+lock files stay (a few bytes each; unlinking one while another process waits on it would let a third lock a new
+file beside it). Where the file system refuses flock, builds run unserialised, as safe as before (atomic
+installs), only doing the work twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -37,7 +47,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from fact_ray.errors import NotAvailable
 from fact_ray.toolchain import resolve_nvcc, cutlass_version, nvcc_version  # what the cache key names
@@ -52,6 +62,7 @@ DEFAULT_TIMEOUT_S = 1800.0
 # (uncached). One retry: an OOM kill under a burst of parallel sm90a compiles rarely repeats.
 MACHINE_RETRIES = 1
 OWNER = "owner"  # in a temp build folder: "<host> <pid>" of the process building there
+LOCKS = ".locks"  # in a cache: one flock file per key being (or once) built; see the module docstring
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,11 +199,37 @@ def build(source: Source, cache_dir: str, nvcc: str = "nvcc", timeout_s: float =
 
     final = entry_dir(cache_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(MACHINE_RETRIES + 1):
-        lib, cacheable = _compile(source, key, final, nvcc_path, nvcc, flags, include_dirs, timeout_s, cache_dir)
-        if cacheable or attempt == MACHINE_RETRIES:
-            return lib
+    with single_flight(cache_dir, key):
+        meta = read_entry(cache_dir, key)  # built by the builder this one waited for
+        if meta is not None:
+            return _library(source, key, meta, cache_dir, cached=True)
+        for attempt in range(MACHINE_RETRIES + 1):
+            lib, cacheable = _compile(source, key, final, nvcc_path, nvcc, flags, include_dirs, timeout_s, cache_dir)
+            if cacheable or attempt == MACHINE_RETRIES:
+                return lib
     raise AssertionError("unreachable")
+
+
+# errno values for "this file system does not do flock" (some NFS and FUSE mounts)
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextlib.contextmanager
+def single_flight(cache_dir: str | os.PathLike, key: str) -> Iterator[None]:
+    """Hold the exclusive per-key build lock of a cache (blocking while another process or thread holds it).
+    Each call opens its own file description, so threads of one process exclude each other too."""
+    locks = Path(cache_dir) / LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def machine_failure(rc: int, log: str) -> str:

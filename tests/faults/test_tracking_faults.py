@@ -49,6 +49,7 @@ def _runs(uri):
 
 
 @pytest.mark.recovers
+@pytest.mark.slow
 def test_concurrent_first_runs_on_a_fresh_store_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     go = tmp_path / "go"
@@ -126,6 +127,7 @@ def test_credentials_are_not_logged_as_parameters(tmp_path):
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_real_run_as_killed_not_running(tmp_path):
     """`fact-ray run` on a real local Ray, sent SIGTERM once the run is under way: the run is closed at once (not
     left RUNNING for the next run's sweep), with no Python traceback. Once Ray is up, Ray's own driver handler
