@@ -16,7 +16,7 @@ quarter in full; its column uses the sweep's measurements with screening noise a
     python benchmarks/budget_curve.py --policy bf16 --max-budget 256 --out results/budget   # several calls
 
 Writes <out>/budget_curve.json (every sweep: configs in rank order with their trials, and the curves) and
-<out>/budget_curve.png when matplotlib imports. The sweeps are what benchmarks/rank_ablation.py reads.
+<out>/budget_curve.png (matplotlib required). The sweeps are what benchmarks/rank_ablation.py reads.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ def curve(sweep: dict[str, Any], jobs: int, screen_noise: float, seed: int = 0) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    from fact_ray.bench import require_plotting
+
+    require_plotting()  # one line, before any sweep: the PNG is part of the result
     import torch
 
     from fact_ray import config as settings_mod
@@ -179,14 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to manage
+    fig = Figure(figsize=(13, 5))
+    ax, bx = fig.subplots(1, 2)
     for key, sw in sorted(result["sweeps"].items()):
         xs = [c["budget"] for c in sw["curve"]]
         ax.plot(xs, [c["best_speedup"] for c in sw["curve"]], marker="o", label=key)

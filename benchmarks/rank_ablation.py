@@ -12,7 +12,7 @@ installed), random (the mean over --shuffles random orders). Runs on a CPU: the 
 
     python benchmarks/rank_ablation.py --sweeps results/budget/budget_curve.json --out results/budget
 
-Writes <out>/rank_ablation.json and <out>/rank_ablation.png (when matplotlib imports), and prints a table.
+Writes <out>/rank_ablation.json and <out>/rank_ablation.png (matplotlib required), and prints a table.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ def ablation(sweeps: dict[str, Any], top: int = 16, target: float = 0.97, shuffl
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    from fact_ray.bench import require_plotting
+
+    require_plotting()  # one line, before any sweep: the PNG is part of the result
     src = Path(args.sweeps)
     if not src.is_file():
         print(f"no sweeps at {src}: run benchmarks/budget_curve.py first", file=sys.stderr)
@@ -124,16 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to manage
     problems = result["problems"]
     names = list(result["rankers"])
-    fig, ax = plt.subplots(figsize=(max(8, len(problems) * 0.9), 4.5))
+    fig = Figure(figsize=(max(8, len(problems) * 0.9), 4.5))
+    ax = fig.subplots()
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         ratios = result["rankers"][name]["ratio"]

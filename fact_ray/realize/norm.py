@@ -14,7 +14,7 @@ import ctypes
 import dataclasses
 import hashlib
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError, UnsupportedDtype
 from fact_ray.realize.abi import load_checked
@@ -125,15 +125,26 @@ def norm_candidates(cols: int, dtype: str, arch: Arch, budget: int) -> list[Norm
 def emit_norm(dtype: str, arch: Optional[Arch] = None, config: Optional[NormConfig] = None) -> Source:
     """The translation unit of one configuration (default: the general kernel of `dtype`, a torch dtype name), for
     `arch` (default: the config's, else sm80)."""
-    ctype, code, element, precision = _dtype_entry(dtype)
+    _dtype_entry(dtype)
+    return emit_elementwise("layernorm.cu.in", "norm", dtype, arch, config, lambda a: norm_config(dtype, a),
+                            norm_symbol, lambda c: {"lanes": c.lanes, "rows_per_block": c.rows_per_block,
+                                                    "items": c.items})
+
+
+def emit_elementwise(template: str, kind: str, dtype: str, arch: Optional[Arch], config: Optional[Any],
+                     default: Callable[[Arch], Any], symbol_of: Callable[[Any], str],
+                     params: Callable[[Any], dict[str, Any]]) -> Source:
+    """One configuration of an element-wise family (norm, rope: one table of element codes, one library per launch
+    shape) rendered into its translation unit: `config` moved to `arch` (default: the config's, else sm80), or
+    `default(arch)`; the template gets the element's C++ type and code, the symbol and `params(config)`."""
+    ctype, code, element, _ = _DTYPES[dtype]
     arch = Arch(arch or (config.arch if config is not None else Arch.SM80))
-    config = dataclasses.replace(config, arch=arch) if config is not None else norm_config(dtype, arch)
+    config = dataclasses.replace(config, arch=arch) if config is not None else default(arch)
     if config.element != element:
-        raise ValueError(f"norm config {config.name} is for {config.element}, not {dtype}")
-    symbol = norm_symbol(config)
-    text = render(template_text("layernorm.cu.in"), {
-        "element": dtype, "element_type": ctype, "element_code": code, "lanes": config.lanes,
-        "rows_per_block": config.rows_per_block, "items": config.items, "symbol": symbol})
+        raise ValueError(f"{kind} config {config.name} is for {config.element}, not {dtype}")
+    symbol = symbol_of(config)
+    text = render(template_text(template), {
+        "element": dtype, "element_type": ctype, "element_code": code, **params(config), "symbol": symbol})
     name = f"fr_{config.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return Source(name=name, arch=arch, code=text, configs=(config,), symbols=(symbol,), flags=AMPERE_AND_HOPPER)
 

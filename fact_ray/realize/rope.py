@@ -10,16 +10,12 @@ current stream. The forms: "half" (HF's `rotate_half`: `x * cos + cat(-x2, x1) *
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import hashlib
 from typing import Optional
 
 from fact_ray.errors import CannotImplement, CompileError, LaunchError, UnsupportedDtype
 from fact_ray.realize.abi import load_checked
-from fact_ray.realize.emit import render, template_text
 # one element table for both element-wise families: rope.cu.in's FR_ROPE_* codes are the norm kernels' (0, 1, 2)
-from fact_ray.realize.norm import _DTYPES, DTYPE_OF_ELEMENT
-from fact_ray.realize.targets import AMPERE_AND_HOPPER
+from fact_ray.realize.norm import _DTYPES, DTYPE_OF_ELEMENT, emit_elementwise
 from fact_ray.types import Arch, Library, RopeConfig, Source
 
 TEMPLATE = "rope"  # RopeConfig.template; plain CUDA, built for sm_80 and sm_90a
@@ -84,17 +80,9 @@ def rope_candidates(dtype: str, arch: Arch, budget: int) -> list[RopeConfig]:
 def emit_rope(dtype: str, arch: Optional[Arch] = None, config: Optional[RopeConfig] = None) -> Source:
     """The translation unit of one configuration (default: the first launch shape) for `arch` (default: the
     config's, else sm80)."""
-    ctype, code, element, _ = _dtype_entry(dtype)
-    arch = Arch(arch or (config.arch if config is not None else Arch.SM80))
-    config = dataclasses.replace(config, arch=arch) if config is not None else rope_config(dtype, arch)
-    if config.element != element:
-        raise ValueError(f"rope config {config.name} is for {config.element}, not {dtype}")
-    symbol = rope_symbol(config)
-    text = render(template_text("rope.cu.in"), {
-        "element": dtype, "element_type": ctype, "element_code": code, "threads": config.threads,
-        "units": config.units, "symbol": symbol})
-    name = f"fr_{config.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    return Source(name=name, arch=arch, code=text, configs=(config,), symbols=(symbol,), flags=AMPERE_AND_HOPPER)
+    _dtype_entry(dtype)
+    return emit_elementwise("rope.cu.in", "rope", dtype, arch, config, lambda a: rope_config(dtype, a), rope_symbol,
+                            lambda c: {"threads": c.threads, "units": c.units})
 
 
 def build_rope(dtype: str, cache_dir: str, nvcc: str = "nvcc", config: Optional[RopeConfig] = None) -> Library:
