@@ -218,10 +218,19 @@ def _cheap_input_guard(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
     # export's `_assert_tensor_metadata` nodes check, on every call, the dtype of what a `.to(dtype)` received: a
     # tensor the graph itself computed, or a buffer, as captured. Eager code runs no such check, the input guard
     # checks what comes from outside, and our kernels check their own operands: they only cost host time.
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and not n.users
-                 and n.target is torch.ops.aten._assert_tensor_metadata.default]:
-        gm.graph.erase_node(node)
+    for sub in _graph_modules(gm):
+        for node in [n for n in sub.graph.nodes if n.op == "call_function" and not n.users
+                     and n.target is torch.ops.aten._assert_tensor_metadata.default]:
+            sub.graph.erase_node(node)
+        sub.recompile()
     gm.register_forward_pre_hook(_InputGuard(inputs))
+
+
+def _graph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
+    """`gm` and the graphs nested in it: export puts the body of a `with torch.autocast(...)` or a grad-mode block
+    in a submodule that a higher-order op calls (HF Llama's rotary embedding is one), and its ops carry the same
+    literals and checks as the top graph's."""
+    return [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
 
 
 def _follow_input_device(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -229,15 +238,23 @@ def _follow_input_device(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     as a literal (`torch.arange(T, device=x.device)` becomes `arange(..., device=cpu)`, and export's
     `_assert_tensor_metadata` for `.to(dtype)` checks device=cpu), but a module is usually captured on the CPU and
     then composed, moved and served on a GPU: there the literals create CPU tensors or fail the check ("Tensor
-    device mismatch! Expected: cpu, Got: cuda:0"). Literal devices now read the first input's device at run time;
-    the checks keep their dtype and layout and drop the device. A model that puts a tensor on another device than
-    its input on purpose is not supported by this rewrite (none of the suite's models does)."""
+    device mismatch! Expected: cpu, Got: cuda:0"). Literal devices now read the first input's device at run time
+    (in a nested graph, its own first input's: what the higher-order op passes it comes from the same module); the
+    checks keep their dtype and layout and drop the device. A model that puts a tensor on another device than its
+    input on purpose is not supported by this rewrite (none of the suite's models does)."""
+    for sub in _graph_modules(gm):
+        _follow_device_in(sub.graph)
+        sub.recompile()
+    return gm
+
+
+def _follow_device_in(graph: torch.fx.Graph) -> None:
     from fact_ray.capture import canonical_target
     from fact_ray.discover.view import is_assertion
 
-    graph = gm.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     tensors = [n for n in inputs if isinstance(n.meta.get("val", n.meta.get("example_value")), torch.Tensor)]
+    # a nested graph's placeholders carry no example values: the operands a higher-order op passes are tensors
     first = (tensors or inputs or [None])[0]
     device_node = None
     for node in list(graph.nodes):
@@ -257,8 +274,6 @@ def _follow_input_device(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 device_node = graph.call_function(getattr, (first, "device"))
         node.args = tuple(device_node if isinstance(v, torch.device) else v for v in node.args)
         node.kwargs = {k: (device_node if isinstance(v, torch.device) else v) for k, v in node.kwargs.items()}
-    gm.recompile()
-    return gm
 
 
 def _node_index(captured: Any, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:

@@ -99,7 +99,11 @@ def test_composed_graph_holds_no_device_of_the_capture(tmp_path):
                 pos = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
                 # positional: HF Llama's `inv_freq.to(x.device, torch.float32)`, aten.to.device(t, cpu, float32)
                 scale = self.cos[0].to(x.device, torch.float32).to(x.dtype)
-                return self.lin(x) * self.cos[: x.shape[1]].to(x.dtype) * scale + pos[:, None]
+                # inside an autocast block, as HF's rotary embedding computes cos and sin: export puts the body in
+                # a submodule that a higher-order op calls, with its own literals and checks
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    freq = (self.cos[1].to(x.device, torch.float32) * x.float()).to(x.dtype)
+                return self.lin(x) * self.cos[: x.shape[1]].to(x.dtype) * scale + pos[:, None] + freq
         def get_inputs():
             return [torch.randn(2, 16, 8)]
         def get_init_inputs():
@@ -116,16 +120,23 @@ def test_composed_graph_holds_no_device_of_the_capture(tmp_path):
     def pos(n):
         return n.args
 
-    assert any(devices(n, kw) for n in captured.exported.graph.nodes)
-    assert any(devices(n, pos) for n in captured.exported.graph.nodes)
+    def nodes(gm):  # the top graph's and every nested graph's
+        return [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+
+    exported = captured.exported.module()
+    assert len([m for m in exported.modules() if isinstance(m, torch.fx.GraphModule)]) > 1  # the autocast body
+    assert any(devices(n, kw) for n in nodes(exported))
+    assert any(devices(n, pos) for n in nodes(exported))
     module = compose(captured, discover(captured.graph, Arch.SM80, Precision.FP32), {}, Precision.FP32)
-    assert [n.name for n in module.graph.nodes if devices(n, kw) or devices(n, pos)] == []
+    assert [n.name for n in nodes(module) if devices(n, kw) or devices(n, pos)] == []
     # export's per-call dtype checks of `.to(dtype)` operands are gone too: host time only, eager runs none
-    assert any("_assert_tensor_metadata" in str(n.target) for n in captured.exported.graph.nodes)
-    assert not any("_assert_tensor_metadata" in aten_name(n) for n in module.graph.nodes)
+    assert any("_assert_tensor_metadata" in str(n.target) for n in nodes(exported))
+    assert not any("_assert_tensor_metadata" in aten_name(n) for n in nodes(module))
     x = loaded.inputs[0]
     with torch.no_grad():
         torch.testing.assert_close(module(x), loaded.module(x), rtol=0, atol=0)
+        # on another device than the capture's (meta stands in for cuda here): every tensor follows the input
+        assert module.to("meta")(x.to("meta")).device.type == "meta"
 
 
 def test_composed_module_checks_its_inputs_cheaply_and_in_one_line():
