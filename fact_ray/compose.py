@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from fact_ray import entry
 from fact_ray.errors import CannotImplement, ComposeError, NotAvailable, UserError
 from fact_ray.fastcall import use_python_bindings
 from fact_ray.realize import dispatch
@@ -184,46 +185,29 @@ def runnable_module(captured: Any) -> torch.fx.GraphModule:
     """A fresh runnable copy of the captured graph sharing the original's parameters and buffers."""
     if captured.exported is not None:
         gm = captured.exported.module()  # lifted state back to attributes; same tensors as the model's
-        _cheap_input_guard(gm, captured.inputs)
-    else:
-        gm = captured.graph_module
-        gm = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+        _drop_export_checks(gm)
+        return entry.direct_entry(_follow_input_device(gm), captured.inputs)
+    gm = captured.graph_module
+    gm = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
     return _follow_input_device(gm)
 
 
-class _InputGuard:
-    """The composed module's check of its inputs: their count, and each tensor's shape and dtype, as captured (its
-    kernels and the graph's literal sizes hold for those only; `fact-ray compose --shapes` serves more). It stands
-    in for torch.export's own pre-hook and `_guards_fn`, which walk the inputs' pytree and symbolic constraints on
-    every call: on a 2,048-token Llama-style block that cost more host time than the graph's fifty ops (profiled on
-    the CPU: 2 ms of 3.7 ms per call), and at serving sizes host time is the module's time."""
-
-    def __init__(self, inputs: Sequence[Any]) -> None:
-        self.want = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in inputs)
-
-    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        got = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in args)
-        if got != self.want:
-            def show(sig: tuple[Any, ...]) -> str:
-                return ", ".join("-" if s is None else f"{'x'.join(map(str, s[0]))} {str(s[1]).replace('torch.', '')}"
-                                 for s in sig)
-            raise ComposeError(f"composed module called with inputs [{show(got)}]; it was composed for "
-                               f"[{show(self.want)}] (compose with --shapes to serve more shapes)")
-
-
-def _cheap_input_guard(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
-    gm.validate_inputs = False  # torch.export's pre-hook returns at once
+def _drop_export_checks(gm: torch.fx.GraphModule) -> None:
+    """torch.export's own per-call checks: its input check (a pytree walk and symbolic constraints on every call,
+    which on a 2,048-token Llama-style block cost more host time than the graph's fifty ops: profiled on the CPU,
+    2 ms of 3.7 ms per call; fact_ray/entry.py's `check_call` checks count, shape and dtype instead) and its
+    `_assert_tensor_metadata` nodes."""
+    gm.validate_inputs = False
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn" and not n.users]:
         gm.graph.erase_node(node)
     # export's `_assert_tensor_metadata` nodes check, on every call, the dtype of what a `.to(dtype)` received: a
-    # tensor the graph itself computed, or a buffer, as captured. Eager code runs no such check, the input guard
+    # tensor the graph itself computed, or a buffer, as captured. Eager code runs no such check, the input check
     # checks what comes from outside, and our kernels check their own operands: they only cost host time.
     for sub in _graph_modules(gm):
         for node in [n for n in sub.graph.nodes if n.op == "call_function" and not n.users
                      and n.target is torch.ops.aten._assert_tensor_metadata.default]:
             sub.graph.erase_node(node)
         sub.recompile()
-    gm.register_forward_pre_hook(_InputGuard(inputs))
 
 
 def _graph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
@@ -469,7 +453,10 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
     gm.graph.eliminate_dead_code()  # what only fed a replaced subgraph (a causal mask's slice and compare)
     use_python_bindings(gm)  # eager's own host cost per op (fact_ray/fastcall.py)
     gm.graph.lint()
-    gm.recompile()
+    if hasattr(gm, entry.SPEC_ATTR):
+        entry.recompile(gm)  # keeps the direct entry that recompile() takes away
+    else:
+        gm.recompile()
     fell_back = {k for k, _ in fallbacks}
     kept = tuple(dict.fromkeys(m.key for m in matches if m.key not in winners or m.key in fell_back))
     user_inputs = tuple(n.meta for n in captured.graph.nodes if n.op == "placeholder" and n.kind == "input")
@@ -479,9 +466,12 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
         arch=wanted_arch, replacements=tuple(replacements), kept=kept, inputs=user_inputs,
         fallbacks=tuple(fallbacks)))
     if replacements:  # our kernels have no backward: a call with autograd on fails at once (fact_ray/inference.py)
-        from fact_ray.inference import guard
+        if hasattr(gm, entry.SPEC_ATTR):
+            entry.inference_only(gm)
+        else:
+            from fact_ray.inference import guard
 
-        guard(gm)
+            guard(gm)
     return gm
 
 
