@@ -342,6 +342,8 @@ def test_bench_on_gpu_compares_eager_compile_and_composed(tmp_tracking_uri, tmp_
     assert result.row("composed").kernels == 0  # the table in the fresh home is empty
     assert any("0 kernels" in n for n in result.notes)
     assert Path(result.artifact, "manifest.json").is_file()
+    # the composition under torch.compile is its own, guaranteed against torch.compile (docs/bench.md)
+    assert Path(f"{result.artifact}-vs-compile", "manifest.json").is_file()
 
     out = bn.write_outputs(result, tmp_path / "out")
     assert out.json.is_file() and out.png.read_bytes().startswith(PNG_MAGIC)
