@@ -436,7 +436,7 @@ def _stacked(composed: Builder, names: Sequence[str]) -> dict[str, Builder]:
             import torch
 
             base = module()
-            return Variant(torch.compile(base.fn, mode=mode), compiled=True, kernels=base.kernels)
+            return Variant(torch.compile(base.fn, mode=mode), compiled=True, kernels=base.kernels, note=base.note)
 
         return b
 
@@ -487,7 +487,11 @@ def _from_table(ref: str, settings: Any, loaded: Any, policy: Precision, used: d
         path = art.compose_from_table(ref, settings, out, families, against=against, say=say)
         composed = art.load(path, loaded, device="cuda")  # on the very weights the other variants run
         used["path"] = str(path)
-        return _composed_variant(composed)
+        variant = _composed_variant(composed)
+        if against == "compile":  # its row says which composition it compiles (docs/bench.md)
+            said = "; ".join(x for x in ("composition guaranteed against torch.compile", variant.note) if x)
+            variant = dataclasses.replace(variant, note=said)
+        return variant
 
     return build
 
