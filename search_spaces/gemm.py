@@ -114,12 +114,7 @@ def _config(op: catalog.BaseOp, problem: GemmProblem, arch: Arch, policy: Precis
         suffix += f"_swizzle{swizzle.removeprefix('Identity')}"
     if split_k > 1:
         suffix += f"_splitk{split_k}"
-    if raster:
-        suffix += f"_r{raster.removeprefix('along_')}"
-    if max_swizzle:
-        suffix += f"_sw{max_swizzle}"
-    if decomposition:
-        suffix += f"_{decomposition.replace('_', '')}"
+    suffix += rules.launch_suffix(raster, max_swizzle, decomposition)
     return KernelConfig(
         template=op.template, name=op.name + suffix, arch=arch, precision=policy, element=op.element,
         opclass=op.opclass, math_op=op.math_op, instruction=op.instruction, tile=op.tile, warps=op.warps,

@@ -197,8 +197,23 @@ def rasters(op: BaseOp, problem: GemmProblem, arch: Arch) -> bool:
     explicit schedule names it (Auto twins are dropped by widest_alignment_only) over several waves of tiles."""
     if not persistent(op) or op.kernel_schedule in ("", "ScheduleAuto"):
         return False
-    tiles = -(-problem.M // op.tile[0]) * -(-problem.N // op.tile[1]) * problem.L
+    return several_waves(-(-problem.M // op.tile[0]) * -(-problem.N // op.tile[1]) * problem.L, arch)
+
+
+def several_waves(tiles: int, arch: Arch) -> bool:
+    """Whether a persistent grid of `tiles` output tiles is long enough for its raster order and swizzle to
+    change which operands stay in L2 (RASTER_MIN_WAVES waves or more)."""
     return tiles >= RASTER_MIN_WAVES * SM_COUNT[arch]
+
+
+def launch_suffix(raster: str, max_swizzle: int, decomposition: str = "") -> str:
+    """The name suffix of a config's 3.x launch choices ("" for the scheduler's own), e.g. `_rn_sw4`."""
+    suffix = f"_r{raster.removeprefix('along_')}" if raster else ""
+    if max_swizzle:
+        suffix += f"_sw{max_swizzle}"
+    if decomposition:
+        suffix += f"_{decomposition.replace('_', '')}"
+    return suffix
 
 
 def stream_k_helps(op: BaseOp, problem: GemmProblem, arch: Arch) -> bool:

@@ -127,8 +127,8 @@ def test_new_dimensions_render_and_compile_one_kernel(launch_tu, launch_library)
     assert len(gemms) == 3 and len(set(gemms)) == 1
     structs = re.findall(r"struct Cfg \{(.*?)\};", source.code, re.S)
     assert len(structs) == 3 and len(set(structs)) == 1, "the kernel's values are the same in all three"
-    launches = re.findall(r"using Launch = (fr90::Launch<[^>]*>);", source.code)
-    assert sorted(launches) == ["fr90::Launch<0, 0, 0>", "fr90::Launch<0, 0, 1>", "fr90::Launch<2, 4, 0>"]
+    launches = re.findall(r"using Launch = (fr::Launch<[^>]*>);", source.code)
+    assert sorted(launches) == ["fr::Launch<0, 0, 0>", "fr::Launch<0, 0, 1>", "fr::Launch<2, 4, 0>"]
     assert lib.ok, lib.log[-4000:]
     exported = B.exported_symbols(lib.path)
     assert {f"{s}_{part}" for s in source.symbols for part in ("workspace", "can_implement", "run")} <= exported

@@ -1,8 +1,9 @@
 """The SwiGLU family (issue 16) on a CPU: it registers behind the family seam, its candidates enumerate from
 search_spaces/swiglu.py, discovery finds SwiGLU in the Llama files, the native dispatcher's `swiglu` op has its
-schema and Meta impl, compose rewrites a Llama MLP into one call of it (no edit to compose.py), and one swiglu TU
-compiles for real with nvcc (sm_90a, ~40 s). The kernel against float64 and the composed MLP against eager are in
-test_swiglu_gpu.py."""
+schema and Meta impl, compose rewrites a Llama MLP into one call of it (no edit to compose.py), the space's launch
+choices (raster order, swizzle; issue 17) share their tile's kernel and unit, and one swiglu TU holding a config
+and a launch variant of it compiles for real with nvcc (sm_90a, ~25-40 s: one kernel). The kernel against float64
+and the composed MLP against eager are in test_swiglu_gpu.py."""
 
 from __future__ import annotations
 
@@ -112,6 +113,96 @@ def test_the_space_orders_by_problem_and_refuses_what_it_cannot_run():
             space.space(*args[:3], Precision(args[3]), Arch(args[4]))
 
 
+# The nine tile points' order at Llama-3-8B's size (M 16384, F 14336, K 4096), as the H200 measured it (issue 16):
+# launch choices and new tiles come after it.
+LLAMA3_ORDER = ["128x256x64_2x1x1_coop", "64x256x64_2x1x1_pingpong", "128x256x64_1x1x1_coop",
+                "256x128x64_1x2x1_coop", "128x128x64_2x1x1_pingpong", "128x128x64_2x1x1_coop",
+                "64x128x64_1x1x1_pingpong", "128x128x64_1x1x1_coop", "64x256x64_1x1x1_pingpong"]
+
+
+def _point(cfg):
+    return (cfg.kernel_schedule, cfg.tile, cfg.cluster[:2])
+
+
+def test_the_space_adds_launch_choices_and_two_tiles_after_the_nine():
+    from fact_ray.realize.swiglu import kernel_key
+    from fact_ray.search_spaces import rules
+
+    full = space.space(16384, 14336, 4096, Precision.BF16, Arch.SM90)
+    assert [c.name.removeprefix("swiglu_sm90_bf16_") for c in full[:9]] == LLAMA3_ORDER
+    assert not any(c.raster or c.max_swizzle for c in full[:9])
+    assert len({c.name for c in full}) == len(full) == 9 + 2 + 2 * len(rules.RASTER_CHOICES)
+    # the best point's launch sweep next: the same kernel (one compile), the profiler's raster x swizzle pairs
+    sweep = full[9:9 + len(rules.RASTER_CHOICES)]
+    assert {kernel_key(c) for c in sweep} == {kernel_key(full[0])}
+    assert [(c.raster, c.max_swizzle) for c in sweep] == list(rules.RASTER_CHOICES)
+    assert sweep[-1].name == full[0].name + "_rn_sw4"
+    # then the two new tiles (distinct kernels), then the second point's sweep
+    more = full[9 + len(rules.RASTER_CHOICES):11 + len(rules.RASTER_CHOICES)]
+    assert {_point(c) for c in more} == {(space.COOPERATIVE, (256, 128, 64), (2, 1)),
+                                         (space.PINGPONG, (128, 128, 64), (1, 2))}
+    assert not any(c.raster or c.max_swizzle for c in more)
+    assert {kernel_key(c) for c in full[11 + len(rules.RASTER_CHOICES):]} == {kernel_key(full[1])}
+    # a budget of 4 is four distinct compiled kernels, as before
+    assert len({kernel_key(c) for c in space.space(16384, 14336, 4096, Precision.BF16, Arch.SM90, 4)}) == 4
+
+
+def test_the_space_prunes_launch_choices_and_tiles_it_cannot_use(monkeypatch):
+    # A grid under two waves of the SMs: raster order hardly changes which operands are re-read, no variants.
+    small = space.space(32, 512, 256, Precision.BF16, Arch.SM90)
+    assert len(small) == 11 and not any(c.raster or c.max_swizzle for c in small)
+    # Between: a point gets its sweep exactly when its own grid is two waves or more (2 x 132 tiles).
+    for M in (1024, 4096):
+        configs = space.space(M, 2048, 4096, Precision.BF16, Arch.SM90)
+        swept = {_point(c) for c in configs if c.raster or c.max_swizzle}
+        for c in configs[:2]:
+            tiles = -(-M // c.tile[0]) * -(-2 * 2048 // c.tile[1])
+            assert (_point(c) in swept) == (tiles >= 264), (M, c.name, tiles)
+    assert any(c.raster for c in space.space(4096, 2048, 4096, Precision.BF16, Arch.SM90))  # 512 tiles of 128x256
+    # A new tile point whose accumulators would spill (a 128x256 ping-pong tile: 256 per thread) is pruned.
+    monkeypatch.setattr(space, "_MORE_POINTS", space._MORE_POINTS + ((space.PINGPONG, (128, 256, 64), (1, 1), 1.0),))
+    full = space.space(16384, 14336, 4096, Precision.BF16, Arch.SM90)
+    assert (space.PINGPONG, (128, 256, 64), (1, 1)) not in {_point(c) for c in full}
+    assert all(space.accumulators(c.kernel_schedule, c.tile) <= 128 for c in full)
+
+
+def test_launch_variants_of_one_tile_share_one_kernel_and_one_unit():
+    import dataclasses
+    import re
+
+    from fact_ray.realize.swiglu import MAX_PER_TU, emit_swiglu, kernel_key, symbol
+
+    full = space.space(16384, 14336, 4096, Precision.BF16, Arch.SM90)
+    base = full[0]
+    along_m, rn_sw4 = (space.config(Precision.BF16, *_point(base), raster=r, max_swizzle=w)
+                       for r, w in (("along_m", 0), ("along_n", 4)))
+    (source,) = emit_swiglu([base, along_m, rn_sw4], Arch.SM90)
+    assert len(set(source.symbols)) == 3 and len({kernel_key(c) for c in source.configs}) == 1
+    # one kernel type (values only), three launch choices
+    assert re.search(r"\{\{\s*\w+\s*\}\}", source.code) is None
+    specs = re.findall(r"using Cfg = (frsw::Spec<[^;]*>);", source.code)
+    assert len(specs) == 3 and len(set(specs)) == 1
+    launches = re.findall(r"using Launch = (fr::Launch<[^>]*>);", source.code)
+    assert launches == ["fr::Launch<0, 0, 0>", "fr::Launch<1, 0, 0>", "fr::Launch<2, 4, 0>"]
+    assert source.code.count("struct Launch {") == 1  # the shared header's, once
+    # Unset launch fields leave the key (and the symbol) as before they existed; set, they name another symbol.
+    assert all(f'"{f}"' not in kernel_key(base) for f in ("raster", "max_swizzle", "decomposition"))
+    assert symbol(base) == "frsw_d0af54f4528d59fe2029"  # the Llama-3-8B winner's symbol before issue 17
+    # The whole space: at most MAX_PER_TU kernels a unit, every launch variant in its kernel's unit.
+    sources = emit_swiglu(full, Arch.SM90)
+    unit_of = {c.name: s.name for s in sources for c in s.configs}
+    assert sorted(unit_of) == sorted(c.name for c in full)
+    assert all(len({kernel_key(c) for c in s.configs}) <= MAX_PER_TU for s in sources)
+    for c in full:
+        twin = next(b for b in full[:9] if kernel_key(b) == kernel_key(c)) if c.raster or c.max_swizzle else c
+        assert unit_of[c.name] == unit_of[twin.name]
+    # a decomposition needs the stream-K scheduler, which these kernels do not take
+    with pytest.raises(ValueError, match="stream-K"):
+        emit_swiglu([dataclasses.replace(base, decomposition="stream_k")], Arch.SM90)
+    with pytest.raises(ValueError, match="launch choice"):
+        emit_swiglu([dataclasses.replace(base, raster="diagonal")], Arch.SM90)
+
+
 def test_packing_interleaves_rows_and_is_cached_per_version():
     from fact_ray.realize.swiglu import pack, packed
 
@@ -212,10 +303,22 @@ def test_compose_rewrites_the_llama_mlp_into_one_swiglu_call(llama3_small, swigl
 @pytest.mark.nvcc
 @pytest.mark.slow
 def test_one_swiglu_unit_compiles_for_sm90a(llama3_small, tmp_path):
+    """The plan's first config and a launch variant of it (raster along N, swizzle 4) in one unit: built through
+    the pipeline, both entry points exported, one GEMM kernel compiled for the two."""
+    import dataclasses
+
     from fact_ray.realize.build import exported_symbols
+    from fact_ray.realize.swiglu import emit_swiglu
+    from test_search_wide import gemm_kernels  # the library's launched kernels, from its device stubs
 
     _, (m,) = swiglu_matches(SUITE / "llama3_8b_layer.py")
     plan = pipeline.plan(m, "bf16", "sm90", budget=1)
+    base = plan.configs[0]
+    variant = space.config(Precision.BF16, base.kernel_schedule, base.tile, base.cluster[:2], raster="along_n",
+                           max_swizzle=4)
+    configs = (base, variant)
+    plan = dataclasses.replace(plan, configs=configs, sources=tuple(emit_swiglu(configs, Arch.SM90)))
+    assert len(plan.sources) == 1 and len(set(plan.sources[0].symbols)) == 2
     seen = []
 
     class Hooks(pipeline.Hooks):
@@ -227,6 +330,7 @@ def test_one_swiglu_unit_compiles_for_sm90a(llama3_small, tmp_path):
     (built,) = seen
     assert built.ok, built.library.log[-3000:]
     assert run.trials == [] and run.winner is None  # no GPU here: built, not tried
-    sym = plan.sources[0].symbols[0]
-    assert {f"{sym}_run", f"{sym}_workspace", f"{sym}_can_implement", "fr_abi_version"} <= \
-        set(exported_symbols(built.library.path))
+    exported = exported_symbols(built.library.path)
+    for sym in plan.sources[0].symbols:
+        assert {f"{sym}_run", f"{sym}_workspace", f"{sym}_can_implement", "fr_abi_version"} <= exported
+    assert len(gemm_kernels(built.library.path)) == 1

@@ -1,7 +1,8 @@
 """The SwiGLU kernels on an H100/H200 (gpu, sm90 and nvcc markers): against float64 at several shapes (M off the
-tile multiple, M = 1, a 3-D x, with and without biases, bf16 and fp16, a cooperative and a ping-pong config),
-through the native op and the Python path; the interleaved-weight cache follows an in-place weight update; the
-family's trial verifies and times a config; and a Llama MLP composed with the kernel matches eager.
+tile multiple, M = 1, a 3-D x, with and without biases, bf16 and fp16, a cooperative and a ping-pong config, and a
+raster/swizzle launch variant) through the native op and the Python path; the interleaved-weight cache follows an
+in-place weight update; the family's trial verifies and times a config; and a Llama MLP composed with the kernel
+matches eager.
 
     python3 -m pytest -m gpu tests/test_swiglu_gpu.py
 """
@@ -22,7 +23,8 @@ POLICY = {"bfloat16": "bf16", "float16": "fp16"}
 
 @pytest.fixture(scope="module")
 def built():
-    """dtype -> [(config, library)]: a cooperative and a ping-pong config per dtype, built in parallel."""
+    """dtype -> [(config, library)]: a cooperative and a ping-pong config per dtype, built in parallel, and for bf16
+    a launch variant of the cooperative one (raster along N, swizzle 4: compiled in its unit, no new kernel)."""
     from fact_ray.realize.pipeline import LocalExecutor
     from fact_ray.realize.swiglu import emit_swiglu
     from fact_ray.search_spaces import swiglu as space
@@ -33,6 +35,9 @@ def built():
         configs = space.space(4096, 4096, 1024, Precision(policy), Arch.SM90)
         picks[dtype] = [next(c for c in configs if c.kernel_schedule == s)
                         for s in (space.COOPERATIVE, space.PINGPONG)]
+    coop = picks["bfloat16"][0]
+    picks["bfloat16"].append(space.config(Precision.BF16, coop.kernel_schedule, coop.tile, coop.cluster[:2],
+                                          raster="along_n", max_swizzle=4))
     sources = emit_swiglu([c for cs in picks.values() for c in cs], Arch.SM90)
     libs = LocalExecutor(CACHE).build(sources, lambda b: None)
     by_config = {}

@@ -3,14 +3,15 @@
 The C++ lives in the templates: a TU template per kernel family (`sm80_gemm.cu.in` for CUTLASS 2.x,
 `sm90_gemm.cu.in` for 3.x, `sm90_tf32x3.cu.in` for Hopper's fp32-class 3xTF32 over K-concatenated splits), a
 per-config instance template for each, and shared headers (`fr_abi.h`, the C ABI; `fr_common.h`, C++ helpers;
-a family's own, such as `fr_tf32x3_mainloop.hpp`) pasted into every TU so that a Source is self-contained and its
-text is the whole build input. Python only fills `{{name}}` slots with numbers and C++ type spellings (most from
+a family's own, such as `fr_tf32x3_mainloop.hpp`; `fr_sm90_launch.hpp`, the 3.x launch choices, for sm90_gemm and
+sm90_swiglu) pasted into every TU so that a Source is self-contained and its text is the whole build input. Python only fills `{{name}}` slots with numbers and C++ type spellings (most from
 cutlass_library's own *Tag tables).
 
 Several configs share a TU (compile time is dominated by per-TU template parsing and NVVM): 2.x instances are
 cheap (~1 s each), so up to 16 per TU; sm90 instances cost 5-11 s each after the first, so up to 8, grouped by
 schedule and fusion so that a TU instantiates few distinct collectives. Configs that differ only in what is a
-run-time argument (the K split) share one instance and one symbol.
+run-time argument (the K split) share one instance and one symbol; configs that differ only in their 3.x launch
+choices (raster, swizzle, decomposition) have their own symbols over one kernel, compiled once in their TU.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fact_ray.types import Arch, KernelConfig, Source, to_jsonable
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 ABI_VERSION = 1
+LAUNCH_HEADER = "fr_sm90_launch.hpp"  # fr::Launch and the scheduler arguments it sets, for 3.x TUs that take them
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,10 @@ class GemmTemplate:
 _SHARED_FIELDS = ("template", "element", "opclass", "math_op", "tile", "stages", "alignment", "layout_a",
                   "layout_b", "epilogue", "activation")
 _SM90_FIELDS = _SHARED_FIELDS + ("cluster", "kernel_schedule", "epilogue_schedule", "tile_scheduler")
-# sm90_gemm launch choices: compile-time constants of an instance (so they change its symbol) that leave the
-# kernel itself alone (fr90::Launch, not fr90::Spec). They join the compile key only when set, so configs from
-# before they existed keep their symbols, and stored winners still find their kernels.
+# 3.x launch choices (sm90_gemm, and sm90_swiglu in realize/swiglu.py): compile-time constants of an instance (so
+# they change its symbol) that leave the kernel itself alone (fr::Launch of fr_sm90_launch.hpp, not the Spec). They
+# join the compile key only when set, so configs from before they existed keep their symbols, and stored winners
+# still find their kernels.
 LAUNCH_FIELDS = {"raster": "", "max_swizzle": 0, "decomposition": ""}
 RASTER = {"": 0, "along_m": 1, "along_n": 2}
 DECOMPOSITION = {"": 0, "stream_k": 1, "data_parallel": 2}
@@ -59,7 +62,8 @@ GEMM_TEMPLATES = {t.name: t for t in (
     GemmTemplate("sm80_gemm", "sm80_instance.cu.in", 16, AMPERE_AND_HOPPER,
                  _SHARED_FIELDS + ("instruction", "warps", "swizzle")),
     # 3.x: WGMMA/TMA code for sm_90a, 5-11 s an instance after the first.
-    GemmTemplate("sm90_gemm", "sm90_instance.cu.in", 8, HOPPER_ONLY, _SM90_FIELDS + tuple(LAUNCH_FIELDS)),
+    GemmTemplate("sm90_gemm", "sm90_instance.cu.in", 8, HOPPER_ONLY, _SM90_FIELDS + tuple(LAUNCH_FIELDS),
+                 headers=(("launch_header", LAUNCH_HEADER),)),
     # tf32x3 TUs also carry the split kernels and compile slower per distinct kernel (~35 s for the first, ~5-10 s
     # each after; instances that differ only in operand layouts or promotion share one kernel and cost ~nothing).
     # kernel_schedule carries the promotion ("TF32x3PromotedG4Stagger"); layouts change the split calls.
@@ -116,17 +120,28 @@ def abi_header() -> str:
     return template_text("fr_abi.h")
 
 
-def compile_key(cfg: KernelConfig) -> tuple:
-    if cfg.template not in COMPILE_FIELDS:
-        raise ValueError(f"unknown kernel template {cfg.template!r} (have {', '.join(TEMPLATES)})")
-    return tuple((f, to_jsonable(getattr(cfg, f))) for f in COMPILE_FIELDS[cfg.template]
+def key_of(cfg: KernelConfig, fields: Iterable[str]) -> tuple:
+    """((field, value), ...) of `fields`; a launch field joins only when set, so configs from before launch
+    choices existed keep their symbols."""
+    return tuple((f, to_jsonable(getattr(cfg, f))) for f in fields
                  if f not in LAUNCH_FIELDS or getattr(cfg, f) != LAUNCH_FIELDS[f])
 
 
+def compile_key(cfg: KernelConfig) -> tuple:
+    if cfg.template not in COMPILE_FIELDS:
+        raise ValueError(f"unknown kernel template {cfg.template!r} (have {', '.join(TEMPLATES)})")
+    return key_of(cfg, COMPILE_FIELDS[cfg.template])
+
+
+def kernel_of(key: tuple) -> str:
+    """A compile key without its launch choices, as a JSON string: equal for configs that differ only in raster,
+    swizzle or decomposition, whose kernel one TU then compiles once."""
+    return json.dumps([(f, v) for f, v in key if f not in LAUNCH_FIELDS])
+
+
 def kernel_key(cfg: KernelConfig) -> str:
-    """The compiled kernel of a config: its compile key without the launch choices (equal for configs that
-    differ only in raster, swizzle or decomposition, which one TU then compiles once), as a JSON string."""
-    return json.dumps([(f, v) for f, v in compile_key(cfg) if f not in LAUNCH_FIELDS])
+    """The compiled kernel of a config (kernel_of its compile key)."""
+    return kernel_of(compile_key(cfg))
 
 
 def symbol(cfg: KernelConfig) -> str:
@@ -188,12 +203,12 @@ def _instance_values(cfg: KernelConfig, sym: str) -> dict[str, object]:
         "epilogue_schedule": lib.EpilogueScheduleTag[lib.EpilogueScheduleType[cfg.epilogue_schedule or "ScheduleAuto"]],
         "tile_scheduler": lib.TileSchedulerTag[scheduler],
         "cluster_m": cfg.cluster[0], "cluster_n": cfg.cluster[1], "cluster_k": cfg.cluster[2],
-        **_launch_values(cfg),
+        **launch_values(cfg),
     }
 
 
-def _launch_values(cfg: KernelConfig) -> dict[str, object]:
-    """fr90::Launch's arguments; a choice the config's scheduler cannot take is refused here, before nvcc."""
+def launch_values(cfg: KernelConfig) -> dict[str, object]:
+    """fr::Launch's arguments; a choice the config's scheduler cannot take is refused here, before nvcc."""
     if cfg.raster not in RASTER or cfg.decomposition not in DECOMPOSITION or cfg.max_swizzle not in (0, 1, 2, 4, 8):
         raise ValueError(f"{cfg.name}: unknown launch choice raster={cfg.raster!r} "
                          f"max_swizzle={cfg.max_swizzle!r} decomposition={cfg.decomposition!r}")
@@ -264,6 +279,18 @@ def translation_unit(template: str, configs: Iterable[KernelConfig]) -> str:
     })
 
 
+def balanced(items: list, most: int) -> list[list]:
+    """`items` in order, in as few consecutive chunks of at most `most` as they need, as even as they go: 9 with 8
+    -> 5 + 4, not 8 + 1 (TUs compile in parallel, so the largest one sets the wall time)."""
+    n = math.ceil(len(items) / most)
+    chunks, start = [], 0
+    for i in range(n):
+        size = len(items) // n + (1 if i < len(items) % n else 0)
+        chunks.append(items[start:start + size])
+        start += size
+    return chunks
+
+
 def _group_key(cfg: KernelConfig) -> tuple:
     # sm90: one TU per element, fusion and schedule family, so each TU instantiates few distinct collectives
     # (a new schedule family costs ~11 s of compile, a new tile ~5 s). 2.x instances are cheap whatever they
@@ -297,12 +324,7 @@ def emit(configs: Iterable[KernelConfig], arch: Arch) -> list[Source]:
         template = key[0]
         # Chunks count distinct kernels (launch variants of one kernel cost nothing more and stay together).
         kernels = list(dict.fromkeys(kernel_key(c) for c in group))
-        n_tus = math.ceil(len(kernels) / MAX_PER_TU[template])
-        start = 0
-        for t in range(n_tus):  # balanced: 9 instances -> 5 + 4, not 8 + 1
-            size = len(kernels) // n_tus + (1 if t < len(kernels) % n_tus else 0)
-            members = set(kernels[start:start + size])
-            start += size
+        for members in map(set, balanced(kernels, MAX_PER_TU[template])):
             chunk = [cfg for cfg in group if kernel_key(cfg) in members]
             code = translation_unit(template, chunk)
             name = f"{template}_{hashlib.sha256(code.encode()).hexdigest()[:16]}"

@@ -23,14 +23,18 @@ import weakref
 from typing import Any, Iterable, Optional
 
 from fact_ray.errors import CannotImplement, LaunchError
-from fact_ray.realize.emit import abi_header, render, template_text
+from fact_ray.realize.emit import (LAUNCH_FIELDS, LAUNCH_HEADER, abi_header, balanced, kernel_of, key_of, launch_values,
+                                   render, template_text)
 from fact_ray.realize.targets import HOPPER_ONLY
-from fact_ray.types import Arch, KernelConfig, Library, Source, to_jsonable
+from fact_ray.types import Arch, KernelConfig, Library, Source
 
 TEMPLATE = "sm90_swiglu"
-MAX_PER_TU = 4  # sm90 instances cost 5-11 s each after the first; a trial batch rarely needs more than a TU or two
-# KernelConfig fields that change an instance's C++ (the others are implied or fixed by the family).
-COMPILE_FIELDS = ("template", "element", "tile", "cluster", "kernel_schedule", "tile_scheduler")
+# Distinct kernels per TU: sm90 instances cost 5-11 s each after the first; a trial batch rarely needs more than a TU
+# or two. Launch variants of a kernel (raster order, swizzle) ride along in its TU and do not count.
+MAX_PER_TU = 4
+# KernelConfig fields that change an instance's C++ (the others are implied or fixed by the family). The launch
+# fields join a config's key only when set (emit.key_of), so the symbols of configs without them stay as they were.
+COMPILE_FIELDS = ("template", "element", "tile", "cluster", "kernel_schedule", "tile_scheduler") + tuple(LAUNCH_FIELDS)
 ELEMENT_TAG = {"bfloat16_t": "cutlass::bfloat16_t", "half_t": "cutlass::half_t"}
 POINTER_ALIGN = 16
 
@@ -38,9 +42,18 @@ POINTER_ALIGN = 16
 # --------------------------------------------------------------------------------------------- emit
 
 
+def compile_key(cfg: KernelConfig) -> tuple:
+    return key_of(cfg, COMPILE_FIELDS)
+
+
+def kernel_key(cfg: KernelConfig) -> str:
+    """The compiled kernel of a config: equal for configs that differ only in their launch choices."""
+    return kernel_of(compile_key(cfg))
+
+
 def symbol(cfg: KernelConfig) -> str:
     """The C symbol prefix of a config's instance: equal for configs that compile to the same code."""
-    key = [(f, to_jsonable(getattr(cfg, f))) for f in COMPILE_FIELDS]
+    key = compile_key(cfg)
     return f"frsw_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}"
 
 
@@ -54,9 +67,10 @@ def _instance(cfg: KernelConfig) -> str:
     scheduler = {"persistent": lib.TileSchedulerType.Persistent, "": lib.TileSchedulerType.Default}
     if cfg.tile_scheduler not in scheduler:
         raise ValueError(f"{cfg.name}: tile scheduler {cfg.tile_scheduler!r} is not persistent")
+    launch = launch_values(cfg)  # raster and swizzle; a decomposition (stream-K scheduler only) is refused here
     sym = symbol(cfg)
     return render(template_text("sm90_swiglu_instance.cu.in"), {
-        "sym": sym, "name": " ".join(f"{f}={to_jsonable(getattr(cfg, f))}" for f in COMPILE_FIELDS[1:]),
+        "sym": sym, "name": " ".join(f"{f}={v}" for f, v in compile_key(cfg)[1:]), **launch,
         "element": ELEMENT_TAG[cfg.element],
         "kernel_schedule": lib.KernelScheduleTag[lib.KernelScheduleType[cfg.kernel_schedule]],
         "tile_scheduler": lib.TileSchedulerTag[scheduler[cfg.tile_scheduler]],
@@ -67,7 +81,8 @@ def _instance(cfg: KernelConfig) -> str:
 
 def emit_swiglu(configs: Iterable[KernelConfig], arch: Arch) -> list[Source]:
     """Translation units holding `configs` (each in exactly one, in the given order), grouped by element and
-    kernel schedule so that a TU instantiates one mainloop collective family, at most MAX_PER_TU instances each."""
+    kernel schedule so that a TU instantiates one mainloop collective family, at most MAX_PER_TU distinct kernels
+    each; launch variants of a kernel always land in its TU (one compile of the kernel for all of them)."""
     arch = Arch(arch)
     if arch is not Arch.SM90:
         raise ValueError(f"swiglu kernels are sm_90a only, not {arch.value}")
@@ -78,14 +93,13 @@ def emit_swiglu(configs: Iterable[KernelConfig], arch: Arch) -> list[Source]:
         groups.setdefault((cfg.element, cfg.kernel_schedule), []).append(cfg)
     sources = []
     for group in groups.values():
-        syms = list(dict.fromkeys(symbol(c) for c in group))
-        for start in range(0, len(syms), MAX_PER_TU):
-            members = set(syms[start:start + MAX_PER_TU])
-            chunk = [c for c in group if symbol(c) in members]
+        kernels = list(dict.fromkeys(kernel_key(c) for c in group))
+        for members in map(set, balanced(kernels, MAX_PER_TU)):
+            chunk = [c for c in group if kernel_key(c) in members]
             blocks = {symbol(c): _instance(c) for c in chunk}
             code = render(template_text("sm90_swiglu.cu.in"), {
                 "listing": "\n".join(f"//   {s}" for s in blocks), "abi_header": abi_header(),
-                "common_header": template_text("fr_common.h"),
+                "common_header": template_text("fr_common.h"), "launch_header": template_text(LAUNCH_HEADER),
                 "epilogue_header": template_text("fr_swiglu_epilogue.hpp"),
                 "instances": "\n".join(blocks.values()),
             })
