@@ -150,7 +150,12 @@ def test_the_space_adds_launch_choices_and_two_tiles_after_the_nine():
 def test_the_space_prunes_launch_choices_and_tiles_it_cannot_use(monkeypatch):
     # A grid under two waves of the SMs: raster order hardly changes which operands are re-read, no variants.
     small = space.space(32, 512, 256, Precision.BF16, Arch.SM90)
-    assert len(small) == 11 and not any(c.raster or c.max_swizzle for c in small)
+    assert not any(c.raster or c.max_swizzle for c in small)
+    # One M tile: no cluster of two along M (the second CTA would have no rows), five of the eleven tiles go.
+    assert len(small) == 6 and all(c.cluster[0] == 1 for c in small)
+    decode = space.space(1, 14336, 4096, Precision.BF16, Arch.SM90)
+    assert decode and all(c.cluster[0] <= -(-1 // c.tile[0]) for c in decode)
+    assert all(c.cluster[1] <= -(-2 * 512 // c.tile[1]) for c in small)
     # Between: a point gets its sweep exactly when its own grid is two waves or more (2 x 132 tiles).
     for M in (1024, 4096):
         configs = space.space(M, 2048, 4096, Precision.BF16, Arch.SM90)
