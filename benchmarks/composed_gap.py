@@ -89,11 +89,21 @@ def one(ref: str, policy: str, reps: int) -> dict:
     with torch.no_grad():
         fns = {"eager": lambda: module(*inputs), "composed0": lambda: composed(*inputs),
                "composed0_overloads": lambda: overloads(*inputs)}
+        for n, f in list(fns.items()):  # a variant that fails is said and left out, the others still measured
+            try:
+                f()
+            except Exception as e:
+                out[n] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                if n == "eager":
+                    return out
+                del fns[n]
         lat, thr = time_serving(fns, rounds=reps, calls=20, warmup=10)
         for n in fns:
             out[n] = {"latency_ms": lat[n].median_ms, "b2b_ms": thr[n].median_ms, "host_ms": host_ms(fns[n])}
             k, ops, kernels = profile_ops(fns[n])
             out[n].update(kernels_per_call=k, ops=dict(ops), kernel_names=dict(kernels))
+        if "composed0" not in fns:
+            return out
         e_ops, c_ops = collections.Counter(out["eager"]["ops"]), collections.Counter(out["composed0"]["ops"])
         out["ops_only_eager"] = dict(e_ops - c_ops)
         out["ops_only_composed"] = dict(c_ops - e_ops)
@@ -176,8 +186,10 @@ def main() -> int:
     print(f"{'model':22} {'variant':18} {'lat ms':>8} {'b2b ms':>8} {'host ms':>8} {'kernels':>8}")
     for r in results:
         for n in ("eager", "composed0", "composed0_overloads", "compile_eager", "compile_composed0"):
-            if n in r:
-                v = r[n]
+            v = r.get(n)
+            if v and "error" in v:
+                print(f"{r['model']:22} {n:18} failed: {v['error'][:80]}")
+            elif v:
                 print(f"{r['model']:22} {n:18} {v['latency_ms']:8.4f} {v['b2b_ms']:8.4f} {v['host_ms']:8.4f} "
                       f"{v['kernels_per_call']:8d}")
     return 0
