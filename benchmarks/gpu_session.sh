@@ -12,8 +12,8 @@
 # benchmarks/swiglu.py; libraries from benchmarks/build/swiglu-<dtype> when carried),
 # suite:<policy>:<budget>[:<timeout>[:<models>]] (issue 15: benchmarks/suite.py over benchmarks/models/ or the comma list
 # of stems and paths given, resumable on a warm machine, FR_* sizes from the env),
-# e2e:<model>:<policy>[:<budget>] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, composed+compile,
-# composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
+# e2e:<model>:<policy>[:<budget>[:<variants>]] (issue 18: `fact-ray run` then `fact-ray bench` with every variant, or the comma
+# list given, composed+compile, composed+max-autotune and composed+cudagraphs included; JSON, PNG and table under bench/), methods (the five
 # timing methods side by side on a Llama-style block: benchmarks/bench_methods.py), fleet:<gpu counts, '+'
 # between>[:<timeout>] (issue 13: benchmarks/fleet_scaling.py, a fleet's cold night on 1 vs N GPUs and a night with
 # nothing changed; resumable: a call cut off by the 10-minute limit is continued by the same step in the next call
@@ -67,10 +67,11 @@ for step in "$@"; do
                "$(command -v fact-ray)" run "$a" --policy "$b" 2>&1 | tee "$OUT/profile-$m-$b.log" | tail -4
              python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" \
                "$OUT/profile-$m-$b.prof" > "$OUT/profile-$m-$b.txt" 2>&1 ;;
-    e2e) m=$(basename "$a" .py)  # issue 18: run (table-served when warm) then bench with every variant
-         /usr/bin/time -f "run wall %e s" timeout 300 fact-ray run "$a" --policy "$b" --budget "${c:-8}" 2>&1 \
+    e2e) m=$(basename "$a" .py)  # issue 18: run (table-served when warm) then bench with every variant (or those given)
+         IFS=: read -r bud vars <<<"${c:-}"
+         /usr/bin/time -f "run wall %e s" timeout 300 fact-ray run "$a" --policy "$b" --budget "${bud:-8}" 2>&1 \
            | tee "$OUT/run-$m-$b.log" | tail -20
-         timeout 420 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" --reps 30 --calls 20 2>&1 \
+         timeout 420 fact-ray bench "$a" --policy "$b" --out "$OUT/bench" --reps 30 --calls 20 ${vars:+--variants "$vars"} 2>&1 \
            | tee "$OUT/bench-$m-$b.log" | tail -25 ;;
     attn) timeout 560 python3 benchmarks/attention.py --dtype "$a" --prebuilt "benchmarks/build/attn-$a" \
             --out "$OUT/attention-$a.json" 2>&1 | tee "$OUT/attention-$a.log" | tail -12 ;;
