@@ -2,7 +2,8 @@
 tests/models/compose_mlp.py with its fc1+GELU on a real CUTLASS kernel, compared stage by stage against the
 composed module in eager: torch.export's program, then AOTInductor packages of (a) the composed module, (b) the
 native op alone with its weights as parameters, (c) the native op alone with everything as inputs, (d) the same
-module with the native op swapped for aten (no custom op at all). Each package is compiled and run in a child
+module with the native op swapped for aten (no custom op at all), once in a process that never loads our
+extension and once in one that has it loaded with a kernel registered. Each package is compiled and run in a child
 process of its own, so a segfault (session 6 saw one) costs its line, not the report; the child registers the
 kernel from the library path, runs the package and saves its output. For a wrong output it says which simple
 alteration of the computation it matches, and it copies the lines of each package's generated C++ and extern-node
@@ -28,9 +29,10 @@ MODEL = str(REPO / "tests" / "models" / "compose_mlp.py")
 # The child: register the kernel (the native dispatcher, then the library), package the saved program, load, run.
 CHILD = textwrap.dedent("""
     import pickle, sys, torch
-    from fact_ray.realize import dispatch
-    dispatch.load()
-    dispatch.register_gemm(sys.argv[3], sys.argv[4], pickle.load(open(sys.argv[5], "rb")))
+    if sys.argv[6] == "ext":  # else a process that never loads our extension or a kernel library
+        from fact_ray.realize import dispatch
+        dispatch.load()
+        dispatch.register_gemm(sys.argv[3], sys.argv[4], pickle.load(open(sys.argv[5], "rb")))
     program = torch.export.load(sys.argv[1])
     inputs = torch.load(sys.argv[2])
     with torch.no_grad():
@@ -138,7 +140,10 @@ def main() -> int:
         }
         # simplest first: a call cut off by its time limit still says whether AOTInductor itself, and our op
         # alone, are right (session 7's 130 s reached only the composed case, which segfaulted loading)
-        cases = {"aten_only": (Aten(), (x,), ref(x)), "all_inputs": (AllInputs(), (x, w1, b1), alone_want),
+        # aten_only twice: in a process without our extension and in one with it loaded and a kernel registered
+        # (does its presence alone break AOTInductor's load, as a symbol clash would?)
+        cases = {"aten_only_no_ext": (Aten(), (x,), ref(x)), "aten_only": (Aten(), (x,), ref(x)),
+                 "all_inputs": (AllInputs(), (x, w1, b1), alone_want),
                  "alone": (Alone().cuda(), (x,), alone_want), "composed": (composed, (x,), want)}
     lines: list[str] = []
     for name, (module, inputs, expected) in cases.items():
@@ -146,7 +151,8 @@ def main() -> int:
         torch.export.save(export(module, inputs), mpath)
         torch.save(inputs, ipath)
         done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, str(mpath), str(ipath), lib.path,
-                               source.symbols[0], str(work / "problem.pkl")],
+                               source.symbols[0], str(work / "problem.pkl"),
+                               "noext" if name.endswith("_no_ext") else "ext"],
                               capture_output=True, text=True, cwd=REPO, timeout=300)
         row: dict = {"rc": done.returncode, "stages": [ln for ln in done.stdout.splitlines()
                                                        if ln.split(" ")[0] in ("packaged", "loaded", "ran")]}
