@@ -100,6 +100,19 @@ def test_extension_builds_with_the_schemas(native):
     assert dispatch.has_cuda() == (torch.version.cuda is not None)
 
 
+def test_the_extension_binds_nothing_process_wide(native):
+    """No GNU unique symbols: the dynamic linker binds those process-wide whatever RTLD_LOCAL says, so a library
+    loaded after ours would share them (the extension's other symbols stay local to it through RTLD_LOCAL)."""
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf not on PATH")
+    so = dispatch.build(CACHE)
+    table = subprocess.run(["readelf", "-sW", "--dyn-syms", str(so)], capture_output=True, text=True,
+                           check=True).stdout
+    rows = [ln.split() for ln in table.splitlines()]
+    defined = [r for r in rows if len(r) >= 8 and r[0].rstrip(":").isdigit() and r[6] != "UND"]
+    assert defined and not [d[7] for d in defined if d[4] == "UNIQUE"]
+
+
 def test_second_build_is_served_from_the_cache(native):
     path = dispatch.build(CACHE)
     mtime = path.stat().st_mtime_ns

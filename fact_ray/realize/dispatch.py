@@ -57,8 +57,11 @@ DISPATCH_VERSION = 1  # bumped whenever what an entry holds changes
 MODES = ("auto", "native", "python")
 # Hidden visibility, inline template instantiations included, and whatever static archive the toolchain links
 # in: the extension exports nothing a later library could bind to (see "Load" above); its ops register through
-# static initialisers, which need no exported symbol.
-_CFLAGS = ("-O2", "-fvisibility=hidden", "-fvisibility-inlines-hidden")
+# static initialisers, which need no exported symbol. No GNU unique symbols either: g++ marks the static locals of
+# inline standard-library code (to_chars' digit tables here) STB_GNU_UNIQUE, which the dynamic linker binds
+# process-wide whatever RTLD_LOCAL and visibility say, so a library loaded after ours (an AOTInductor package)
+# would share them.
+_CFLAGS = ("-O2", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique")
 _LDFLAGS = ("-Wl,--exclude-libs,ALL",)
 _LIB = "fact_ray_dispatch.so"
 
