@@ -41,6 +41,10 @@ for step in "$@"; do
   case "$name" in
     pytest) timeout "${b:-400}" python3 -m pytest -q -m gpu ${a//,/ } ${c:+-k "$c"} -rfEs --durations=8 -p no:cacheprovider 2>&1 \
               | tee "$OUT/pytest-$(basename "${a%%,*}" .py).log" | tail -40 ;;
+    # cpu-tests:<file>[,<file>...][:<timeout>]: files' tests without the gpu marker, under the image's own torch
+    # (CPU tests of code that leans on torch internals: FX code generation, pytree specs, export's graphs)
+    cpu-tests) timeout "${b:-300}" python3 -m pytest -q ${a//,/ } -rfEs -p no:cacheprovider 2>&1 \
+                 | tee "$OUT/cpu-tests-$(basename "${a%%,*}" .py).log" | tail -30 ;;
     # gputests[:<timeout>[:<workers>]]: -v so that every test's outcome is in the log as it finishes (a call cut off
     # by its time limit keeps them); workers > 1 spread the test files over pytest-xdist processes sharing the GPU
     gputests) timeout "${a:-300}" python3 -m pytest -v -m gpu tests --durations=15 -rfEs -p no:cacheprovider \

@@ -66,19 +66,24 @@ def check_call(spec: CallSpec, *args: Any) -> None:
         refuse_autograd(spec.name, args, spec.params)
 
 
+def _children(spec: Any) -> list[Any]:
+    # TreeSpec.children() replaced the `children_specs` field in recent torch; the GPU image's may predate it
+    return spec.children() if callable(getattr(spec, "children", None)) else list(spec.children_specs)
+
+
 def _flat_specs(gm: torch.fx.GraphModule) -> Optional[Any]:
     """The output spec when the pytree code generation can give way to plain code (see the module docstring)."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     if info is None:
         return None
-    args_spec, kwargs_spec = info.in_spec.children() if info.in_spec.num_children == 2 else (None, None)
+    args_spec, kwargs_spec = _children(info.in_spec) if info.in_spec.num_children == 2 else (None, None)
     if args_spec is None or args_spec.type is not tuple or kwargs_spec.type is not dict or kwargs_spec.num_children:
         return None
-    if not all(c.is_leaf() for c in args_spec.children()):
+    if not all(c.is_leaf() for c in _children(args_spec)):
         return None
 
     def plain(spec: Any) -> bool:
-        return spec.is_leaf() or (spec.type in _CONTAINERS and all(plain(c) for c in spec.children()))
+        return spec.is_leaf() or (spec.type in _CONTAINERS and all(plain(c) for c in _children(spec)))
 
     return info.out_spec if plain(info.out_spec) else None
 
