@@ -206,8 +206,7 @@ def _drop_export_checks(gm: torch.fx.GraphModule) -> None:
     for sub in _graph_modules(gm):
         for node in [n for n in sub.graph.nodes if n.op == "call_function" and not n.users
                      and n.target is torch.ops.aten._assert_tensor_metadata.default]:
-            sub.graph.erase_node(node)
-        sub.recompile()
+            sub.graph.erase_node(node)  # recompiled by _follow_input_device, which always comes next
 
 
 def _graph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
@@ -453,10 +452,7 @@ def compose(captured: Any, matches: Sequence[Match], winners: Mapping[str, Any],
     gm.graph.eliminate_dead_code()  # what only fed a replaced subgraph (a causal mask's slice and compare)
     use_python_bindings(gm)  # eager's own host cost per op (fact_ray/fastcall.py)
     gm.graph.lint()
-    if hasattr(gm, entry.SPEC_ATTR):
-        entry.recompile(gm)  # keeps the direct entry that recompile() takes away
-    else:
-        gm.recompile()
+    entry.recompile(gm)  # keeps the direct entry that recompile() takes away
     fell_back = {k for k, _ in fallbacks}
     kept = tuple(dict.fromkeys(m.key for m in matches if m.key not in winners or m.key in fell_back))
     user_inputs = tuple(n.meta for n in captured.graph.nodes if n.op == "placeholder" and n.kind == "input")

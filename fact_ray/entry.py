@@ -143,7 +143,9 @@ def inference_only(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def recompile(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """`gm.recompile()`, which puts GraphModule's wrapped `__call__` back, then the direct one again."""
+    """`gm.recompile()`, which puts GraphModule's wrapped `__call__` back, then the direct one again where `gm` has
+    the cheap entry (a module captured by FX, not export, has none)."""
     gm.recompile()
-    type(gm).__call__ = _direct_call  # the class is gm's own (GraphModule makes one per instance)
+    if hasattr(gm, SPEC_ATTR):
+        type(gm).__call__ = _direct_call  # the class is gm's own (GraphModule makes one per instance)
     return gm

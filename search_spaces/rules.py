@@ -162,8 +162,13 @@ def tile_fits_shape(op: BaseOp, problem: GemmProblem) -> bool:
     tm, tn, _ = op.tile
     if tm > max(MIN_USEFUL_TILE, _pow2_ceil(problem.M)) or tn > max(MIN_USEFUL_TILE, _pow2_ceil(problem.N)):
         return False
-    cm, cn, _ = op.cluster
-    return (cm == 1 or cm <= -(-problem.M // tm)) and (cn == 1 or cn <= -(-problem.N // tn))
+    return cluster_fits(op.tile, op.cluster, problem.M, problem.N)
+
+
+def cluster_fits(tile: tuple[int, ...], cluster: tuple[int, ...], M: int, N: int) -> bool:
+    """No cluster longer than the grid of `tile`s over an M x N output along either mode (a cluster of one always
+    fits)."""
+    return all(c == 1 or c <= -(-extent // t) for c, t, extent in zip(cluster[:2], tile[:2], (M, N)))
 
 
 def usable(op: BaseOp, problem: GemmProblem, arch: Arch, policy: Precision) -> bool:

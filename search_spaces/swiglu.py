@@ -111,14 +111,11 @@ def space(M: int, F: int, K: int, policy: Precision, arch: Arch, budget: int | N
         used = M / (-(-M // tile[0]) * tile[0])  # rows of the last M tile past the problem are wasted (M = 1: decode)
         return rank.wave_fill(tiles(point), sms) * used * prior
 
-    def cluster_fits(point) -> bool:
-        # as rules.tile_fits_shape: a cluster longer than the grid along a mode launches CTAs without work (at
-        # decode size, M = 1, one M tile: a 2x1 cluster would hold twice the SMs for the same output)
-        tile, cluster = point[1], point[2]
-        return cluster[0] <= -(-M // tile[0]) and cluster[1] <= -(-2 * F // tile[1])
-
     def ranked(points) -> list:
-        fitting = [p for p in points if accumulators(p[0], p[1]) <= rules.MAX_ACCUMULATORS and cluster_fits(p)]
+        # no cluster longer than the grid (at decode size, M = 1, one M tile: a 2x1 cluster would hold twice the
+        # SMs for the same output), as the GEMM space
+        fitting = [p for p in points if accumulators(p[0], p[1]) <= rules.MAX_ACCUMULATORS
+                   and rules.cluster_fits(p[1], p[2], M, 2 * F)]
         return sorted(fitting, key=score, reverse=True)  # stable: equal scores keep the table's order
 
     def launches(point) -> list[KernelConfig]:

@@ -4,8 +4,9 @@ The C++ lives in the templates: a TU template per kernel family (`sm80_gemm.cu.i
 `sm90_gemm.cu.in` for 3.x, `sm90_tf32x3.cu.in` for Hopper's fp32-class 3xTF32 over K-concatenated splits), a
 per-config instance template for each, and shared headers (`fr_abi.h`, the C ABI; `fr_common.h`, C++ helpers;
 a family's own, such as `fr_tf32x3_mainloop.hpp`; `fr_sm90_launch.hpp`, the 3.x launch choices, for sm90_gemm and
-sm90_swiglu) pasted into every TU so that a Source is self-contained and its text is the whole build input. Python only fills `{{name}}` slots with numbers and C++ type spellings (most from
-cutlass_library's own *Tag tables).
+sm90_swiglu) pasted into every TU so that a Source is self-contained and its text is the whole build input.
+Python only fills `{{name}}` slots with numbers and C++ type spellings (most from cutlass_library's own *Tag
+tables).
 
 Several configs share a TU (compile time is dominated by per-TU template parsing and NVVM): 2.x instances are
 cheap (~1 s each), so up to 16 per TU; sm90 instances cost 5-11 s each after the first, so up to 8, grouped by
